@@ -1,0 +1,144 @@
+"""`tpr-ray`: the command-line front end. Commands parse options and call the library."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import click
+
+from cli.data import data
+from cli.evaluate import eval_command
+from tpr_ray.errors import TprRayError
+
+
+def clean_errors(fn):
+    """Show tpr-ray's own errors as one clear message instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TprRayError as error:
+            raise click.ClickException(str(error)) from error
+    return wrapper
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        overrides[key.strip().replace("-", "_")] = value.strip()
+    return overrides
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def cli(verbose):
+    """Text-based person retrieval on Ray: train, embed, evaluate."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+cli.add_command(data)
+cli.add_command(eval_command)
+
+
+@cli.command()
+@click.option("--method", required=True, help="baseline, cskt, pd or cfine (see `tpr-ray methods`).")
+@click.option("--data", "data_uri", required=True, help="Dataset root (CUHK-PEDES, ICFG-PEDES, RSTPReid layout) or manifest .parquet; local path or URI.")
+@click.option("--out", required=True, help="Ray Train storage: local folder or s3://bucket/prefix.")
+@click.option("--name", help="Run name (default METHOD-DATASET); the run lives in OUT/NAME.")
+@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip architecture (tpr-tiny for tests).")
+@click.option("--pretrained", default="openai", show_default=True, help="open_clip pretrained tag, local checkpoint file, or 'none'.")
+@click.option("--image-size", default="384x128", show_default=True, help="Input H x W.")
+@click.option("--epochs", type=int, help="Override the recipe's epochs.")
+@click.option("--batch-size", type=int, help="Override the recipe's per-worker batch size.")
+@click.option("--lr", type=float, help="Override the recipe's base learning rate.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe option, e.g. --set warmup_epochs=1.")
+@click.option("--workers", default=1, show_default=True, help="Ray Train workers (one GPU each when GPUs are used).")
+@click.option("--gpu/--no-gpu", default=None, help="Use GPUs (default: when the cluster has them).")
+@click.option("--cpus-per-worker", default=1.0, show_default=True)
+@click.option("--loader-workers", default=2, show_default=True, help="DataLoader processes per worker.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (smoke runs).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run OUT/NAME from its latest checkpoint.")
+@click.option("--max-failures", default=0, show_default=True, help="Worker failures Ray Train recovers from.")
+@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
+@clean_errors
+def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers, gpu,
+          cpus_per_worker, loader_workers, max_steps, seed, resume, max_failures, address):
+    """Train a method with Ray Train; prints the best checkpoint (selected on val)."""
+    from tpr_ray.train import TrainConfig, train as run_training
+
+    overrides = parse_overrides(sets)
+    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
+        if value is not None:
+            overrides[key] = value
+    cfg = TrainConfig(method=method, data=data_uri, out=out, name=name, model=model,
+                      pretrained=None if pretrained.lower() == "none" else pretrained,
+                      image_size=parse_size(image_size), overrides=overrides, num_workers=workers, use_gpu=gpu,
+                      cpus_per_worker=cpus_per_worker, loader_workers=loader_workers, max_steps=max_steps,
+                      seed=seed, resume=resume, max_failures=max_failures)
+    result = run_training(cfg, address=address)
+    click.echo(f"run: {result.run_dir}")
+    click.echo(f"best checkpoint (val R1 {result.best_metrics.get('val_R1', float('nan')):.2f}): {result.best_checkpoint}")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="Checkpoint directory, or a training run directory (uses its best).")
+@click.option("--data", "data_uri", required=True, help="Dataset root or manifest .parquet.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
+@click.option("--out", required=True, help="Output folder or URI; gets gallery/ and queries/.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--actors", default=1, show_default=True, help="Model actors (one GPU each when GPUs are used).")
+@click.option("--gpus-per-actor", type=float, help="Default: 1 when the cluster has GPUs, else 0.")
+@click.option("--rows-per-shard", default=100_000, show_default=True)
+@click.option("--queries/--no-queries", default=True, show_default=True, help="Also embed the split's captions.")
+@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
+@clean_errors
+def embed(checkpoint, data_uri, split, out, batch_size, actors, gpus_per_actor, rows_per_shard, queries, address):
+    """Embed a split's images (and captions) into Parquet shards with Ray Data."""
+    from tpr_ray.embed import EmbedConfig, embed as run_embed
+
+    summary = run_embed(EmbedConfig(checkpoint=checkpoint, data=data_uri, out=out, split=split, batch_size=batch_size,
+                                    actors=actors, gpus_per_actor=gpus_per_actor, rows_per_shard=rows_per_shard,
+                                    queries=queries), address=address)
+    for kind, info in summary.items():
+        click.echo(f"{kind}: {info['rows']} rows, {len(info['shards'])} shard(s), dim {info['dim']}, "
+                   f"{info['rows'] / info['seconds']:.1f} rows/s -> {out}/{kind}")
+
+
+@cli.command()
+@click.option("--out", default="demo_out", show_default=True, help="Working folder for data, run and embeddings.")
+@click.option("--ids", default=120, show_default=True, help="Synthetic identities.")
+@click.option("--epochs", default=12, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@clean_errors
+def demo(out, ids, epochs, seed):
+    """Synthesize data, train the baseline (tiny CLIP), embed and evaluate, on CPU in minutes."""
+    from tpr_ray.demo import run_demo
+
+    run_demo(out, n_ids=ids, epochs=epochs, seed=seed, echo=click.echo)
+
+
+@cli.command()
+def methods():
+    """List the available methods and their default recipes."""
+    from tpr_ray.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        click.echo(f"{name}: {cls.__doc__.strip().splitlines()[0]}")
+        click.echo("    " + ", ".join(f"{k}={v}" for k, v in cls.default_recipe.to_dict().items()))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW such as 384x128, got {text!r}", param_hint="--image-size")
+    return h, w
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,160 @@
+"""The interface every retrieval method implements.
+
+A method is a CLIP backbone plus whatever it adds (heads, prompts, adapters),
+its losses, and the training stages that say which parameters learn. The
+trainer, the embedder and the evaluator only talk to this interface, so they
+never need to know which method they are running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer
+from tpr_ray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimisation hyper-parameters of a method (the paper's defaults live in each method)."""
+
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-5
+    new_module_lr_mult: float = 5.0
+    bias_lr_mult: float = 2.0
+    weight_decay: float = 4e-5
+    bias_weight_decay: float = 0.0
+    optimizer: str = "adam"
+    adam_eps: float = 1e-3
+    schedule: str = "cosine"
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.1
+    temperature: float = 0.02
+    id_loss_weight: float = 1.0
+    augment: bool = True
+
+    def override(self, **changes) -> "Recipe":
+        """Return a copy with ``changes`` applied; unknown keys or wrong types are errors."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        typed = {}
+        for key, value in changes.items():
+            if key not in known:
+                raise ConfigError(f"unknown recipe option {key!r}; known options: {', '.join(sorted(known))}")
+            typed[key] = _coerce(key, value, type(getattr(self, key)))
+        return dataclasses.replace(self, **typed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value, kind: type):
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        try:
+            if kind is bool:
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"recipe option {key!r} expects {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int):
+        return float(value)
+    raise ConfigError(f"recipe option {key!r} expects {kind.__name__}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of training: its own recipe and the rule for which parameters learn."""
+
+    name: str
+    recipe: Recipe
+    trainable: Callable[[str], bool] = field(compare=False)
+
+
+class Method(nn.Module):
+    """Base class: a CLIP backbone (``self.clip``) plus the method's additions."""
+
+    name: ClassVar[str]
+    default_recipe: ClassVar[Recipe]
+    # When True a checkpoint holds every weight and loads without the pretrained
+    # backbone; when False it holds only the trainable weights and the backbone is
+    # rebuilt from its reference (pretrained tag or file).
+    checkpoint_holds_backbone: ClassVar[bool] = True
+    # Parameter-name prefixes of modules the method adds (trained at a higher lr).
+    new_module_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: BackboneConfig, recipe: Recipe, num_classes: int):
+        super().__init__()
+        self.backbone_config = backbone
+        self.recipe = recipe
+        self.num_classes = num_classes
+        self.clip = build_clip(backbone)
+        self.tokenizer = get_tokenizer(backbone)
+
+    # --- inference -------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the retrieval feature that encode_image/encode_text return."""
+        return int(self.clip.text_projection.shape[1])
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- training --------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Losses for one batch; ``loss`` is the total to back-propagate.
+
+        Training goes through ``forward`` (not a named method) so DDP sees the call.
+        """
+        raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", self.recipe, lambda name: True)]
+
+    def set_stage(self, stage: Stage) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(stage.trainable(name))
+
+    def param_groups(self, recipe: Recipe) -> list[dict]:
+        """Optimizer groups: new modules and biases get their recipe multipliers."""
+        groups = []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr, wd = recipe.lr, recipe.weight_decay
+            if name.startswith(self.new_module_prefixes):
+                lr *= recipe.new_module_lr_mult
+            if name.endswith("bias"):
+                lr *= recipe.bias_lr_mult
+                wd = recipe.bias_weight_decay
+            groups.append({"params": [param], "lr": lr, "weight_decay": wd, "name": name})
+        return groups
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable}
+
+    # --- checkpoints -----------------------------------------------------
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        if self.checkpoint_holds_backbone:
+            return state
+        keep = {name for name, p in self.named_parameters() if p.requires_grad or not name.startswith("clip.")}
+        return {k: v for k, v in state.items() if k in keep}

@@ -1,0 +1,75 @@
+"""Thin helpers over fsspec so every job reads and writes local paths and URIs alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+@lru_cache(maxsize=32)
+def _fs_for_protocol(protocol: str):
+    return fsspec.filesystem(protocol)
+
+
+def filesystem(uri: str):
+    """(filesystem, path) for a URI; filesystems are cached per protocol within a process."""
+    protocol, path = fsspec.core.split_protocol(uri)
+    protocol = protocol or "file"
+    fs = _fs_for_protocol(protocol)
+    return fs, fs._strip_protocol(uri) if protocol != "file" else os.path.abspath(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if "://" in base:
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write under a temporary name, then move into place, so readers never see a partial file."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if "://" in uri else os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def is_remote(uri: str) -> bool:
+    protocol, _ = fsspec.core.split_protocol(uri)
+    return protocol not in (None, "file", "local")
+
+
+__all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic",
+           "write_json", "read_json", "is_remote", "url_to_fs"]
