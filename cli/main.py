@@ -111,8 +111,8 @@ def embed(checkpoint, data_uri, split, out, batch_size, actors, gpus_per_actor, 
 
 @cli.command()
 @click.option("--out", default="demo_out", show_default=True, help="Working folder for data, run and embeddings.")
-@click.option("--ids", default=120, show_default=True, help="Synthetic identities.")
-@click.option("--epochs", default=12, show_default=True)
+@click.option("--ids", default=200, show_default=True, help="Synthetic identities.")
+@click.option("--epochs", default=20, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @clean_errors
 def demo(out, ids, epochs, seed):

@@ -69,7 +69,8 @@ def test_rstp_counts_by_split(tmp_path):
 
 
 def test_caption_all_gets_the_standard_split_by_id(tmp_path):
-    entries = [{"id": pid, "file_path": f"x/{pid}.jpg", "captions": ["c."]} for pid in (1, 11003, 11004, 12003, 12004, 13003)]
+    ids = (1, 11003, 11004, 12003, 12004, 13003)
+    entries = [{"id": pid, "file_path": f"x/{pid}.jpg", "captions": ["c."]} for pid in ids]
     table = read_dataset(str(write_json(tmp_path, "caption_all.json", entries)))
     assert table.column("split").to_pylist() == ["train", "train", "val", "val", "test", "test"]
     assert cuhk_standard_split(13004) is None
@@ -133,7 +134,8 @@ BAD_ENTRIES = [
 
 @pytest.mark.parametrize("mutate, field, reason", BAD_ENTRIES)
 def test_bad_entry_names_file_index_and_field(tmp_path, mutate, field, reason):
-    entries = [cuhk_entry(1, "CUHK01/0001001.png"), cuhk_entry(1, "CUHK01/0001002.png"), cuhk_entry(2, "CUHK01/0002001.png")]
+    entries = [cuhk_entry(1, "CUHK01/0001001.png"), cuhk_entry(1, "CUHK01/0001002.png"),
+               cuhk_entry(2, "CUHK01/0002001.png")]
     mutate(entries[1])
     root = write_json(tmp_path, "reid_raw.json", entries)
     with pytest.raises(DataError) as caught:
@@ -181,7 +183,8 @@ def test_skip_mode_writes_rejects_and_counts_them(tmp_path, caplog):
         table = read_dataset(str(bad_dataset(tmp_path)), on_error="skip", rejects_uri=str(rejects))
     records = [json.loads(line) for line in rejects.read_text().splitlines()]
     # Entry 0 and entry 8 disagree on the person of one image: neither is kept.
-    assert [(r["entry"], r["field"]) for r in records] == [(0, "file_path"), (1, "id"), (3, "captions"), (8, "file_path")]
+    where = [(r["entry"], r["field"]) for r in records]
+    assert where == [(0, "file_path"), (1, "id"), (3, "captions"), (8, "file_path")]
     assert all(r["file"].endswith("reid_raw.json") and r["reason"] for r in records)
     assert table.num_rows == len(cuhk_entries()) - 3
     assert manifest_info(table)["rejected"] == 4

@@ -21,7 +21,7 @@ from tpr_ray.train import TrainConfig, train
 DEMO_OVERRIDES = {"lr": 1e-3, "batch_size": 32, "warmup_epochs": 1, "weight_decay": 1e-4}
 
 
-def run_demo(out: str, n_ids: int = 120, epochs: int = 12, seed: int = 0, echo=print) -> dict:
+def run_demo(out: str, n_ids: int = 200, epochs: int = 20, seed: int = 0, echo=print) -> dict:
     tick = time.perf_counter()
     out = os.path.abspath(out)
     data_dir = os.path.join(out, "data", "cuhk")

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,13 @@ def evaluate_split(method: Method, table, image_size, device, batch_size: int = 
 
 # --- the per-worker loop -----------------------------------------------------------
 
+def log(message: str) -> None:
+    """Progress line from a worker. Written to stdout directly: Ray Train's patched
+    ``print`` sends each line to the driver twice."""
+    sys.stdout.write(f"[tpr-ray] {message}\n")
+    sys.stdout.flush()
+
+
 def _restore(checkpoint) -> dict | None:
     if checkpoint is None:
         return None
@@ -180,9 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
         method.set_stage(stage)
         counts = method.parameter_counts()
         if rank == 0:
-            print(f"[tpr-ray] stage {stage_index + 1}/{len(stages)} {stage.name!r}: trainable "
+            log(f"stage {stage_index + 1}/{len(stages)} {stage.name!r}: trainable "
                   f"{counts['trainable']:,} of {counts['total']:,} parameters "
-                  f"({100.0 * counts['trainable'] / counts['total']:.2f} %)", flush=True)
+                  f"({100.0 * counts['trainable'] / counts['total']:.2f} %)")
         model = ray.train.torch.prepare_model(method, move_to_device=False)
 
         dataset = CaptionPairs(train_table, labels, cfg.image_size, augment=recipe.augment)
@@ -230,8 +238,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch or done):
                     rate = seen / (time.perf_counter() - tick)
                     terms = " ".join(f"{k} {v / (step + 1):.4f}" for k, v in running.items())
-                    print(f"[tpr-ray] {stage.name} epoch {epoch + 1}/{recipe.epochs} step {step + 1}/{steps_per_epoch} "
-                          f"{terms} lr {scheduler.get_last_lr()[0]:.3e} samples/s {rate:.1f}", flush=True)
+                    log(f"{stage.name} epoch {epoch + 1}/{recipe.epochs} step {step + 1}/{steps_per_epoch} "
+                          f"{terms} lr {scheduler.get_last_lr()[0]:.3e} samples/s {rate:.1f}")
                 if done:
                     break
             epoch_done = step + 1 == steps_per_epoch
@@ -242,8 +250,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 val = evaluate_split(method, val_table, cfg.image_size, device)
                 metrics.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
-                print(f"[tpr-ray] {stage.name} epoch {epoch + 1} val R1 {val['R1']:.2f} R5 {val['R5']:.2f} "
-                      f"mAP {val['mAP']:.2f}", flush=True)
+                log(f"{stage.name} epoch {epoch + 1} val R1 {val['R1']:.2f} R5 {val['R5']:.2f} "
+                      f"mAP {val['mAP']:.2f}")
             _report(method, optimizer, scheduler, metrics, cfg, counts, rank)
             if done:
                 return

@@ -39,7 +39,7 @@ def resize_uint8(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if img.size != (w, h):
         img = img.resize((w, h), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
 
 
 def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ class DatasetFormat:
 
 
 FORMATS = {
-    "cuhk": DatasetFormat("cuhk", "CUHK-PEDES", ("reid_raw.json", "caption_all.json"), "file_path", ("caption_all.json",)),
+    "cuhk": DatasetFormat(
+        "cuhk", "CUHK-PEDES", ("reid_raw.json", "caption_all.json"), "file_path", ("caption_all.json",)
+    ),
     "icfg": DatasetFormat("icfg", "ICFG-PEDES", ("ICFG-PEDES.json", "ICFG_PEDES.json"), "file_path"),
     "rstp": DatasetFormat("rstp", "RSTPReid", ("data_captions.json",), "img_path"),
 }
@@ -92,7 +94,7 @@ def annotation_uri(root: str, fmt: str) -> str:
     spec = _format(fmt)
     for name in spec.annotation_files:
         if name in names:
-            return storage.join(root, name)
+            return f"{_absolute(root)}/{name}"
     raise DataError(f"no {spec.title} annotation file; looked for {', '.join(spec.annotation_files)}", file=root)
 
 
@@ -106,7 +108,9 @@ def _format(fmt: str) -> DatasetFormat:
 # Reading
 
 
-def read_dataset(root: str, *, fmt: str | None = None, on_error: str = "raise", rejects_uri: str | None = None) -> pa.Table:
+def read_dataset(
+    root: str, *, fmt: str | None = None, on_error: str = "raise", rejects_uri: str | None = None
+) -> pa.Table:
     """Read a dataset folder (local path or fsspec URI) into a manifest table.
 
     on_error="raise" stops at the first bad entry; "skip" leaves bad entries out, writes
@@ -129,10 +133,11 @@ def read_dataset(root: str, *, fmt: str | None = None, on_error: str = "raise", 
     if rejects_uri is not None:
         write_rejects(reader.rejects, rejects_uri)
     if reader.rejects:
-        log.warning("skipped %d bad entries of %s (listed in %s)", len(reader.rejects), source, rejects_uri or "nowhere")
+        log.warning("skipped %d bad entries of %s (listed in %s)",
+                    len(reader.rejects), source, rejects_uri or "no rejects file")
     if not rows:
         raise DataError(f"no usable entries ({len(reader.rejects)} rejected)", file=source)
-    image_root = _image_root(root)
+    image_root = f"{_absolute(root)}/{IMAGE_FOLDER}"
     columns = {
         "image_id": [r["path"] for r in rows],
         "person_id": [r["id"] for r in rows],
@@ -150,7 +155,8 @@ def _parse_json(data: bytes, source: str) -> list:
         # utf-8-sig is as strict as utf-8 and also accepts a leading byte-order mark.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"not valid UTF-8: byte offset {err.start} ({err.reason}); re-save the file as UTF-8", file=source) from None
+        message = f"not valid UTF-8: byte offset {err.start} ({err.reason}); re-save the file as UTF-8"
+        raise DataError(message, file=source) from None
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as err:
@@ -160,19 +166,22 @@ def _parse_json(data: bytes, source: str) -> list:
     return entries
 
 
-def _image_root(root: str) -> str:
-    """Absolute location of the image folder: a plain path for local data, a URI otherwise."""
+def _absolute(root: str) -> str:
+    """`root` as an absolute location: a plain path for local data, a full URI otherwise.
+
+    Manifests outlive the working directory they were made in, so relative paths won't do.
+    """
     fs, path = url_to_fs(root)
     path = path.rstrip("/")
-    if isinstance(fs, LocalFileSystem):
-        return posixpath.join(path, IMAGE_FOLDER)
-    return fs.unstrip_protocol(path) + "/" + IMAGE_FOLDER
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def write_rejects(rejects: list[dict], uri: str) -> None:
     """Write reject records (file, entry, field, reason) as Parquet or JSON lines."""
     if uri.endswith(".parquet"):
-        schema = pa.schema([("file", pa.string()), ("entry", pa.int64()), ("field", pa.string()), ("reason", pa.string())])
+        schema = pa.schema(
+            [("file", pa.string()), ("entry", pa.int64()), ("field", pa.string()), ("reason", pa.string())]
+        )
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rejects, schema=schema), buffer)
         payload = buffer.getvalue()
@@ -239,7 +248,8 @@ class _EntryReader:
         if self.derive_split and "split" not in entry:
             split = cuhk_standard_split(person_id)
             if split is None:
-                raise _BadEntry("id", f"id {person_id} is outside 1..13003, so the standard CUHK-PEDES split is unknown")
+                reason = f"id {person_id} is outside 1..13003, so the standard CUHK-PEDES split is unknown"
+                raise _BadEntry("id", reason)
         else:
             split = _parse_split(_field(entry, "split"))
         return {"id": person_id, "path": path, "captions": captions, "split": split}
@@ -254,10 +264,13 @@ class _EntryReader:
             if first_row["id"] == row["id"]:
                 raise _BadEntry(field, f"image {path!r} is already listed by entry {first}; merge the two entries")
             self._drop_conflicting(first, path, row["id"])
-            raise _BadEntry(field, f"image {path!r} is listed by entry {first} with id {first_row['id']} and here with id {row['id']}")
+            reason = f"image {path!r} is listed by entry {first} with id {first_row['id']} and here with id {row['id']}"
+            raise _BadEntry(field, reason)
         seen = self._split_of.get(row["id"])
         if seen is not None and seen[0] != row["split"]:
-            raise _BadEntry("split", f"person {row['id']} is in split {seen[0]!r} at entry {seen[1]} and {row['split']!r} here; a person belongs to one split")
+            reason = (f"person {row['id']} is in split {seen[0]!r} at entry {seen[1]} and {row['split']!r} here; "
+                      "a person belongs to one split")
+            raise _BadEntry("split", reason)
 
     def _drop_conflicting(self, first: int, path: str, other_id: int) -> None:
         """In skip mode the first entry of a conflicting pair goes out too (raise mode stops anyway)."""
@@ -266,7 +279,8 @@ class _EntryReader:
         self._rows.pop(first)
         self._conflicted.add(path)
         del self._by_path[path]
-        self._reject(first, _BadEntry(self.spec.path_field, f"image {path!r} is also listed with id {other_id}; kept neither"))
+        reason = f"image {path!r} is also listed with id {other_id}; kept neither"
+        self._reject(first, _BadEntry(self.spec.path_field, reason))
         self.rejects.sort(key=lambda r: r["entry"])
 
 

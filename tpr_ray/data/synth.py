@@ -120,8 +120,8 @@ def split_sizes(style: str, n_ids: int) -> dict:
 
 def make_identities(style: str, n_ids: int, seed: int) -> list[Person]:
     """The dataset's identities in id order (train, then val, then test), all distinct."""
-    rng = np.random.default_rng([seed, STYLES.index(style)])
     splits = [split for split, n in split_sizes(style, n_ids).items() for _ in range(n)]
+    rng = _rng(seed, style, "identities")
     people, seen = [], set()
     for index, split in enumerate(splits):
         for _ in range(100):
@@ -148,6 +148,20 @@ def _sample_person(rng, person_id: int, split: str) -> Person:
         upper_colour=upper_colour, lower=lower, lower_colour=lower_colour, shoes_colour=_pick(rng, COLOURS),
         bag=bag, bag_colour=None if bag is None else _pick(rng, COLOURS), skin=int(rng.integers(len(SKIN_RGB))),
     )
+
+
+_PURPOSES = ("identities", "counts", "images")
+
+
+def _rng(seed: int, style: str, purpose: str, *indices: int):
+    """An independent random stream per (seed, style, purpose, indices).
+
+    The purpose tag matters: SeedSequence treats [1, 2] and [1, 2, 0] alike, so streams
+    told apart only by an extra trailing index could coincide.
+    """
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    return np.random.default_rng([seed, STYLES.index(style), _PURPOSES.index(purpose), *indices])
 
 
 def _pick(rng, options):
@@ -341,7 +355,8 @@ VOCAB = {
     },
     "icfg": {
         "man": ("gentleman", "young man"), "woman": ("lady", "young woman"),
-        "colours": {"black": ("jet-black", "ebony"), "white": ("ivory", "off-white"), "grey": ("heather-grey", "ash-grey"),
+        "colours": {"black": ("jet-black", "ebony"), "white": ("ivory", "off-white"),
+                    "grey": ("heather-grey", "ash-grey"),
                     "red": ("crimson", "scarlet"), "blue": ("navy", "cobalt"), "green": ("olive", "forest-green"),
                     "yellow": ("mustard", "golden"), "orange": ("burnt-orange", "rust"), "purple": ("plum", "violet"),
                     "pink": ("rose", "blush-pink"), "brown": ("camel", "tan")},
@@ -357,14 +372,19 @@ VOCAB = {
         "handbag": ("tote", "clutch"), "shoulder bag": ("crossbody bag", "satchel"),
     },
     "rstp": {
-        "man": ("man", "boy"), "woman": ("woman", "girl"),
-        "colours": {c: (c,) for c in COLOURS} | {"grey": ("gray",), "purple": ("purple", "violet"), "brown": ("brown", "coffee")},
-        "hair": {"black": ("black", "dark"), "brown": ("brown", "dark brown"), "blonde": ("yellow", "blond"), "grey": ("gray", "white")},
+        "man": ("boy", "male pedestrian"), "woman": ("girl", "female pedestrian"),
+        "colours": {"black": ("black", "dark"), "white": ("white", "snow-white"), "grey": ("gray", "silver-gray"),
+                    "red": ("red", "bright red"), "blue": ("sky-blue", "light blue"), "green": ("green", "grass-green"),
+                    "yellow": ("yellow", "lemon"), "orange": ("orange", "tangerine"), "purple": ("violet", "lilac"),
+                    "pink": ("pink", "light pink"), "brown": ("coffee", "brown")},
+        "hair": {"black": ("black", "dark"), "brown": ("brown", "dark brown"), "blonde": ("yellow", "blond"),
+                 "grey": ("gray", "white")},
         "short": ("short",), "long": ("long",),
-        "t-shirt": ("tee", "t-shirt"), "jacket": ("jacket",), "coat": ("coat",), "shirt": ("shirt",),
-        "sweater": ("jumper", "sweater"), "dress": ("dress",), "trousers": ("pants",), "jeans": ("jeans",),
-        "shorts": ("shorts",), "skirt": ("skirt",), "shoes": ("shoes", "trainers"),
-        "backpack": ("backpack", "schoolbag"), "handbag": ("handbag",), "shoulder bag": ("side bag", "shoulder bag"),
+        "t-shirt": ("tee", "short-sleeve top"), "jacket": ("windbreaker", "jacket"), "coat": ("long coat", "parka"),
+        "shirt": ("shirt", "long-sleeve top"), "sweater": ("jumper", "knit top"), "dress": ("dress", "frock"),
+        "trousers": ("pants", "long pants"), "jeans": ("jeans", "denim pants"), "shorts": ("shorts", "short pants"),
+        "skirt": ("skirt", "knee skirt"), "shoes": ("trainers", "flats"), "backpack": ("schoolbag", "backpack"),
+        "handbag": ("hand bag", "small bag"), "shoulder bag": ("side bag", "sling bag"),
     },
 }
 
@@ -412,10 +432,15 @@ def describe(person: Person, style: str, rng) -> str:
         hair=None if "hair" in dropped else hair,
         upper=garment(person.upper_colour, person.upper),
         lower=None if "lower" in dropped or not person.lower else garment(person.lower_colour, person.lower),
-        shoes=None if "shoes" in dropped else garment(person.shoes_colour, "shoes"),
+        shoes=None if "shoes" in dropped else _shoes(garment(person.shoes_colour, "shoes"), style, rng),
         bag=None if "bag" in dropped or not person.bag else garment(person.bag_colour, person.bag),
     )
     return {"cuhk": _cuhk_caption, "icfg": _icfg_caption, "rstp": _rstp_caption}[style](phrases, rng)
+
+
+def _shoes(phrase: str, style: str, rng) -> str:
+    """CUHK-PEDES annotators often wrote 'a pair of ... shoes'."""
+    return f"a pair of {phrase}" if style == "cuhk" and rng.random() < 0.5 else phrase
 
 
 def _cuhk_caption(p: _Phrases, rng) -> str:
@@ -469,10 +494,10 @@ def _rstp_caption(p: _Phrases, rng) -> str:
         parts += [f"{p.hair}"] if p.hair else []
         return _sentence(", ".join(parts))
     if variant == 1:
-        text = f"the {p.noun} wears {_and(p.outfit(rng))}" + (f" and carries {p.bag}" if p.bag else "")
-        return _sentence(text) + (" " + _sentence(f"{p.pron} has {p.hair}") if p.hair else "")
-    who = f"a {p.noun} with {p.hair}" if p.hair else f"a {p.noun}"
-    return _sentence(f"{who} wearing {_and(p.outfit(rng))}" + (f", carrying {p.bag}" if p.bag else ""))
+        parts = [f"{p.noun} with {p.hair}" if p.hair else p.noun, _and(p.outfit(rng))]
+        return _sentence(", ".join(parts + ([p.bag] if p.bag else [])))
+    text = f"the {p.noun} wears {_and(p.outfit(rng))}" + (f" and has {p.hair}" if p.hair else "")
+    return _sentence(text + (f", carrying {p.bag}" if p.bag else ""))
 
 
 def _with_article(phrase: str) -> str:
@@ -506,13 +531,14 @@ def _image_path(style: str, person: Person, k: int, rng) -> str:
     """A path in the style of the real dataset's file names, unique per (person, k)."""
     pid, ext = person.person_id, _spec(style).image_ext
     if style == "cuhk":
-        source = CUHK_SOURCES[pid % len(CUHK_SOURCES)]
+        source = CUHK_SOURCES[(pid - 1) % len(CUHK_SOURCES)]
         ext = "png" if source.startswith("CUHK") else "jpg"
         return f"{source}/{pid:04d}{k + 1:03d}.{ext}"
     camera, frame = int(rng.integers(1, 16)), 30 * k + int(rng.integers(30))
     if style == "icfg":
         folder = "train" if person.split == "train" else "test"
-        when = f"{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}{_pick(rng, ('morning', 'noon', 'afternoon'))}"
+        month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+        when = f"{month:02d}{day:02d}{_pick(rng, ('morning', 'noon', 'afternoon'))}"
         return f"{folder}/{pid:04d}/{pid:04d}_{k:03d}_{camera:02d}_{when}_{frame:04d}_{k}.{ext}"
     return f"{pid:04d}_c{camera}_{frame:04d}.{ext}"
 
@@ -546,9 +572,9 @@ def synthesize(style: str, n_ids: int, seed: int, out_dir: str) -> str:
         raise ConfigError(f"output folder {out_dir} is not empty; choose a new one")
     entries, made_dirs = [], set()
     for index, person in enumerate(make_identities(style, n_ids, seed)):
-        count_rng = np.random.default_rng([seed, STYLES.index(style), index])
-        for k in range(int(count_rng.integers(spec.images_per_id[0], spec.images_per_id[1] + 1))):
-            rng = np.random.default_rng([seed, STYLES.index(style), index, k])
+        n_images = int(_rng(seed, style, "counts", index).integers(spec.images_per_id[0], spec.images_per_id[1] + 1))
+        for k in range(n_images):
+            rng = _rng(seed, style, "images", index, k)
             image = render_person(person, style, random_pose(style, rng), rng)
             path = _image_path(style, person, k, rng)
             captions = [describe(person, style, rng) for _ in range(spec.captions_per_image)]
