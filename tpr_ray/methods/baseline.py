@@ -10,6 +10,8 @@ from tpr_ray.methods.base import Method, Recipe, Stage
 
 
 class Baseline(Method):
+    """Full CLIP fine-tune with SDM + ID losses (IRRA's recipe, no MLM head)."""
+
     name = "baseline"
     default_recipe = Recipe(
         epochs=60, batch_size=64, lr=1e-5, new_module_lr_mult=5.0, bias_lr_mult=2.0,

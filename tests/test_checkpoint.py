@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from tpr_ray.backbone import BackboneConfig
+from tpr_ray.checkpoint import BEST_FILE, load_method, resolve_checkpoint, save_checkpoint
+from tpr_ray.errors import ConfigError
+from tpr_ray.methods import get_method
+from tpr_ray.storage import write_json
+from tests.conftest import TINY
+
+
+def tiny_baseline(num_classes=7):
+    cls = get_method("baseline")
+    return cls(BackboneConfig(**TINY), cls.default_recipe.override(lr=3e-4), num_classes)
+
+
+def test_saved_checkpoint_loads_back_to_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    method = tiny_baseline().eval()
+    save_checkpoint(method, str(tmp_path / "ckpt"), {"stage": 0, "epoch": 1})
+    loaded, config = load_method(str(tmp_path / "ckpt"))
+    images, tokens = torch.randn(2, 3, 384, 128), method.tokenize(["a man in a red coat", "a woman"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), method.encode_image(images), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_text(tokens), method.encode_text(tokens), rtol=0, atol=0)
+    assert config["recipe"]["lr"] == 3e-4 and config["embed_dim"] == 64 and config["num_classes"] == 7
+
+
+def test_run_directory_resolves_to_its_best_checkpoint(tmp_path):
+    save_checkpoint(tiny_baseline(), str(tmp_path / "run" / "checkpoint_a"), {})
+    write_json(str(tmp_path / "run" / BEST_FILE), {"checkpoint": str(tmp_path / "run" / "checkpoint_a")})
+    assert resolve_checkpoint(str(tmp_path / "run")) == str(tmp_path / "run" / "checkpoint_a")
+    with pytest.raises(ConfigError, match="neither a checkpoint"):
+        resolve_checkpoint(str(tmp_path))
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    save_checkpoint(tiny_baseline(num_classes=7), str(tmp_path / "ckpt"), {})
+    torch.save({"clip.bogus": torch.zeros(1)}, tmp_path / "ckpt" / "model.pt")
+    with pytest.raises(ConfigError, match="does not match"):
+        load_method(str(tmp_path / "ckpt"))

@@ -1,0 +1,66 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tpr_ray.backbone import BackboneConfig
+from tpr_ray.checkpoint import load_method, save_checkpoint
+from tpr_ray.data import load_manifest
+from tpr_ray.embed import SIDECAR, EmbedConfig, embed
+from tpr_ray.evaluate import evaluate_embeddings
+from tpr_ray.inference import encode_captions, encode_images
+from tpr_ray.methods import get_method
+from tpr_ray.metrics import retrieval_metrics
+from tpr_ray.storage import read_bytes
+from tpr_ray.transforms import decode_image, resize_uint8
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(1)
+    cls = get_method("baseline")
+    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint")
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 5), path, {"stage": 1})
+    return path
+
+
+@pytest.mark.slow
+def test_embedding_tables_match_in_process_reference(ray_cluster, cuhk_small, tiny_checkpoint, tmp_path):
+    out = str(tmp_path / "emb")
+    summary = embed(EmbedConfig(checkpoint=tiny_checkpoint, data=cuhk_small, out=out, split="test",
+                                batch_size=4, rows_per_shard=5, block_rows=3))
+    test = load_manifest(cuhk_small).filter(pa.compute.equal(pa.compute.field("split"), "test"))
+
+    gallery = pq.read_table(os.path.join(out, "gallery"))
+    info = json.load(open(os.path.join(out, "gallery", SIDECAR)))
+    assert info["rows"] == test.num_rows == gallery.num_rows == summary["gallery"]["rows"]
+    assert len(info["shards"]) == -(-test.num_rows // 5)  # 5 rows per shard, rounded up
+    assert sorted(os.listdir(os.path.join(out, "gallery"))) == sorted([SIDECAR] + [s["file"] for s in info["shards"]])
+    assert gallery.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert gallery.column("image_id").to_pylist() == test.column("image_id").to_pylist()  # input order kept
+    assert set(gallery.column("method").to_pylist()) == {"baseline"}
+    assert set(gallery.column("checkpoint").to_pylist()) == {tiny_checkpoint}
+
+    method, _ = load_method(tiny_checkpoint)
+    pixels = np.stack([resize_uint8(decode_image(read_bytes(u)), (384, 128)) for u in test.column("image_uri").to_pylist()])
+    expected = encode_images(method, pixels, torch.device("cpu"))
+    got = np.asarray(gallery.column("embedding").combine_chunks().flatten()).reshape(-1, 64)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+    queries = pq.read_table(os.path.join(out, "queries"))
+    captions = [c for caps in test.column("captions").to_pylist() for c in caps]
+    assert queries.column("caption").to_pylist() == captions
+    assert queries.column("query_id").to_pylist() == list(range(len(captions)))
+    q = np.asarray(queries.column("embedding").combine_chunks().flatten()).reshape(-1, 64)
+    np.testing.assert_allclose(q, encode_captions(method, captions, torch.device("cpu")), atol=1e-5)
+
+    metrics = evaluate_embeddings(os.path.join(out, "gallery"), os.path.join(out, "queries"))
+    reference = retrieval_metrics(q @ got.T, np.asarray(queries.column("person_id")), np.asarray(gallery.column("person_id")))
+    for key in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert metrics[key] == pytest.approx(reference[key])
