@@ -63,11 +63,13 @@ cli.add_command(eval_command)
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (smoke runs).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run OUT/NAME from its latest checkpoint.")
+@click.option("--init", "init_from", help="Start from this checkpoint's weights (same method), e.g. a PD stage-1 run.")
+@click.option("--stage", type=int, default=1, show_default=True, help="Stage to begin with (PD: --stage 2 --init STAGE1).")
 @click.option("--max-failures", default=0, show_default=True, help="Worker failures Ray Train recovers from.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
 @clean_errors
 def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers, gpu,
-          cpus_per_worker, loader_workers, max_steps, seed, resume, max_failures, address):
+          cpus_per_worker, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, address):
     """Train a method with Ray Train; prints the best checkpoint (selected on val)."""
     from tpr_ray.train import TrainConfig, train as run_training
 
@@ -79,7 +81,8 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
                       pretrained=None if pretrained.lower() == "none" else pretrained,
                       image_size=parse_size(image_size), overrides=overrides, num_workers=workers, use_gpu=gpu,
                       cpus_per_worker=cpus_per_worker, loader_workers=loader_workers, max_steps=max_steps,
-                      seed=seed, resume=resume, max_failures=max_failures)
+                      seed=seed, resume=resume, init=init_from, start_stage=stage - 1,
+                      max_failures=max_failures)
     result = run_training(cfg, address=address)
     click.echo(f"run: {result.run_dir}")
     click.echo(f"best checkpoint (val R1 {result.best_metrics.get('val_R1', float('nan')):.2f}): {result.best_checkpoint}")
@@ -125,9 +128,14 @@ def demo(out, ids, epochs, seed):
 @cli.command()
 def methods():
     """List the available methods and their default recipes."""
-    from tpr_ray.methods import METHODS
+    from tpr_ray.methods import METHODS, get_method
 
-    for name, cls in sorted(METHODS.items()):
+    for name in METHODS:
+        try:
+            cls = get_method(name)
+        except TprRayError as error:
+            click.echo(f"{name}: not available ({error})")
+            continue
         click.echo(f"{name}: {cls.__doc__.strip().splitlines()[0]}")
         click.echo("    " + ", ".join(f"{k}={v}" for k, v in cls.default_recipe.to_dict().items()))
 

@@ -30,3 +30,28 @@ def cuhk_small(tmp_path_factory) -> str:
 
 
 TINY = {"model": "tpr-tiny", "pretrained": None}
+
+SOURCE_RECIPE = {"lr": 1e-3, "batch_size": 32, "epochs": 10, "warmup_epochs": 1, "weight_decay": 1e-4}
+
+
+@pytest.fixture(scope="session")
+def baseline_source(ray_cluster, tmp_path_factory) -> str:
+    """A tpr-tiny baseline trained on synthetic CUHK style: the pretrained start that the
+    other methods' learning tests adapt to another style (run directory; its best checkpoint)."""
+    from tpr_ray.data import synthesize
+    from tpr_ray.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("source")
+    data = synthesize("cuhk", 80, 0, str(root / "CUHK-PEDES"))
+    result = train(TrainConfig(method="baseline", data=data, out=str(root / "runs"), name="source", **TINY,
+                               overrides=SOURCE_RECIPE, loader_workers=0, log_every=100))
+    return result.run_dir
+
+
+@pytest.fixture(scope="session")
+def icfg_target(tmp_path_factory) -> str:
+    """The target domain of the learning tests: synthetic ICFG-PEDES style, 60 identities
+    (its 24 % test split gives ~15 test identities; no val, so training holds some out)."""
+    from tpr_ray.data import synthesize
+
+    return synthesize("icfg", 60, 1, str(tmp_path_factory.mktemp("target") / "ICFG-PEDES"))

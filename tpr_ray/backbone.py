@@ -47,14 +47,46 @@ def _is_local_file(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.path.exists(pretrained)
 
 
+def is_tpr_checkpoint(pretrained: str) -> bool:
+    """A checkpoint or run directory written by `tpr-ray train` (local or URI)."""
+    from tpr_ray import storage
+    from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE
+
+    return any(storage.exists(storage.join(pretrained, name)) for name in (CONFIG_FILE, BEST_FILE))
+
+
+def _clip_from_tpr_checkpoint(cfg: BackboneConfig) -> torch.nn.Module:
+    """The CLIP towers of a method trained by tpr-ray, as the starting point of another."""
+    from open_clip.model import resize_pos_embed
+
+    from tpr_ray.checkpoint import load_method
+
+    trained, config = load_method(cfg.pretrained)
+    if config["backbone"]["model"] != cfg.model:
+        raise ConfigError(f"checkpoint {config['checkpoint']} holds a {config['backbone']['model']} backbone, "
+                          f"not {cfg.model}; pass --model {config['backbone']['model']}")
+    model = open_clip.create_model(cfg.model, pretrained=None, force_image_size=tuple(cfg.image_size))
+    state = trained.clip.state_dict()
+    resize_pos_embed(state, model)
+    model.load_state_dict(state)
+    model.output_dict = True
+    return model
+
+
 def build_clip(cfg: BackboneConfig) -> torch.nn.Module:
-    """Return an open_clip CLIP at ``cfg.image_size`` with the requested weights."""
+    """Return an open_clip CLIP at ``cfg.image_size`` with the requested weights.
+
+    ``cfg.pretrained`` may be an open_clip tag, a local open_clip checkpoint file, or a
+    checkpoint (or run directory) of any method trained by tpr-ray, whose CLIP towers are used.
+    """
     if cfg.model not in open_clip.list_models():
         raise ConfigError(
             f"unknown open_clip model {cfg.model!r}; choose one of open_clip.list_models() "
             f"(e.g. ViT-B-16) or 'tpr-tiny' for tests"
         )
     pretrained = cfg.pretrained or None
+    if pretrained and is_tpr_checkpoint(pretrained):
+        return _clip_from_tpr_checkpoint(cfg)
     if pretrained and _is_local_file(pretrained) and not os.path.exists(pretrained):
         raise ConfigError(f"pretrained checkpoint file {pretrained} does not exist")
     try:

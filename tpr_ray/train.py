@@ -56,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     holdout_fraction: float = 0.05
     resume: bool = False
+    init: str | None = None  # start from this checkpoint's weights (same method), e.g. a stage-1 run
+    start_stage: int = 0  # 0-based stage to begin with when not resuming (PD: 1 = stage 2 alone)
     max_failures: int = 0
     keep_checkpoints: int = 2
 
@@ -68,13 +70,19 @@ class TrainConfig:
 
 # --- pure pieces ---------------------------------------------------------------
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_factor: float, schedule: str = "cosine") -> float:
-    """Multiplier of the base lr at ``step``: linear warm-up from ``warmup_factor``, then cosine to 0."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_factor: float, schedule: str = "cosine",
+              decay_steps: int = 0, gamma: float = 0.1) -> float:
+    """Multiplier of the base lr at ``step``: linear warm-up from ``warmup_factor``, then
+    cosine to 0, constant, or ``gamma`` every ``decay_steps`` (step decay)."""
     if step < warmup_steps:
         alpha = step / warmup_steps
         return warmup_factor * (1 - alpha) + alpha
     if schedule == "constant":
         return 1.0
+    if schedule == "step":
+        return gamma ** ((step - warmup_steps) // max(1, decay_steps))
+    if schedule != "cosine":
+        raise ConfigError(f"unknown lr schedule {schedule!r}; use cosine, step or constant")
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -155,6 +163,21 @@ def _restore(checkpoint) -> dict | None:
     return info
 
 
+def load_weights(method: Method, checkpoint: str) -> None:
+    """Initialise ``method`` from a checkpoint of the same method (e.g. the end of PD stage 1)."""
+    from tpr_ray.checkpoint import local_copy, read_config, resolve_checkpoint
+
+    uri = resolve_checkpoint(checkpoint)
+    local = local_copy(uri)
+    source = read_config(local)["method"]
+    if source != method.name:
+        raise ConfigError(f"--init {uri} is a {source} checkpoint; it can only initialise a {source} run")
+    state = torch.load(os.path.join(local, MODEL_FILE), map_location="cpu", weights_only=True)
+    _, unexpected = method.load_state_dict(state, strict=method.checkpoint_holds_backbone)
+    if unexpected:
+        raise ConfigError(f"--init {uri} has weights this {method.name} model lacks: {unexpected[:5]}")
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -178,8 +201,12 @@ def train_loop_per_worker(config: dict) -> None:
     resumed = _restore(ray.train.get_checkpoint())
     if resumed is not None:
         method.load_state_dict(resumed["model_state"], strict=cls.checkpoint_holds_backbone)
+    elif cfg.init:
+        load_weights(method, cfg.init)
     stages = method.stages()
-    start_stage = resumed["stage"] if resumed else 0
+    if not 0 <= cfg.start_stage < len(stages):
+        raise ConfigError(f"method {cfg.method} has stages 1..{len(stages)}; cannot start at stage {cfg.start_stage + 1}")
+    start_stage = resumed["stage"] if resumed else cfg.start_stage
     global_step = resumed["global_step"] if resumed else 0
 
     for stage_index in range(start_stage, len(stages)):
@@ -205,8 +232,9 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer = build_optimizer(method, stage)
         total = recipe.epochs * steps_per_epoch
         warmup = recipe.warmup_epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, warmup, total, recipe.warmup_factor, recipe.schedule))
+        decay = recipe.step_decay_epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+            s, warmup, total, recipe.warmup_factor, recipe.schedule, decay, recipe.step_gamma))
         start_epoch = 0
         if resumed and resumed["stage"] == stage_index and resumed["optimizer_in_stage"]:
             optimizer.load_state_dict(resumed["optimizer_state"]["optimizer"])

@@ -32,7 +32,9 @@ class Recipe:
     bias_weight_decay: float = 0.0
     optimizer: str = "adam"
     adam_eps: float = 1e-3
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # cosine | step | constant, after the linear warm-up
+    step_decay_epochs: int = 20  # step schedule: multiply the lr by step_gamma every N epochs
+    step_gamma: float = 0.1
     warmup_epochs: int = 5
     warmup_factor: float = 0.1
     temperature: float = 0.02
