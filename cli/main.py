@@ -38,6 +38,7 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict:
 def cli(verbose):
     """Text-based person retrieval on Ray: train, embed, evaluate."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tpr_ray").setLevel(logging.INFO)  # shard commits and progress lines
 
 
 cli.add_command(data)
@@ -90,26 +91,42 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 
 @cli.command()
 @click.option("--checkpoint", required=True, help="Checkpoint directory, or a training run directory (uses its best).")
-@click.option("--data", "data_uri", required=True, help="Dataset root or manifest .parquet.")
+@click.option("--data", "data_uri", help="Dataset root or manifest .parquet (embeds --split and its captions).")
+@click.option("--images", help="Or: a prefix or glob of image files, e.g. 's3://bucket/crops/**/*.jpg'.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
-@click.option("--out", required=True, help="Output folder or URI; gets gallery/ and queries/.")
+@click.option("--out", required=True, help="Output folder or URI; gets gallery/ (and queries/).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--actors", default=1, show_default=True, help="Model actors (one GPU each when GPUs are used).")
 @click.option("--gpus-per-actor", type=float, help="Default: 1 when the cluster has GPUs, else 0.")
-@click.option("--rows-per-shard", default=100_000, show_default=True)
+@click.option("--cpus-per-actor", default=0.5, show_default=True)
+@click.option("--decode-cpus", default=0.5, show_default=True, help="CPUs reserved per decode task.")
+@click.option("--rows-per-shard", default=10_000, show_default=True)
 @click.option("--queries/--no-queries", default=True, show_default=True, help="Also embed the split's captions.")
+@click.option("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph); same as AWS_ENDPOINT_URL.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
 @clean_errors
-def embed(checkpoint, data_uri, split, out, batch_size, actors, gpus_per_actor, rows_per_shard, queries, address):
-    """Embed a split's images (and captions) into Parquet shards with Ray Data."""
+def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
+          rows_per_shard, queries, endpoint_url, address):
+    """Embed a gallery (and captions) into sharded Parquet tables with Ray Data; re-run to resume."""
     from tpr_ray.embed import EmbedConfig, embed as run_embed
 
-    summary = run_embed(EmbedConfig(checkpoint=checkpoint, data=data_uri, out=out, split=split, batch_size=batch_size,
-                                    actors=actors, gpus_per_actor=gpus_per_actor, rows_per_shard=rows_per_shard,
-                                    queries=queries), address=address)
+    set_endpoint(endpoint_url)
+    summary = run_embed(EmbedConfig(checkpoint=checkpoint, data=data_uri, images=images, out=out, split=split,
+                                    batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                                    cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus,
+                                    rows_per_shard=rows_per_shard, queries=queries), address=address)
     for kind, info in summary.items():
-        click.echo(f"{kind}: {info['rows']} rows, {len(info['shards'])} shard(s), dim {info['dim']}, "
-                   f"{info['rows'] / info['seconds']:.1f} rows/s -> {out}/{kind}")
+        rate = info["rows_this_run"] / info["seconds"] if info["rows_this_run"] else 0.0
+        click.echo(f"{kind}: {info['rows']} rows in {len(info['shards'])} shard(s), {info['rejected']} rejected, "
+                   f"dim {info['dim']}; this run {info['rows_this_run']} rows at {rate:.1f}/s -> {out}/{kind}")
+
+
+def set_endpoint(endpoint_url: str | None) -> None:
+    """Point S3 clients (driver and the Ray workers it starts) at an S3-compatible store."""
+    if endpoint_url:
+        import os
+
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 
 
 @cli.command()

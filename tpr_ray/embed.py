@@ -1,23 +1,36 @@
-"""Embedding galleries and queries with Ray Data.
+"""Bulk embedding with Ray Data: sharded, exactly-once, resumable.
 
-The pipeline is: manifest rows -> CPU decode + resize (tasks) -> the model in an
-actor pool (one GPU per actor when the cluster has GPUs, bf16) -> Parquet shards.
-Shards are written by this driver in input order under temporary names and then
-moved into place, and a sidecar ``_tpr_ray.json`` lists them with the model identity.
+The input (a manifest split, or every image under a prefix/glob) is put in a fixed order
+and cut into shards of ``rows_per_shard`` rows: the *shard plan*, the same for the same
+input and settings. Pending shards stream through
+
+    read + decode + resize (CPU tasks) -> the model (actor pool, a GPU each, bf16) -> driver
+
+and the driver commits a shard once all of its rows have come back: its Parquet file is
+written under a temporary name and then moved into place, and the job manifest
+``_tpr_ray.json`` is rewritten to list it. Committed shards are never redone, so re-running
+an interrupted or finished job only does what is missing, and every readable input row ends
+up in exactly one committed shard. Images that cannot be read are recorded per shard in
+``rejects/`` with the reason, and counted.
 
 Table schemas (one directory each, ``<out>/gallery`` and ``<out>/queries``):
 
-gallery: image_id string, person_id int64, image_uri string,
+gallery: image_id string, person_id int64 (null for bare image folders), image_uri string,
          embedding fixed_size_list<float32>[dim] (L2-normalised),
          method string, model string, checkpoint string
 queries: query_id int64, image_id string, person_id int64, caption string,
          embedding fixed_size_list<float32>[dim] (L2-normalised),
          method string, model string, checkpoint string
+rejects: image_id string, image_uri string, reason string
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
+import posixpath
 import time
 from dataclasses import dataclass
 
@@ -26,39 +39,65 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tpr_ray import storage
-from tpr_ray.checkpoint import load_method, read_config, resolve_checkpoint
-from tpr_ray.data import load_manifest
+from tpr_ray.checkpoint import read_config, resolve_checkpoint
 from tpr_ray.errors import ConfigError, DataError
+from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
 from tpr_ray.transforms import decode_image, resize_uint8
 
+log = logging.getLogger(__name__)
+
 SIDECAR = "_tpr_ray.json"
-SPLITS = ("train", "val", "test", "all")
+REJECTS_DIR = "rejects"
+SHARD_FORMAT = "part-{:05d}.parquet"
 
 
 @dataclass
 class EmbedConfig:
     checkpoint: str
-    data: str
     out: str
+    data: str | None = None  # dataset root or manifest (then `split` applies) ...
+    images: str | None = None  # ... or a prefix / glob of image files
     split: str = "test"
     batch_size: int = 64
     actors: int = 1
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 0.5  # fractional, so decode tasks still get CPUs on small nodes
-    rows_per_shard: int = 100_000
+    decode_cpus: float = 0.5
+    rows_per_shard: int = 10_000
     block_rows: int = 256
     queries: bool = True
 
 
-def decode_resize(batch: dict, image_size) -> dict:
-    """CPU stage: read each image's bytes, decode to RGB and resize to the model's input."""
-    pixels = []
-    for image_id, uri in zip(batch["image_id"], batch["image_uri"]):
+# --- pure pieces ---------------------------------------------------------------
+
+def plan_shards(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of each shard; the last one may be shorter."""
+    if rows_per_shard < 1:
+        raise ConfigError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    return [(start, min(start + rows_per_shard, num_rows)) for start in range(0, num_rows, rows_per_shard)]
+
+
+def plan_fingerprint(keys: list[str], settings: dict) -> str:
+    """Identifies a job: the ordered input and every setting that changes the output."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for key in keys:
+        h.update(key.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def decode_batch(batch: dict, image_size) -> dict:
+    """CPU stage: fetch, decode and resize each image; unreadable ones carry a reason instead."""
+    h, w = image_size
+    pixels = np.zeros((len(batch["image_uri"]), h, w, 3), dtype=np.uint8)
+    reasons = []
+    for i, uri in enumerate(batch["image_uri"]):
         try:
-            pixels.append(resize_uint8(decode_image(storage.read_bytes(uri)), tuple(image_size)))
-        except Exception as exc:
-            raise DataError(f"cannot read image {uri}: {exc}", entry=image_id, field="image_uri") from exc
-    return {**batch, "pixels": np.stack(pixels)}
+            pixels[i] = resize_uint8(decode_image(storage.read_bytes(uri), (h, w)), (h, w))
+            reasons.append("")
+        except Exception as exc:  # every failure is recorded with its reason, none is dropped
+            reasons.append(f"{type(exc).__name__}: {exc}"[:500])
+    return {**batch, "pixels": pixels, "reject_reason": np.array(reasons, dtype=object)}
 
 
 class Embedder:
@@ -67,98 +106,205 @@ class Embedder:
     def __init__(self, checkpoint: str, kind: str):
         import torch
 
-        from tpr_ray.inference import encode_captions, encode_images
+        from tpr_ray.checkpoint import load_method
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.method, _ = load_method(checkpoint, map_location="cpu")
         self.method.to(self.device)
-        self.encode = (lambda b: encode_images(self.method, b["pixels"], self.device)) if kind == "gallery" \
-            else (lambda b: encode_captions(self.method, list(b["caption"]), self.device))
+        self.kind = kind
 
     def __call__(self, batch: dict) -> dict:
+        from tpr_ray.inference import encode_captions, encode_images
+
         out = {k: v for k, v in batch.items() if k != "pixels"}
-        out["embedding"] = self.encode(batch)
+        if self.kind == "queries":
+            out["embedding"] = encode_captions(self.method, list(batch["caption"]), self.device)
+            return out
+        ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
+        embedding = np.full((len(ok), self.method.embed_dim), np.nan, dtype=np.float32)
+        if ok.any():
+            embedding[ok] = encode_images(self.method, batch["pixels"][ok], self.device)
+        out["embedding"] = embedding
         return out
 
 
-def _embedding_array(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeListArray:
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1])
 
 
-class ShardWriter:
-    """Accumulates rows and commits fixed-size Parquet shards atomically, in order."""
+# --- committing shards -------------------------------------------------------------
 
-    def __init__(self, out: str, kind: str, identity: dict, rows_per_shard: int):
-        self.out, self.kind, self.identity, self.rows_per_shard = out, kind, identity, rows_per_shard
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.shards: list[dict] = []
-        storage.makedirs(out)
+class ShardCommitter:
+    """Driver side: gathers rows by shard and commits each shard once it is complete.
+
+    Rows are keyed by their global row number, so a row delivered twice (a retried task)
+    is stored once. The shard file is the commit point: its rejects file is written first,
+    the job manifest after.
+    """
+
+    def __init__(self, out: str, kind: str, plan: list[tuple[int, int]], header: dict, committed: dict[int, dict]):
+        self.out, self.kind, self.plan, self.header = out, kind, plan, header
+        self.committed = dict(committed)
+        self.pending: dict[int, dict[int, dict]] = {}
+        self.tick = time.perf_counter()
+        self.rows_done = 0
 
     def add(self, batch: dict) -> None:
-        n = len(batch["embedding"])
-        columns = {k: batch[k] for k in batch if k != "embedding"}
-        table = pa.table({**{k: pa.array(list(v) if v.dtype == object else v) for k, v in columns.items()},
-                          "embedding": _embedding_array(batch["embedding"]),
-                          **{k: pa.array([self.identity[k]] * n, pa.string()) for k in ("method", "model", "checkpoint")}})
-        self.pending.append(table)
-        self.pending_rows += n
-        while self.pending_rows >= self.rows_per_shard:
-            self._commit(self.rows_per_shard)
+        columns = list(batch)
+        for i, (row, shard) in enumerate(zip(batch["row"], batch["shard"])):
+            if int(shard) in self.committed:
+                continue
+            self.pending.setdefault(int(shard), {})[int(row)] = {c: batch[c][i] for c in columns}
+        for shard in [s for s, rows in self.pending.items() if len(rows) == self._size(s)]:
+            self._commit(shard, self.pending.pop(shard))
 
-    def close(self) -> dict:
-        if self.pending_rows:
-            self._commit(self.pending_rows)
-        info = {"kind": self.kind, **self.identity, "rows": sum(s["rows"] for s in self.shards),
-                "shards": self.shards, "dtype": "float32"}
+    def _size(self, shard: int) -> int:
+        start, stop = self.plan[shard]
+        return stop - start
+
+    def _commit(self, shard: int, rows: dict[int, dict]) -> None:
+        ordered = [rows[r] for r in sorted(rows)]
+        rejected = [r for r in ordered if r.get("reject_reason")]
+        kept = [r for r in ordered if not r.get("reject_reason")]
+        name = SHARD_FORMAT.format(shard)
+        if rejected:
+            _write_parquet(storage.join(self.out, REJECTS_DIR, name), pa.table({
+                "image_id": [r["image_id"] for r in rejected], "image_uri": [r["image_uri"] for r in rejected],
+                "reason": [r["reject_reason"] for r in rejected]}))
+        _write_parquet(storage.join(self.out, name), self._table(kept))
+        self.committed[shard] = {"file": name, "rows": len(kept), "rejects": len(rejected)}
+        self.rows_done += len(ordered)
+        self._write_manifest(complete=False)
+        rate = self.rows_done / max(time.perf_counter() - self.tick, 1e-9)
+        log.info("%s: committed %s (%d rows, %d rejects); %d/%d shards, %.1f rows/s", self.kind, name, len(kept),
+                 len(rejected), len(self.committed), len(self.plan), rate)
+
+    def _table(self, rows: list[dict]) -> pa.Table:
+        dim = self.header["dim"]
+        data_columns = ["query_id", "image_id", "person_id", "caption"] if self.kind == "queries" \
+            else ["image_id", "person_id", "image_uri"]
+        types = {"query_id": pa.int64(), "person_id": pa.int64()}
+        table = {c: pa.array([_py(r[c]) for r in rows], types.get(c, pa.string())) for c in data_columns}
+        emb = np.stack([r["embedding"] for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        table["embedding"] = embedding_array(emb.reshape(-1, dim))
+        for key in ("method", "model", "checkpoint"):
+            table[key] = pa.array([self.header[key]] * len(rows), pa.string())
+        return pa.table(table)
+
+    def _write_manifest(self, complete: bool) -> dict:
+        shards = [self.committed[s] for s in sorted(self.committed)]
+        info = {**self.header, "kind": self.kind, "complete": complete, "num_shards": len(self.plan),
+                "rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejects"] for s in shards),
+                "shards": shards}
         storage.write_json(storage.join(self.out, SIDECAR), info)
         return info
 
-    def _commit(self, rows: int) -> None:
-        table = pa.concat_tables(self.pending).combine_chunks()
-        shard, rest = table.slice(0, rows), table.slice(rows)
-        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        name = f"part-{len(self.shards):05d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(shard, buf)
-        storage.write_bytes_atomic(storage.join(self.out, name), buf.getvalue())
-        self.shards.append({"file": name, "rows": shard.num_rows})
+    def finish(self) -> dict:
+        if len(self.committed) != len(self.plan):
+            missing = sorted(set(range(len(self.plan))) - set(self.committed))
+            raise DataError(f"{self.kind}: {len(missing)} shard(s) never completed (first: {missing[:5]})", file=self.out)
+        return self._write_manifest(complete=True)
 
 
-def _rows_for_split(manifest: pa.Table, split: str) -> pa.Table:
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if split == "all":
-        return manifest
-    mask = pa.compute.equal(manifest.column("split"), split)
-    table = manifest.filter(mask)
-    if table.num_rows == 0:
-        raise DataError(f"no rows in split {split!r}", field="split")
-    return table
+def _py(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
-def query_rows(images: pa.Table) -> pa.Table:
-    """One row per caption, numbered in manifest order."""
-    image_ids, pids, captions = [], [], []
-    for image_id, pid, caps in zip(images.column("image_id").to_pylist(), images.column("person_id").to_pylist(),
-                                   images.column("captions").to_pylist()):
-        image_ids += [image_id] * len(caps)
-        pids += [pid] * len(caps)
-        captions += caps
-    return pa.table({"query_id": pa.array(np.arange(len(captions), dtype=np.int64)),
-                     "image_id": pa.array(image_ids, pa.string()),
-                     "person_id": pa.array(pids, pa.int64()),
-                     "caption": pa.array(captions, pa.string())})
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
 
 
-def _blocks(table: pa.Table, block_rows: int) -> list[pa.Table]:
-    return [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
+def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) -> dict[int, dict]:
+    """Shards already committed by an earlier run of the same job (found by listing ``out``)."""
+    sidecar = storage.join(out, SIDECAR)
+    if storage.exists(sidecar):
+        previous = storage.read_json(sidecar)
+        if previous.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{out} holds the output of a different embedding job (other input, checkpoint or "
+                              f"settings); choose another --out or delete it")
+    fs, path = storage.filesystem(out)
+    if not fs.exists(path):
+        return {}
+    done = {}
+    for entry in fs.ls(path, detail=False):
+        name = posixpath.basename(entry)
+        if not (name.startswith("part-") and name.endswith(".parquet")):
+            continue
+        shard = int(name[len("part-"):-len(".parquet")])
+        if shard >= len(plan):
+            raise DataError("shard number beyond the job's plan", file=storage.join(out, name))
+        with fs.open(entry, "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        rejects_uri = storage.join(out, REJECTS_DIR, name)
+        rejects = 0
+        if storage.exists(rejects_uri):
+            fs_r, p_r = storage.filesystem(rejects_uri)
+            with fs_r.open(p_r, "rb") as f:
+                rejects = pq.ParquetFile(f).metadata.num_rows
+        start, stop = plan[shard]
+        if rows + rejects != stop - start:
+            raise DataError(f"committed shard has {rows} rows + {rejects} rejects, the plan says {stop - start}",
+                            file=storage.join(out, name))
+        done[shard] = {"file": name, "rows": rows, "rejects": rejects}
+    if done and not storage.exists(sidecar):
+        raise ConfigError(f"{out} has shards but no {SIDECAR}; it was not written by this job")
+    return done
+
+
+# --- the driver ----------------------------------------------------------------------
+
+def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size) -> dict:
+    import ray
+    import ray.data
+
+    out = storage.join(cfg.out, kind)
+    plan = plan_shards(rows.num_rows, cfg.rows_per_shard)
+    keys = rows.column("image_uri" if kind == "gallery" else "caption").to_pylist()
+    settings = {"kind": kind, "checkpoint": checkpoint, "rows_per_shard": cfg.rows_per_shard,
+                "image_size": list(image_size)}
+    fingerprint = plan_fingerprint(keys, settings)
+    done = committed_shards(out, plan, fingerprint)
+    header = {**identity, "dtype": "float32", "fingerprint": fingerprint, "settings": settings,
+              "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
+              "inputs": rows.num_rows}
+    committer = ShardCommitter(out, kind, plan, header, done)
+    pending = [s for s in range(len(plan)) if s not in done]
+    log.info("%s: %d rows in %d shards; %d already committed", kind, rows.num_rows, len(plan), len(done))
+    tick = time.perf_counter()
+    if pending:
+        row_numbers = np.arange(rows.num_rows, dtype=np.int64)
+        rows = rows.append_column("row", pa.array(row_numbers)).append_column(
+            "shard", pa.array(row_numbers // cfg.rows_per_shard))
+        todo = pa.concat_tables([rows.slice(plan[s][0], plan[s][1] - plan[s][0]) for s in pending])
+        blocks = [todo.slice(i, cfg.block_rows) for i in range(0, todo.num_rows, cfg.block_rows)]
+        ds = ray.data.from_arrow(blocks)
+        if kind == "gallery":
+            ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": list(image_size)}, num_cpus=cfg.decode_cpus,
+                                batch_size=cfg.batch_size, batch_format="numpy")
+        gpus = cfg.gpus_per_actor
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind),
+                            compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
+                            num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            committer.add(batch)
+    info = committer.finish()
+    if kind == "gallery" and info["rows"] == 0:
+        raise DataError(f"every one of the {info['rejected']} images was rejected (see {out}/{REJECTS_DIR}/); "
+                        f"nothing was embedded", file=cfg.images or cfg.data)
+    info["seconds"] = time.perf_counter() - tick
+    info["rows_this_run"] = sum(plan[s][1] - plan[s][0] for s in pending)
+    return info
 
 
 def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
-    """Embed a manifest split's images (and captions) into ``<out>/gallery`` (and ``<out>/queries``)."""
-    import ray
+    """Embed a gallery (and, for dataset splits, its captions) into ``<out>/gallery`` (``<out>/queries``)."""
     import ray.data
 
     from tpr_ray.ray_utils import init_ray
@@ -167,35 +313,13 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     ckpt_config = read_config(checkpoint)
     identity = {"method": ckpt_config["method"], "model": ckpt_config["backbone"]["model"],
                 "checkpoint": checkpoint, "dim": ckpt_config["embed_dim"]}
-    images = _rows_for_split(load_manifest(cfg.data), cfg.split)
+    image_size = tuple(ckpt_config["backbone"]["image_size"])
+    gallery = gallery_rows(cfg.data, cfg.images, cfg.split)
+    jobs = [("gallery", gallery)]
+    if cfg.queries and cfg.data is not None:
+        jobs.append(("queries", query_rows(manifest_split(cfg.data, cfg.split))))
 
     init_ray(address)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    actor_args = dict(compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
-                      num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
+    ray.data.DataContext.get_current().execution_options.preserve_order = False
+    return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size) for kind, rows in jobs}
 
-    summary = {}
-    jobs = [("gallery", images.select(["image_id", "person_id", "image_uri"]))]
-    if cfg.queries:
-        jobs.append(("queries", query_rows(images)))
-    for kind, rows in jobs:
-        tick = time.perf_counter()
-        ds = ray.data.from_arrow(_blocks(rows, cfg.block_rows))
-        if kind == "gallery":
-            ds = ds.map_batches(decode_resize, fn_kwargs={"image_size": ckpt_config["backbone"]["image_size"]},
-                                num_cpus=0.5,
-                                batch_size=cfg.batch_size, batch_format="numpy")
-        ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind), **actor_args)
-        writer = ShardWriter(storage.join(cfg.out, kind), kind, {**identity, "split": cfg.split, "data": cfg.data},
-                             cfg.rows_per_shard)
-        for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-            writer.add(batch)
-        info = writer.close()
-        if info["rows"] != rows.num_rows:
-            raise DataError(f"{kind}: wrote {info['rows']} rows for {rows.num_rows} inputs", file=cfg.out)
-        info["seconds"] = time.perf_counter() - tick
-        summary[kind] = info
-    return summary

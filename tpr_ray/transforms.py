@@ -13,17 +13,29 @@ import io
 import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
+
+# Pillow refuses images above ~179 M pixels as "decompression bombs"; real crops are tiny, but
+# a gallery may hold large frames. Above this limit an image is rejected, not embedded.
+Image.MAX_IMAGE_PIXELS = 1 << 28
 
 CLIP_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode bytes into an RGB image (palette, grey, RGBA, CMYK and 16-bit included)."""
+def decode_image(data: bytes, target_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode bytes into an RGB image (palette, grey, RGBA, CMYK and 16-bit included).
+
+    With ``target_size`` (H, W), JPEGs are decoded at the smallest power-of-two reduction
+    that is still at least that large: decoding a large photo at 1/8 scale is several times
+    cheaper than decoding it whole and resizing (the usual CPU bottleneck of bulk embedding).
+    """
     img = Image.open(io.BytesIO(data))
+    if target_size is not None and img.format == "JPEG":
+        img.draft("RGB", (target_size[1], target_size[0]))
     img.load()
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         img = Image.fromarray(np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
