@@ -1,12 +1,40 @@
 """Shared fixtures: one local Ray cluster and one small synthetic dataset per test session."""
 
 import os
+import socket
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 endpoint is fixed before any Ray worker starts, so workers inherit it with the
+# standard AWS variables (dummy credentials; moto accepts any).
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="tpr-test-key-id",
+                  AWS_SECRET_ACCESS_KEY="tpr-test-secret", AWS_DEFAULT_REGION="us-east-1")
+S3_BUCKET = "tpr-test"
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 endpoint on loopback (moto's server) with one bucket; yields the bucket URI."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    server.stop()
 
 
 @pytest.fixture(scope="session")

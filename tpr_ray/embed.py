@@ -11,7 +11,8 @@ written under a temporary name and then moved into place, and the job manifest
 ``_tpr_ray.json`` is rewritten to list it. Committed shards are never redone, so re-running
 an interrupted or finished job only does what is missing, and every readable input row ends
 up in exactly one committed shard. Images that cannot be read are recorded per shard in
-``rejects/`` with the reason, and counted.
+``<out>/gallery-rejects/`` (beside the table, so readers of the table never pick them up)
+with the reason, and counted.
 
 Table schemas (one directory each, ``<out>/gallery`` and ``<out>/queries``):
 
@@ -47,7 +48,11 @@ from tpr_ray.transforms import decode_image, resize_uint8
 log = logging.getLogger(__name__)
 
 SIDECAR = "_tpr_ray.json"
-REJECTS_DIR = "rejects"
+REJECTS_SUFFIX = "-rejects"
+
+
+def rejects_dir(table_dir: str) -> str:
+    return table_dir.rstrip("/") + REJECTS_SUFFIX
 SHARD_FORMAT = "part-{:05d}.parquet"
 
 
@@ -138,24 +143,27 @@ def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeListArray:
 class ShardCommitter:
     """Driver side: gathers rows by shard and commits each shard once it is complete.
 
-    Rows are keyed by their global row number, so a row delivered twice (a retried task)
-    is stored once. The shard file is the commit point: its rejects file is written first,
-    the job manifest after.
+    Only row numbers, embeddings and reject reasons travel through the pipeline; the other
+    columns are taken from the input table here. Rows are keyed by their global row number,
+    so a row delivered twice (a retried task) is stored once. The shard file is the commit
+    point: its rejects file is written first, the job manifest after.
     """
 
-    def __init__(self, out: str, kind: str, plan: list[tuple[int, int]], header: dict, committed: dict[int, dict]):
-        self.out, self.kind, self.plan, self.header = out, kind, plan, header
+    def __init__(self, out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
+                 committed: dict[int, dict]):
+        self.out, self.kind, self.rows, self.plan, self.header = out, kind, rows, plan, header
         self.committed = dict(committed)
         self.pending: dict[int, dict[int, dict]] = {}
         self.tick = time.perf_counter()
         self.rows_done = 0
 
     def add(self, batch: dict) -> None:
-        columns = list(batch)
+        reasons = batch.get("reject_reason")
         for i, (row, shard) in enumerate(zip(batch["row"], batch["shard"])):
             if int(shard) in self.committed:
                 continue
-            self.pending.setdefault(int(shard), {})[int(row)] = {c: batch[c][i] for c in columns}
+            reason = reasons[i] if reasons is not None else ""
+            self.pending.setdefault(int(shard), {})[int(row)] = (batch["embedding"][i], reason)
         for shard in [s for s, rows in self.pending.items() if len(rows) == self._size(s)]:
             self._commit(shard, self.pending.pop(shard))
 
@@ -163,33 +171,34 @@ class ShardCommitter:
         start, stop = self.plan[shard]
         return stop - start
 
-    def _commit(self, shard: int, rows: dict[int, dict]) -> None:
-        ordered = [rows[r] for r in sorted(rows)]
-        rejected = [r for r in ordered if r.get("reject_reason")]
-        kept = [r for r in ordered if not r.get("reject_reason")]
+    def _commit(self, shard: int, results: dict[int, tuple]) -> None:
+        order = sorted(results)
+        kept = [r for r in order if not results[r][1]]
+        rejected = [r for r in order if results[r][1]]
         name = SHARD_FORMAT.format(shard)
         if rejected:
-            _write_parquet(storage.join(self.out, REJECTS_DIR, name), pa.table({
-                "image_id": [r["image_id"] for r in rejected], "image_uri": [r["image_uri"] for r in rejected],
-                "reason": [r["reject_reason"] for r in rejected]}))
-        _write_parquet(storage.join(self.out, name), self._table(kept))
+            bad = self.rows.take(pa.array(rejected, pa.int64()))
+            _write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
+                "image_id": bad.column("image_id"), "image_uri": bad.column("image_uri"),
+                "reason": pa.array([str(results[r][1]) for r in rejected], pa.string())}))
+        _write_parquet(storage.join(self.out, name), self._table(kept, [results[r][0] for r in kept]))
         self.committed[shard] = {"file": name, "rows": len(kept), "rejects": len(rejected)}
-        self.rows_done += len(ordered)
+        self.rows_done += len(order)
         self._write_manifest(complete=False)
         rate = self.rows_done / max(time.perf_counter() - self.tick, 1e-9)
         log.info("%s: committed %s (%d rows, %d rejects); %d/%d shards, %.1f rows/s", self.kind, name, len(kept),
                  len(rejected), len(self.committed), len(self.plan), rate)
 
-    def _table(self, rows: list[dict]) -> pa.Table:
+    def _table(self, row_numbers: list[int], embeddings: list[np.ndarray]) -> pa.Table:
         dim = self.header["dim"]
         data_columns = ["query_id", "image_id", "person_id", "caption"] if self.kind == "queries" \
             else ["image_id", "person_id", "image_uri"]
-        types = {"query_id": pa.int64(), "person_id": pa.int64()}
-        table = {c: pa.array([_py(r[c]) for r in rows], types.get(c, pa.string())) for c in data_columns}
-        emb = np.stack([r["embedding"] for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        source = self.rows.take(pa.array(row_numbers, pa.int64()))
+        table = {c: source.column(c) for c in data_columns}
+        emb = np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)
         table["embedding"] = embedding_array(emb.reshape(-1, dim))
         for key in ("method", "model", "checkpoint"):
-            table[key] = pa.array([self.header[key]] * len(rows), pa.string())
+            table[key] = pa.array([self.header[key]] * len(row_numbers), pa.string())
         return pa.table(table)
 
     def _write_manifest(self, complete: bool) -> dict:
@@ -205,12 +214,6 @@ class ShardCommitter:
             missing = sorted(set(range(len(self.plan))) - set(self.committed))
             raise DataError(f"{self.kind}: {len(missing)} shard(s) never completed (first: {missing[:5]})", file=self.out)
         return self._write_manifest(complete=True)
-
-
-def _py(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _write_parquet(uri: str, table: pa.Table) -> None:
@@ -240,7 +243,7 @@ def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) ->
             raise DataError("shard number beyond the job's plan", file=storage.join(out, name))
         with fs.open(entry, "rb") as f:
             rows = pq.ParquetFile(f).metadata.num_rows
-        rejects_uri = storage.join(out, REJECTS_DIR, name)
+        rejects_uri = storage.join(rejects_dir(out), name)
         rejects = 0
         if storage.exists(rejects_uri):
             fs_r, p_r = storage.filesystem(rejects_uri)
@@ -272,15 +275,17 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     header = {**identity, "dtype": "float32", "fingerprint": fingerprint, "settings": settings,
               "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
               "inputs": rows.num_rows}
-    committer = ShardCommitter(out, kind, plan, header, done)
+    committer = ShardCommitter(out, kind, rows, plan, header, done)
     pending = [s for s in range(len(plan)) if s not in done]
     log.info("%s: %d rows in %d shards; %d already committed", kind, rows.num_rows, len(plan), len(done))
     tick = time.perf_counter()
     if pending:
+        # Only what the workers need travels: the row number, its shard, and the image or caption.
         row_numbers = np.arange(rows.num_rows, dtype=np.int64)
-        rows = rows.append_column("row", pa.array(row_numbers)).append_column(
-            "shard", pa.array(row_numbers // cfg.rows_per_shard))
-        todo = pa.concat_tables([rows.slice(plan[s][0], plan[s][1] - plan[s][0]) for s in pending])
+        payload = "image_uri" if kind == "gallery" else "caption"
+        work = pa.table({"row": row_numbers, "shard": row_numbers // cfg.rows_per_shard,
+                         payload: rows.column(payload)})
+        todo = pa.concat_tables([work.slice(plan[s][0], plan[s][1] - plan[s][0]) for s in pending])
         blocks = [todo.slice(i, cfg.block_rows) for i in range(0, todo.num_rows, cfg.block_rows)]
         ds = ray.data.from_arrow(blocks)
         if kind == "gallery":
@@ -296,7 +301,7 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
             committer.add(batch)
     info = committer.finish()
     if kind == "gallery" and info["rows"] == 0:
-        raise DataError(f"every one of the {info['rejected']} images was rejected (see {out}/{REJECTS_DIR}/); "
+        raise DataError(f"every one of the {info['rejected']} images was rejected (see {rejects_dir(out)}/); "
                         f"nothing was embedded", file=cfg.images or cfg.data)
     info["seconds"] = time.perf_counter() - tick
     info["rows_this_run"] = sum(plan[s][1] - plan[s][0] for s in pending)

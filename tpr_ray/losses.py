@@ -76,3 +76,81 @@ def id_loss(classifier: torch.nn.Module, image_feats: torch.Tensor, text_feats: 
     logits_img = classifier(image_feats.float())
     logits_txt = classifier(text_feats.float())
     return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
+
+
+# --- CFine objectives ------------------------------------------------------------
+
+
+def cmpm_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    pids: torch.Tensor,
+    eps: float = 1e-8,
+    gather=gather_with_grad,
+) -> torch.Tensor:
+    """Cross-modal projection matching (CMPM, Zhang & Lu 2018), image->text plus text->image.
+
+    A feature is projected onto the unit-length features of the other modality (its raw
+    norm is kept, so there is no temperature); per row, KL(softmax of the projections ||
+    same-identity distribution). Like ``sdm_loss``, local rows are scored against the
+    gathered global batch.
+    """
+    image_feats, text_feats = image_feats.float(), text_feats.float()
+    all_images, all_texts, all_pids = gather(image_feats), gather(text_feats), gather_no_grad(pids)
+    labels = identity_labels(pids, all_pids)
+    i2t = _sdm_direction(image_feats @ F.normalize(all_texts, dim=-1).t(), labels, 1.0, eps)
+    t2i = _sdm_direction(text_feats @ F.normalize(all_images, dim=-1).t(), labels, 1.0, eps)
+    return i2t + t2i
+
+
+def cmpc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, labels: torch.Tensor,
+              class_weight: torch.Tensor) -> torch.Tensor:
+    """Cross-modal projection classification (CMPC): identity loss on projected features.
+
+    Each image feature is projected onto the direction of its paired text feature (and
+    vice versa) and classified by a norm-softmax classifier: ``class_weight`` is
+    (dim, classes) and its columns are L2-normalised, with no bias. Sum of both modalities.
+    """
+    image_feats, text_feats = image_feats.float(), text_feats.float()
+    image_dir, text_dir = F.normalize(image_feats, dim=-1), F.normalize(text_feats, dim=-1)
+    image_on_text = (image_feats * text_dir).sum(dim=-1, keepdim=True) * text_dir
+    text_on_image = (text_feats * image_dir).sum(dim=-1, keepdim=True) * image_dir
+    weight = F.normalize(class_weight.float(), dim=0)
+    return F.cross_entropy(image_on_text @ weight, labels) + F.cross_entropy(text_on_image @ weight, labels)
+
+
+def diversity_loss(parts: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity between the different part features of each sample.
+
+    ``parts`` is (batch, parts, dim); 0 when the parts are orthogonal, 1 when they coincide.
+    The square keeps the gradient finite where the parts are already orthogonal.
+    """
+    unit = F.normalize(parts.float(), dim=-1)
+    gram = unit @ unit.transpose(1, 2)
+    n = parts.shape[1]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=parts.device)
+    return gram.pow(2)[:, off_diagonal].mean()
+
+
+def hardest_negative_triplet_loss(scores: torch.Tensor, pids: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Bidirectional triplet loss with the hardest negative of each anchor.
+
+    ``scores[i, j]`` scores image i against text j; the pair (i, i) is the positive. For
+    each image row the negative is the highest-scoring text of another person, and for
+    each text column the highest-scoring image of another person; the hinge
+    ``max(0, margin - positive + hardest negative)`` is averaged over the anchors of each
+    direction (anchors without any negative in the batch are skipped) and the two
+    directions are added.
+    """
+    scores = scores.float()
+    negative = pids.view(-1, 1) != pids.view(1, -1)
+    positive = scores.diagonal()
+    masked = scores.masked_fill(~negative, float("-inf"))
+    total = scores.new_zeros(())
+    for dim in (1, 0):  # image anchors (rows), then text anchors (columns)
+        has_negative = negative.any(dim=dim)
+        if has_negative.any():
+            hardest = masked.max(dim=dim).values
+            hinge = F.relu(margin - positive[has_negative] + hardest[has_negative])
+            total = total + hinge.mean()
+    return total

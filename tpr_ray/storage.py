@@ -14,7 +14,11 @@ from fsspec.core import url_to_fs
 
 @lru_cache(maxsize=32)
 def _fs_for_protocol(protocol: str):
-    return fsspec.filesystem(protocol)
+    if protocol in ("file", "local", "memory"):
+        return fsspec.filesystem(protocol)
+    # Other processes (Ray workers, other jobs) write to the same prefixes: a cached listing
+    # would hide their shards, so object-store listings always go to the store.
+    return fsspec.filesystem(protocol, use_listings_cache=False)
 
 
 def filesystem(uri: str):

@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tpr_ray.losses import cmpc_loss, cmpm_loss, diversity_loss, hardest_negative_triplet_loss
+
+
+def cmpm_reference(img, txt, pids, eps=1e-8):
+    """Plain-Python CMPM: raw features projected on the other side's unit vectors."""
+    total = 0.0
+    for a, b in ((img, txt), (txt, img)):
+        b_unit = b / np.linalg.norm(b, axis=1, keepdims=True)
+        rows = []
+        for i in range(len(a)):
+            logits = [float(a[i] @ b_unit[j]) for j in range(len(b))]
+            m = max(logits)
+            z = sum(math.exp(v - m) for v in logits)
+            pred = [math.exp(v - m) / z for v in logits]
+            same = [1.0 if pids[i] == pids[j] else 0.0 for j in range(len(b))]
+            target = [s / sum(same) for s in same]
+            rows.append(sum(p * (math.log(p) - math.log(t + eps)) for p, t in zip(pred, target)))
+        total += sum(rows) / len(rows)
+    return total
+
+
+def test_cmpm_matches_plain_reference_with_shared_identities():
+    rng = np.random.default_rng(0)
+    img, txt = 3 * rng.normal(size=(6, 8)), 2 * rng.normal(size=(6, 8))
+    pids = [3, 3, 7, 9, 9, 9]
+    got = cmpm_loss(torch.tensor(img), torch.tensor(txt), torch.tensor(pids))
+    assert math.isclose(float(got), cmpm_reference(img, txt, pids), rel_tol=1e-5)
+
+
+def test_cmpm_uses_the_raw_norm_as_its_scale():
+    eye = torch.eye(4)
+    pids = torch.tensor([0, 1, 2, 3])
+    # unit features: the softmax over cosines is soft; long features make it sharp
+    assert float(cmpm_loss(eye, eye, pids)) > 1.0
+    assert float(cmpm_loss(40 * eye, 40 * eye, pids)) < 1e-6
+    assert float(cmpm_loss(40 * eye, 40 * eye[[1, 0, 2, 3]], pids)) > 10.0
+
+
+def test_cmpc_classifies_each_feature_projected_on_its_partner():
+    rng = np.random.default_rng(1)
+    img, txt = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    weight = rng.normal(size=(4, 3))
+    labels = [0, 2, 1, 1, 0]
+    w_unit = weight / np.linalg.norm(weight, axis=0, keepdims=True)
+    expected = 0.0
+    for a, b in ((img, txt), (txt, img)):
+        for i in range(5):
+            b_unit = b[i] / np.linalg.norm(b[i])
+            logits = (float(a[i] @ b_unit) * b_unit) @ w_unit
+            expected += (math.log(np.exp(logits).sum()) - logits[labels[i]]) / 5
+    got = cmpc_loss(torch.tensor(img), torch.tensor(txt), torch.tensor(labels), torch.tensor(weight))
+    assert math.isclose(float(got), expected, rel_tol=1e-5)
+    # the classifier's columns are normalised: their length does not matter
+    scaled = torch.tensor(weight * np.array([[0.1, 7.0, 3.0]]))
+    assert math.isclose(float(cmpc_loss(torch.tensor(img), torch.tensor(txt), torch.tensor(labels), scaled)),
+                        expected, rel_tol=1e-5)
+
+
+def test_diversity_is_mean_squared_cosine_between_parts():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    half = torch.tensor([0.5, math.sqrt(3) / 2])  # cos(a, half) = 0.5
+    parts = torch.stack([torch.stack([a, b]), torch.stack([a, 3 * a]), torch.stack([a, half])])
+    assert float(diversity_loss(parts)) == pytest.approx((0.0 + 1.0 + 0.25) / 3)
+    three = torch.stack([a, b, half]).unsqueeze(0)  # pairs: 0, 0.25, 0.75 (each counted twice)
+    assert float(diversity_loss(three)) == pytest.approx((0 + 0.25 + 0.75) / 3)
+    orthogonal = torch.stack([a, b]).unsqueeze(0).requires_grad_()
+    diversity_loss(orthogonal).backward()
+    assert torch.isfinite(orthogonal.grad).all()
+
+
+def test_triplet_takes_the_hardest_negative_of_each_image_and_each_text():
+    scores = torch.tensor([
+        [0.9, 0.5, 0.8, 0.1],   # image 0: text 1 shares its person; hardest negative is text 2 (0.8)
+        [0.7, 0.6, 0.2, 0.3],   # image 1: text 0 shares its person; hardest negative text 3 (0.3)
+        [0.4, 0.95, 0.5, 0.0],  # image 2: hardest negative text 1 (0.95)
+        [0.2, 0.1, 0.3, 0.9],   # image 3: hardest negative text 2 (0.3)
+    ], requires_grad=True)
+    pids = torch.tensor([5, 5, 6, 7])
+    margin = 0.2
+    rows = [max(0, margin - 0.9 + 0.8), max(0, margin - 0.6 + 0.3), max(0, margin - 0.5 + 0.95), max(0, margin - 0.9 + 0.3)]
+    # columns (text anchors): text 0 -> image 2 (0.4); text 1 -> image 2 (0.95);
+    # text 2 -> image 0 (0.8); text 3 -> image 1 (0.3)
+    cols = [max(0, margin - 0.9 + 0.4), max(0, margin - 0.6 + 0.95), max(0, margin - 0.5 + 0.8), max(0, margin - 0.9 + 0.3)]
+    loss = hardest_negative_triplet_loss(scores, pids, margin)
+    assert float(loss.detach()) == pytest.approx(sum(rows) / 4 + sum(cols) / 4)
+    loss.backward()
+    # gradient only where a violated triplet picked its positive or its hardest negative
+    touched = (scores.grad != 0).nonzero().tolist()
+    assert sorted(map(tuple, touched)) == [(0, 0), (0, 2), (1, 1), (2, 1), (2, 2)]
+    assert float(scores.grad[2, 1]) == pytest.approx(0.25 + 0.25)  # hardest for image 2 and for text 1
+
+
+def test_triplet_skips_anchors_without_negatives():
+    scores = torch.tensor([[0.1, 0.9], [0.9, 0.1]])
+    assert float(hardest_negative_triplet_loss(scores, torch.tensor([1, 1]))) == 0.0
+    pids = torch.tensor([1, 1, 2])
+    scores = torch.tensor([[0.5, 0.9, 0.6], [0.9, 0.5, 0.0], [0.0, 0.0, 0.5]])
+    # the same-person 0.9 entries are never negatives
+    expected = (0.3 + 0.0 + 0.0) / 3 + (0.0 + 0.0 + 0.3) / 3
+    assert float(hardest_negative_triplet_loss(scores, pids)) == pytest.approx(expected)
