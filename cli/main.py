@@ -129,6 +129,55 @@ def set_endpoint(endpoint_url: str | None) -> None:
         os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 
 
+@cli.group()
+def index():
+    """Build faiss indexes over embedding shards."""
+
+
+@index.command("build")
+@click.option("--embeddings", required=True, help="Output of `tpr-ray embed` (or its gallery/ folder).")
+@click.option("--out", required=True, help="Index folder (local or URI).")
+@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
+              help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
+@click.option("--nlist", type=int, help="IVF cells (default about 4 sqrt(N)).")
+@click.option("--nprobe", default=32, show_default=True, help="IVF cells searched per query.")
+@clean_errors
+def index_build(embeddings, out, kind, nlist, nprobe):
+    """Index a gallery embedding table."""
+    from tpr_ray import storage
+    from tpr_ray.embed import SIDECAR
+    from tpr_ray.index import build_index
+
+    if storage.exists(storage.join(embeddings, "gallery", SIDECAR)):
+        embeddings = storage.join(embeddings, "gallery")
+    info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe)
+    recall = {k: v for k, v in info.items() if k.startswith("recall")}
+    click.echo(f"{kind} index of {info['ntotal']:,} x {info['dim']} vectors -> {out} in {info['seconds']:.1f}s"
+               + "".join(f"; {k} {v:.4f}" for k, v in recall.items()))
+
+
+@cli.command("search")
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--index", "index_dir", required=True, help="Folder written by `tpr-ray index build`.")
+@click.option("--k", default=10, show_default=True)
+@click.option("--checkpoint", help="Default: the checkpoint that produced the indexed embeddings.")
+@click.option("--json", "json_out", help="Also write the results as JSON here.")
+@clean_errors
+def search_command(texts, index_dir, k, checkpoint, json_out):
+    """Rank the indexed gallery for each text description."""
+    from tpr_ray import storage
+    from tpr_ray.index import search
+
+    results = search(index_dir, list(texts), k=k, checkpoint=checkpoint)
+    for text, hits in zip(texts, results):
+        click.echo(f"query: {text}")
+        for hit in hits:
+            click.echo(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit.get('image_uri') or hit.get('image_id')}")
+    if json_out:
+        storage.write_json(json_out, [{"query": t, "results": h} for t, h in zip(texts, results)])
+        click.echo(f"wrote {json_out}")
+
+
 @cli.command()
 @click.option("--out", default="demo_out", show_default=True, help="Working folder for data, run and embeddings.")
 @click.option("--ids", default=200, show_default=True, help="Synthetic identities.")
