@@ -1,0 +1,127 @@
+"""Embedding throughput: the model alone vs the whole pipeline from local disk and from S3.
+
+    python benchmarks/embed_throughput.py                       # tpr-tiny and ViT-S-16, CPU
+    python benchmarks/embed_throughput.py --models ViT-B-16 --images 4096 --batch-size 256   # on a GPU node
+
+Prints images/s for (a) the model in a plain in-process loop on pre-decoded uint8 tensors,
+(b) `tpr_ray.embed` (Ray Data: read, decode + resize, actor pool, shard commits) reading JPEGs
+from local disk, and (c) the same reading from an S3 endpoint (moto's server on loopback),
+with the ratios (b)/(a) and (c)/(a), all in one run on the same model and images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{PORT}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                  AWS_DEFAULT_REGION="us-east-1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tpr_ray import storage  # noqa: E402
+from tpr_ray.backbone import BackboneConfig  # noqa: E402
+from tpr_ray.checkpoint import load_method, save_checkpoint  # noqa: E402
+from tpr_ray.embed import EmbedConfig, embed  # noqa: E402
+from tpr_ray.inference import encode_images  # noqa: E402
+from tpr_ray.methods import get_method  # noqa: E402
+
+
+def make_images(n: int, seed: int = 0) -> dict[str, bytes]:
+    """Pedestrian-crop-sized JPEGs (a bit larger than the model input, as real crops are)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (8, 480, 160, 3), dtype=np.uint8)
+    out = {}
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.roll(base[i % 8], i, axis=1)).save(buf, "JPEG", quality=90)
+        out[f"cam{i % 4}/{i:06d}.jpg"] = buf.getvalue()
+    return out
+
+
+def model_only(checkpoint: str, n: int, batch: int, device: torch.device) -> float:
+    method, _ = load_method(checkpoint)
+    method.to(device)
+    pixels = torch.randint(0, 255, (batch, 384, 128, 3), dtype=torch.uint8)
+    encode_images(method, pixels, device)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tick = time.perf_counter()
+    done = 0
+    while done < n:
+        encode_images(method, pixels, device)
+        done += batch
+    return done / (time.perf_counter() - tick)
+
+
+def pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int) -> float:
+    tick = time.perf_counter()
+    info = embed(EmbedConfig(checkpoint=checkpoint, images=images, out=out, batch_size=batch, actors=actors,
+                             rows_per_shard=1024))["gallery"]
+    return info["rows"] / (time.perf_counter() - tick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tpr-tiny,ViT-S-16")
+    parser.add_argument("--images", type=int, default=512, help="images per measurement (tpr-tiny; x1/4 for larger models)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--actors", type=int, default=1)
+    args = parser.parse_args()
+
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="bench")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = tempfile.mkdtemp(prefix="tpr-bench-")
+    print(f"device {device}, {os.cpu_count()} CPUs, ray {ray.__version__}, torch {torch.__version__}")
+    print(f"{'model':<10} {'images':>6} {'(a) model':>10} {'(b) local':>10} {'(c) s3':>10} {'b/a':>6} {'c/a':>6}")
+    for model in args.models.split(","):
+        n = args.images if model == "tpr-tiny" else max(args.batch_size, args.images // 4)
+        files = make_images(n)
+        local = os.path.join(work, model, "imgs")
+        for name, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(local, name)), exist_ok=True)
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(data)
+        fs, _ = storage.filesystem("s3://bench")
+        fs.pipe({f"bench/{model}/{name}": data for name, data in files.items()})
+        cls = get_method("baseline")
+        checkpoint = os.path.join(work, model, "checkpoint")
+        save_checkpoint(cls(BackboneConfig(model, None), cls.default_recipe, 10), checkpoint, {})
+
+        a = model_only(checkpoint, n, args.batch_size, device)
+        b = pipeline(checkpoint, local, os.path.join(work, model, "emb-local"), args.batch_size, args.actors)
+        c = pipeline(checkpoint, f"s3://bench/{model}/", f"s3://bench/emb-{model}", args.batch_size, args.actors)
+        print(f"{model:<10} {n:>6} {a:>10.1f} {b:>10.1f} {c:>10.1f} {b / a:>6.2f} {c / a:>6.2f}", flush=True)
+    ray.shutdown()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tpr_ray.backbone import BackboneConfig
+from tpr_ray.checkpoint import load_method, read_config, save_checkpoint
+from tpr_ray.inference import encode_captions, encode_images
+from tpr_ray.methods import get_method
+from tpr_ray.methods import cfine
+from tpr_ray.methods.cfine import (
+    CFine, CFineRecipe, cfr_scores, fcd_scores, select_groups, select_patches, select_words, topk_count,
+)
+from tpr_ray.train import build_optimizer, lr_factor
+from tests.conftest import TINY
+
+SOS, EOS = 49406, 49407
+CAPTIONS = ["a man in a red coat with a black backpack and blue jeans", "a woman in a green dress",
+            "a man in a red coat with a black backpack", "person", "a girl with blonde hair and white shoes", ""]
+PIDS = [0, 1, 0, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CFine(BackboneConfig(**TINY), CFine.default_recipe, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    torch.manual_seed(1)
+    return {"images": torch.randn(6, 3, 384, 128), "tokens": model.tokenize(CAPTIONS),
+            "person_ids": torch.tensor(PIDS), "labels": torch.tensor(PIDS)}
+
+
+# --- token selection -----------------------------------------------------------------------
+
+def test_k_is_a_rounded_share_of_the_length_and_at_least_one():
+    lengths = torch.tensor([0, 1, 2, 3, 7, 8, 13, 75])
+    assert topk_count(lengths, 0.2).tolist() == [1, 1, 1, 1, 1, 2, 3, 15]
+    assert topk_count(torch.tensor([192, 5, 25, 35]), 0.1).tolist() == [19, 1, 2, 4]  # half to even, as round()
+
+
+def test_patch_groups_are_ranks_1_to_k_and_k_plus_1_to_2k_of_the_cls_attention():
+    generator = torch.Generator().manual_seed(0)
+    order = torch.stack([torch.randperm(192, generator=generator) for _ in range(2)])  # rank -> patch
+    attention = torch.empty(2, 192)
+    for b in range(2):
+        attention[b, order[b]] = torch.linspace(1.0, 0.01, 192)
+    groups = select_patches(attention, 0.1)  # K = round(19.2) = 19
+    assert groups.first.tolist() == order[:, :19].tolist()
+    assert groups.second.tolist() == order[:, 19:38].tolist()
+    assert groups.first_mask.all() and groups.second_mask.all()
+
+    small = torch.tensor([[0.10, 0.00, 0.02, 0.30, 0.05, 0.01, 0.00, 0.40, 0.00, 0.00,
+                           0.00, 0.03, 0.00, 0.00, 0.00, 0.07, 0.00, 0.00, 0.00, 0.02]])
+    groups = select_patches(small, 0.1)  # 20 patches: K = 2
+    assert groups.first.tolist() == [[7, 3]] and groups.second.tolist() == [[0, 15]]
+
+
+def test_word_groups_follow_each_captions_length_and_skip_sos_eos_and_padding():
+    tokens = torch.zeros(3, 16, dtype=torch.long)
+    tokens[0, :12] = torch.tensor([SOS, *range(10, 20), EOS])  # 10 words: K = 2
+    tokens[1, :5] = torch.tensor([SOS, 20, 21, 22, EOS])  # 3 words: K = 1
+    tokens[2, :3] = torch.tensor([SOS, 30, EOS])  # 1 word: K = 1, no group 2
+    attention = torch.full((3, 16), 0.9)  # [SOS], [EOS] and padding score highest of all
+    attention[0, 1:11] = torch.tensor([0.05, 0.30, 0.01, 0.12, 0.20, 0.02, 0.03, 0.09, 0.04, 0.08])
+    attention[1, 1:4] = torch.tensor([0.10, 0.05, 0.20])
+    attention[2, 1] = 0.01
+    g = select_words(attention, tokens, 0.2)
+    assert g.first.shape == (3, 2)
+    assert g.first_mask.tolist() == [[True, True], [True, False], [True, False]]
+    assert g.second_mask.tolist() == [[True, True], [True, False], [False, False]]
+    assert g.first[0].tolist() == [2, 5] and g.second[0].tolist() == [4, 8]
+    assert g.first[1, 0] == 3 and g.second[1, 0] == 1
+    assert g.first[2, 0] == 1
+
+
+def test_selected_words_of_real_captions_are_real_words(model, batch):
+    with torch.no_grad():
+        text = model.text_side(batch["tokens"])
+    eos = batch["tokens"].argmax(dim=-1)
+    n_words = (eos - 1).tolist()  # tokens strictly between [SOS] and [EOS]
+    for index, mask in ((text.groups.first, text.groups.first_mask), (text.groups.second, text.groups.second_mask)):
+        for b in range(6):
+            chosen = index[b][mask[b]].tolist()
+            assert all(1 <= p < eos[b] for p in chosen)
+    expected_k = [max(1, round(0.2 * n)) for n in n_words]
+    assert text.groups.first_mask.sum(dim=1).tolist() == [min(k, n) for k, n in zip(expected_k, n_words)]
+    assert text.groups.second_mask.sum(dim=1).tolist() == [max(0, min(k, n - k)) for k, n in zip(expected_k, n_words)]
+    chosen = torch.cat([text.groups.first[0][text.groups.first_mask[0]], text.groups.second[0][text.groups.second_mask[0]]])
+    assert len(set(chosen.tolist())) == len(chosen)  # the two groups never share a word
+
+
+def test_select_groups_breaks_ties_by_position():
+    g = select_groups(torch.tensor([[0.5, 0.5, 0.5, 0.5]]), torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]))
+    assert g.first.tolist() == [[0, 1]] and g.second.tolist() == [[2, 3]]
+
+
+# --- towers --------------------------------------------------------------------------------
+
+def _attention_of(block, h, mask=None):
+    """Head-averaged softmax(q k' / sqrt(d)) of an open_clip block, computed by hand."""
+    attn = block.attn
+    q, k, _ = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    heads, d = attn.num_heads, h.shape[-1] // attn.num_heads
+    q = q.view(h.shape[0], -1, heads, d).transpose(1, 2)
+    k = k.view(h.shape[0], -1, heads, d).transpose(1, 2)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if mask is not None:
+        logits = logits + mask
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def test_towers_match_open_clip_and_the_last_layer_attention(model, batch):
+    clip = model.clip
+    captured = {}
+    hooks = [clip.visual.transformer.resblocks[-1].ln_1.register_forward_hook(lambda m, i, o: captured.update(image=o)),
+             clip.transformer.resblocks[-1].ln_1.register_forward_hook(lambda m, i, o: captured.update(text=o))]
+    try:
+        with torch.no_grad():
+            ref_image, ref_text = clip.encode_image(batch["images"]), clip.encode_text(batch["tokens"])
+        stock = dict(captured)
+        with torch.no_grad():
+            image_tokens, cls_attention = model._image_tokens(batch["images"])
+            text_tokens, eos_attention = model._text_tokens(batch["tokens"])
+    finally:
+        for h in hooks:
+            h.remove()
+    eos = batch["tokens"].argmax(dim=-1)
+    assert torch.allclose(image_tokens[:, 0], ref_image, atol=1e-5)
+    assert torch.allclose(text_tokens[torch.arange(6), eos], ref_text, atol=1e-5)
+    expected = _attention_of(clip.visual.transformer.resblocks[-1], stock["image"])[:, 0, 1:]
+    assert torch.allclose(cls_attention, expected, atol=1e-6)
+    expected = _attention_of(clip.transformer.resblocks[-1], stock["text"], clip.attn_mask)[torch.arange(6), eos]
+    assert torch.allclose(eos_attention, expected, atol=1e-6)
+    assert float(eos_attention[torch.arange(77).view(1, -1) > eos.view(-1, 1)].abs().max()) == 0.0  # causal
+
+
+# --- inference -----------------------------------------------------------------------------
+
+def _count_scores(monkeypatch):
+    calls = {"cfr": 0, "fcd": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(cfine, "cfr_scores", counted("cfr", cfine.cfr_scores))
+    monkeypatch.setattr(cfine, "fcd_scores", counted("fcd", cfine.fcd_scores))
+    return calls
+
+
+def test_inference_is_the_normalised_concatenation_of_three_necked_features(model, batch, monkeypatch):
+    calls = _count_scores(monkeypatch)
+    model.eval()
+    images_uint8 = torch.randint(0, 256, (4, 384, 128, 3), dtype=torch.uint8)
+    gallery = encode_images(model, images_uint8, torch.device("cpu"))  # the generic embedder path
+    queries = encode_captions(model, CAPTIONS, torch.device("cpu"))
+    assert gallery.shape == (4, 192) and queries.shape == (6, 192) and model.embed_dim == 192
+    with torch.no_grad():
+        side = model.text_side(batch["tokens"])
+        concatenated = torch.cat(side.features, dim=-1)
+        expected_necks = [neck(f) for neck, f in zip(model.text_necks, [side.global_token, *[
+            model.mgf(torch.cat([side.global_token[:, None], cfine._gather_tokens(side.tokens, i)], 1),
+                      torch.cat([m.new_ones(6, 1), m], 1), side.tokens,
+                      torch.arange(77)[None] <= batch["tokens"].argmax(-1)[:, None])
+            for i, m in ((side.groups.first, side.groups.first_mask), (side.groups.second, side.groups.second_mask))]])]
+    assert torch.allclose(concatenated, torch.cat(expected_necks, dim=-1), atol=1e-5)
+    np.testing.assert_allclose(queries, F.normalize(concatenated, dim=-1).numpy(), atol=1e-5)
+    assert calls == {"cfr": 0, "fcd": 0}  # no token-level scores outside training
+
+    model.train()
+    model(batch)
+    assert calls == {"cfr": 1, "fcd": 1}
+    model.eval()
+
+
+def test_checkpoint_round_trip_keeps_recipe_embed_dim_and_embeddings(batch, tmp_path):
+    torch.manual_seed(2)
+    recipe = CFine.default_recipe.override(text_topk_ratio=0.3, triplet_margin="0.1")
+    method = CFine(BackboneConfig(**TINY), recipe, num_classes=5)
+    method.train()
+    method(batch)  # moves the necks' running statistics away from their initial values
+    method.eval()
+    save_checkpoint(method, str(tmp_path), {"epoch": 1})
+    assert read_config(str(tmp_path))["embed_dim"] == 192
+    loaded, config = load_method(str(tmp_path))
+    assert isinstance(loaded.recipe, CFineRecipe) and loaded.recipe == recipe
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(batch["tokens"]), method.encode_text(batch["tokens"]))
+        assert torch.equal(loaded.encode_image(batch["images"]), method.encode_image(batch["images"]))
+
+
+# --- scores and losses ---------------------------------------------------------------------
+
+def test_cfr_and_fcd_match_a_brute_force_loop():
+    torch.manual_seed(3)
+    gi, gt = torch.randn(3, 8), torch.randn(4, 8)
+    patches, words = torch.randn(3, 5, 8), torch.randn(4, 4, 8)
+    patch_mask = torch.ones(3, 5, dtype=torch.bool)
+    word_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    unit = lambda v: v / v.norm()  # noqa: E731
+
+    def pool(values, t):
+        w = torch.softmax(values / t, dim=0)
+        return float((w * values).sum())
+
+    cfr, fcd = cfr_scores(gi, gt, patches, patch_mask, words, word_mask, 0.07), fcd_scores(
+        patches, patch_mask, words, word_mask, 3, 0.01)
+    for i in range(3):
+        for j in range(4):
+            w = [unit(x) for x in words[j][word_mask[j]]]
+            p = [unit(x) for x in patches[i]]
+            iw = torch.stack([unit(gi[i]) @ x for x in w])
+            pt = torch.stack([x @ unit(gt[j]) for x in p])
+            assert float(cfr[i, j]) == pytest.approx(0.5 * (pool(iw, 0.07) + pool(pt, 0.07)), abs=1e-5)
+            patch_side = []
+            for x in p:
+                best = sorted(w, key=lambda y: -float(x @ y))[:3]
+                patch_side.append(x @ unit(torch.stack(best).mean(0)))
+            word_side = []
+            for y in w:
+                best = sorted(p, key=lambda x: -float(x @ y))[:3]
+                word_side.append(y @ unit(torch.stack(best).mean(0)))
+            expected = 0.5 * (pool(torch.stack(patch_side), 0.01) + pool(torch.stack(word_side), 0.01))
+            assert float(fcd[i, j]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_scores_stay_finite_for_a_caption_without_words():
+    patches = torch.randn(2, 3, 8, requires_grad=True)
+    words = torch.randn(2, 2, 8, requires_grad=True)
+    word_mask = torch.tensor([[True, True], [False, False]])
+    scores = fcd_scores(patches, torch.ones(2, 3, dtype=torch.bool), words, word_mask) + cfr_scores(
+        torch.randn(2, 8), torch.randn(2, 8), patches, torch.ones(2, 3, dtype=torch.bool), words, word_mask)
+    scores.sum().backward()
+    assert torch.isfinite(scores).all() and torch.isfinite(patches.grad).all() and torch.isfinite(words.grad).all()
+
+
+def _grad_reaches(model, loss, names):
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    params = dict(model.named_parameters())
+    out = {}
+    for name in names:
+        g = params[name].grad
+        assert g is None or torch.isfinite(g).all(), name
+        out[name] = g is not None and float(g.abs().sum()) > 0
+    return out
+
+
+def test_each_loss_term_is_finite_and_trains_what_it_should(model, batch):
+    model.train()
+    losses = model(batch)
+    assert set(losses) == {"loss", "cmpm", "cmpc", "diversity", "triplet"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    r = model.recipe
+    total = losses["cmpm"] + losses["cmpc"] + r.diversity_weight * losses["diversity"] + r.triplet_weight * losses["triplet"]
+    assert torch.allclose(losses["loss"], total)
+    names = ["clip.visual.conv1.weight", "clip.token_embedding.weight", "mgf.self_attn.in_proj_weight",
+             "mgf.cross_attn.in_proj_weight", "mgf.mlp.c_fc.weight", "image_necks.0.weight", "image_necks.1.weight",
+             "text_necks.2.weight", "cmpc_classifier"]
+    expected = {
+        "cmpm": {n: n != "cmpc_classifier" for n in names},
+        "cmpc": {n: True for n in names},
+        # the part features only: not the global necks, not the classifier
+        "diversity": {n: n not in ("image_necks.0.weight", "cmpc_classifier") for n in names},
+        # CFR/FCD read the projected tokens: the towers learn, MGF/necks/classifier do not
+        "triplet": {n: n.startswith("clip.") for n in names},
+    }
+    for term, reach in expected.items():
+        assert _grad_reaches(model, losses[term], names) == reach, term
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+# --- recipe --------------------------------------------------------------------------------
+
+def test_recipe_defaults_are_the_papers_and_new_modules_learn_ten_times_faster():
+    r = get_method("cfine").default_recipe
+    assert isinstance(r, CFineRecipe)
+    assert (r.optimizer, r.lr, r.lr * r.new_module_lr_mult, r.schedule, r.epochs, r.batch_size) == (
+        "adam", 1e-5, pytest.approx(1e-4), "step", 50, 32)
+    assert (r.image_topk_ratio, r.text_topk_ratio, r.fcd_topk, r.cfr_temperature, r.fcd_temperature) == (
+        0.1, 0.2, 3, 0.07, 0.01)
+    assert (r.global_weight, r.group1_weight, r.group2_weight, r.diversity_weight, r.triplet_weight,
+            r.triplet_margin) == (1.0, 1.0, 0.1, 0.2, 10.0, 0.2)
+    # warm-up from 1 % over 10 epochs, then x0.1 at epochs 20, 30 and 40 (one step per epoch here)
+    factors = [lr_factor(e, r.warmup_epochs, r.epochs, r.warmup_factor, r.schedule, r.step_decay_epochs, r.step_gamma)
+               for e in (0, 10, 19, 20, 29, 30, 40, 49)]
+    assert factors == pytest.approx([0.01, 1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
+
+
+def test_param_groups_and_trainable_set(model):
+    (stage,) = model.stages()
+    model.set_stage(stage)
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == ["clip.logit_scale", *[f"{s}_necks.{i}.bias" for s in ("image", "text") for i in range(3)]]
+    assert isinstance(build_optimizer(model, stage), torch.optim.Adam)
+    groups = {g["name"]: g["lr"] for g in model.param_groups(stage.recipe)}
+    for name in ("mgf.self_attn.in_proj_weight", "mgf.mlp.c_proj.bias", "image_necks.1.weight", "cmpc_classifier"):
+        assert groups[name] == pytest.approx(1e-4), name
+    for name in ("clip.visual.conv1.weight", "clip.text_projection", "clip.visual.transformer.resblocks.0.attn.in_proj_bias"):
+        assert groups[name] == pytest.approx(1e-5), name
