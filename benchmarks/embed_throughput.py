@@ -91,6 +91,9 @@ def main() -> None:
     import ray
     from moto.server import ThreadedMotoServer
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
     server.start()
     boto3.client("s3").create_bucket(Bucket="bench")

@@ -95,7 +95,7 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 @click.option("--images", help="Or: a prefix or glob of image files, e.g. 's3://bucket/crops/**/*.jpg'.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--out", required=True, help="Output folder or URI; gets gallery/ (and queries/).")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=int, help="Rows per model call (default 256 on GPU, 64 on CPU).")
 @click.option("--actors", default=1, show_default=True, help="Model actors (one GPU each when GPUs are used).")
 @click.option("--gpus-per-actor", type=float, help="Default: 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-actor", default=0.5, show_default=True)

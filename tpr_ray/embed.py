@@ -27,6 +27,7 @@ rejects: image_id string, image_uri string, reason string
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -63,11 +64,15 @@ class EmbedConfig:
     data: str | None = None  # dataset root or manifest (then `split` applies) ...
     images: str | None = None  # ... or a prefix / glob of image files
     split: str = "test"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 256 per GPU actor, 64 on CPU
     actors: int = 1
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 0.5  # fractional, so decode tasks still get CPUs on small nodes
     decode_cpus: float = 0.5
+    # Logical memory reserved per decode task (a batch of decoded source images plus the
+    # resized uint8 output), per the Ray Data advice to declare memory for heavy stages. It
+    # also keeps decoding a stage of its own: Ray Data fuses maps whose resources are equal.
+    decode_memory: int = 512 * 1024 * 1024
     rows_per_shard: int = 10_000
     block_rows: int = 256
     queries: bool = True
@@ -290,7 +295,7 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
         ds = ray.data.from_arrow(blocks)
         if kind == "gallery":
             ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": list(image_size)}, num_cpus=cfg.decode_cpus,
-                                batch_size=cfg.batch_size, batch_format="numpy")
+                                memory=cfg.decode_memory, batch_size=cfg.batch_size, batch_format="numpy")
         gpus = cfg.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -310,6 +315,7 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
 
 def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     """Embed a gallery (and, for dataset splits, its captions) into ``<out>/gallery`` (``<out>/queries``)."""
+    import ray
     import ray.data
 
     from tpr_ray.ray_utils import init_ray
@@ -326,5 +332,8 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
 
     init_ray(address)
     ray.data.DataContext.get_current().execution_options.preserve_order = False
+    if cfg.batch_size is None:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
+        cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
     return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size) for kind, rows in jobs}
 

@@ -13,6 +13,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"include_dashboard": False, "log_to_driver": True}
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        # An S3-compatible endpoint must reach workers on other nodes too. Credentials are
+        # never passed this way: workers get them from their own AWS chain.
+        kwargs["runtime_env"] = {"env_vars": {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}}
     if address:
         ray.init(address=address, **kwargs)
     else:
