@@ -318,7 +318,7 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     import ray
     import ray.data
 
-    from tpr_ray.ray_utils import init_ray
+    from tpr_ray.ray_utils import init_ray, require_shared_storage
 
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     ckpt_config = read_config(checkpoint)
@@ -331,6 +331,7 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
         jobs.append(("queries", query_rows(manifest_split(cfg.data, cfg.split))))
 
     init_ray(address)
+    require_shared_storage(cfg.out, "--out")
     ray.data.DataContext.get_current().execution_options.preserve_order = False
     if cfg.batch_size is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0

@@ -22,3 +22,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def require_shared_storage(uri: str, what: str) -> None:
+    """Refuse a node-local path for outputs when the cluster has more than one node.
+
+    Checkpoints, shards and reports written to a local folder would be scattered over nodes
+    (or lost with one). A path on a filesystem mounted on every node (NFS, Lustre) is fine:
+    set TPR_RAY_SHARED_FS=1 to say so.
+    """
+    from tpr_ray import storage
+    from tpr_ray.errors import ConfigError
+
+    if storage.is_remote(uri) or os.environ.get("TPR_RAY_SHARED_FS") == "1":
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise ConfigError(
+            f"{what} {uri} is a node-local path, but the cluster has {len(nodes)} nodes; use shared storage "
+            f"such as s3://bucket/prefix (or set TPR_RAY_SHARED_FS=1 if this path is mounted on every node)")

@@ -201,6 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
     resumed = _restore(ray.train.get_checkpoint())
     if resumed is not None:
         method.load_state_dict(resumed["model_state"], strict=cls.checkpoint_holds_backbone)
+        if rank == 0:
+            log(f"restored from the checkpoint at step {resumed['global_step']} "
+                f"(stage {resumed['stage'] + 1}, epoch {resumed['epoch']})")
     elif cfg.init:
         load_weights(method, cfg.init)
     stages = method.stages()
@@ -280,6 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
                 log(f"{stage.name} epoch {epoch + 1} val R1 {val['R1']:.2f} R5 {val['R5']:.2f} "
                       f"mAP {val['mAP']:.2f}")
+            metrics["restored_from_step"] = resumed["global_step"] if resumed else -1
             _report(method, optimizer, scheduler, metrics, cfg, counts, rank)
             if done:
                 return
@@ -336,7 +340,7 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tpr_ray.ray_utils import init_ray
+    from tpr_ray.ray_utils import init_ray, require_shared_storage
 
     cls = get_method(cfg.method)
     cls.default_recipe.override(**cfg.overrides)  # fail fast on a bad option, before Ray starts
@@ -346,6 +350,7 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
                           f"or choose another --name / --out")
     init_ray(address)
+    require_shared_storage(out, "--out")
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     config = dataclasses.asdict(cfg)
     config["out"] = out

@@ -1,0 +1,227 @@
+"""Failure scenarios on a simulated multi-node Ray cluster, with storage on S3.
+
+Each scenario runs in its own process (``python -m tests.fault_scenarios NAME WORKDIR``),
+because a ``ray.cluster_utils.Cluster`` cannot share a process with the test session's
+local cluster. It prints one JSON line of findings that tests/test_fault_tolerance.py checks.
+The S3 endpoint and dummy credentials come from the environment (set by tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from tpr_ray import storage  # noqa: E402
+from tpr_ray.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE  # noqa: E402
+from tpr_ray.data import synthesize  # noqa: E402
+from tpr_ray.embed import SIDECAR, EmbedConfig, embed  # noqa: E402
+from tpr_ray.errors import ConfigError  # noqa: E402
+from tpr_ray.train import TrainConfig, train  # noqa: E402
+
+BUCKET = os.environ.get("TPR_TEST_BUCKET", "s3://tpr-test")
+TINY = {"model": "tpr-tiny", "pretrained": None}
+RECIPE = {"batch_size": 8, "epochs": 5, "lr": 1e-3, "warmup_epochs": 0}
+
+
+def start_cluster(worker_nodes: int, cpus_per_node: int) -> tuple[Cluster, list]:
+    """A head with no CPUs (it only hosts the driver's bookkeeping) and CPU worker nodes."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=cpus_per_node) for _ in range(worker_nodes)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    return cluster, nodes
+
+
+def upload_dataset(work: str, name: str, n_ids: int) -> str:
+    local = synthesize("cuhk", n_ids, 0, os.path.join(work, name))
+    fs, bucket = storage.filesystem(BUCKET)
+    fs.put(local, f"{bucket}/{name}", recursive=True)
+    return f"{BUCKET}/{name}"
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    fs, path = storage.filesystem(run_dir)
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.ls(path, detail=False) if os.path.basename(p).startswith("checkpoint_"))
+
+
+def checkpoint_report(run_dir: str) -> dict:
+    """Every checkpoint's files and position; a half-written checkpoint would miss a file."""
+    fs, _ = storage.filesystem(run_dir)
+    found = []
+    for path in checkpoints(run_dir):
+        names = sorted(os.path.basename(p) for p in fs.ls(path, detail=False))
+        config = json.loads(fs.cat(f"{path}/{CONFIG_FILE}")) if CONFIG_FILE in names else {}
+        found.append({"files": names, "global_step": config.get("global_step"),
+                      "restored_from_step": config.get("metrics", {}).get("restored_from_step")})
+    return {"checkpoints": found,
+            "complete": all({MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE} <= set(c["files"]) for c in found)}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def run_in_thread(fn, *args):
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # reported, not swallowed
+            box["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def train_node_failure(work: str) -> dict:
+    """Two training workers on two nodes; one node dies after the first checkpoint."""
+    cluster, nodes = start_cluster(worker_nodes=2, cpus_per_node=1)
+    data = upload_dataset(work, "ft-train-data", 40)
+    findings = {}
+    try:
+        train(TrainConfig(method="baseline", data=data, out=os.path.join(work, "local-runs"), **TINY))
+    except ConfigError as exc:
+        findings["local_out_refused"] = "node-local path" in str(exc)
+    cfg = TrainConfig(method="baseline", data=data, out=f"{BUCKET}/ft-runs", name="node-failure", **TINY,
+                      num_workers=2, cpus_per_worker=1, loader_workers=0, max_failures=3, overrides=RECIPE)
+    run_dir = f"{BUCKET}/ft-runs/node-failure"
+    thread, box = run_in_thread(train, cfg)
+    wait_for(lambda: len(checkpoints(run_dir)) >= 1 or not thread.is_alive(), 300, "the first checkpoint")
+    findings["checkpoints_before_failure"] = len(checkpoints(run_dir))
+    cluster.remove_node(nodes[1], allow_graceful=False)  # a worker node dies
+    findings["removed_node_at"] = time.time()
+    cluster.add_node(num_cpus=1)  # its replacement arrives, as the autoscaler would provide
+    thread.join(600)
+    findings.update(error=box.get("error"), **checkpoint_report(run_dir))
+    if "result" in box:
+        findings["final"] = storage.read_json(f"{box['result'].latest_checkpoint}/{CONFIG_FILE}")
+    ray.shutdown()
+    cluster.shutdown()
+    return findings
+
+
+def _upload_gallery(prefix: str, n: int) -> list[str]:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    names = [f"cam{i % 3}/{i:04d}.jpg" for i in range(n)]
+    files = {}
+    for name in names:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (96, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+        files[name] = buf.getvalue()
+    fs, bucket = storage.filesystem(BUCKET)
+    fs.pipe({f"{bucket}/{prefix}/{name}": data for name, data in files.items()})
+    return names
+
+
+def _tiny_checkpoint(work: str) -> str:
+    import torch
+
+    from tpr_ray.backbone import BackboneConfig
+    from tpr_ray.checkpoint import save_checkpoint
+    from tpr_ray.methods import get_method
+
+    torch.manual_seed(0)
+    cls = get_method("baseline")
+    path = f"{BUCKET}/ft-ckpt"
+    local = os.path.join(work, "ckpt")
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), local, {})
+    fs, bucket = storage.filesystem(BUCKET)
+    fs.put(local, f"{bucket}/ft-ckpt", recursive=True)
+    return path
+
+
+def embed_node_failure(work: str) -> dict:
+    """Two embedding actors on two nodes; one node dies mid-run."""
+    cluster, nodes = start_cluster(worker_nodes=2, cpus_per_node=2)
+    names = _upload_gallery("ft-gallery", 240)
+    checkpoint = _tiny_checkpoint(work)
+    out = f"{BUCKET}/ft-emb"
+    cfg = EmbedConfig(checkpoint=checkpoint, images=f"{BUCKET}/ft-gallery/**/*.jpg", out=out, rows_per_shard=10,
+                      batch_size=5, actors=2)
+    thread, box = run_in_thread(embed, cfg)
+
+    def shards_done():
+        side = storage.exists(f"{out}/gallery/{SIDECAR}") and storage.read_json(f"{out}/gallery/{SIDECAR}")
+        return bool(side) and len(side["shards"]) >= 2
+
+    wait_for(lambda: shards_done() or not thread.is_alive(), 300, "two committed shards")
+    before = len(storage.read_json(f"{out}/gallery/{SIDECAR}")["shards"])
+    cluster.remove_node(nodes[1], allow_graceful=False)
+    cluster.add_node(num_cpus=2)
+    thread.join(600)
+    findings = {"error": box.get("error"), "shards_before_failure": before, "inputs": len(names)}
+    if "result" in box:
+        info = box["result"]["gallery"]
+        fs, path = storage.filesystem(f"{out}/gallery")
+        ids = pq.read_table(path, filesystem=fs).column("image_id").to_pylist()
+        findings.update(complete=info["complete"], rows=len(ids), unique=len(set(ids)),
+                        lost=len(set(names) - set(ids)), duplicates=len(ids) - len(set(ids)))
+    ray.shutdown()
+    cluster.shutdown()
+    return findings
+
+
+def train_driver_killed(work: str) -> dict:
+    """The driver of a training job is killed; re-running the command resumes the run."""
+    cluster, _ = start_cluster(worker_nodes=2, cpus_per_node=1)
+    data = upload_dataset(work, "ft-driver-data", 40)
+    run_dir = f"{BUCKET}/ft-runs/driver-killed"
+    args = ["--method", "baseline", "--data", data, "--out", f"{BUCKET}/ft-runs", "--name", "driver-killed",
+            "--model", "tpr-tiny", "--pretrained", "none", "--workers", "2", "--loader-workers", "0",
+            "--batch-size", "8", "--epochs", str(RECIPE["epochs"]), "--lr", "1e-3", "--set", "warmup_epochs=0",
+            "--address", cluster.address]
+    log_path = os.path.join(work, "driver.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        wait_for(lambda: len(checkpoints(run_dir)) >= 1 or proc.poll() is not None, 300, "the first checkpoint")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_after = len(checkpoints(run_dir))
+    # `tpr-ray train ... --resume`: the same command again, continuing the run
+    cfg = TrainConfig(method="baseline", data=data, out=f"{BUCKET}/ft-runs", name="driver-killed", **TINY,
+                      num_workers=2, loader_workers=0, overrides=RECIPE, resume=True)
+    thread, box = run_in_thread(train, cfg)
+    thread.join(600)
+    findings = {"error": box.get("error"), "checkpoints_when_killed": killed_after, **checkpoint_report(run_dir)}
+    if "result" in box:
+        findings["final"] = storage.read_json(f"{box['result'].latest_checkpoint}/{CONFIG_FILE}")
+    findings["driver_log"] = open(log_path, errors="replace").read()[-20000:]
+    ray.shutdown()
+    cluster.shutdown()
+    return findings
+
+
+SCENARIOS = {"train-node-failure": train_node_failure, "embed-node-failure": embed_node_failure,
+             "train-driver-killed": train_driver_killed}
+
+if __name__ == "__main__":
+    name, work = sys.argv[1], sys.argv[2]
+    result = SCENARIOS[name](work)
+    print("FINDINGS " + json.dumps(result, default=str), flush=True)
