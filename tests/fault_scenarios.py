@@ -45,6 +45,36 @@ def start_cluster(worker_nodes: int, cpus_per_node: int) -> tuple[Cluster, list]
     return cluster, nodes
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+def kill_node(cluster: Cluster, node) -> int:
+    """A node dies: its worker processes (children of its raylet) are killed, then the node.
+
+    Removing a simulated node alone can leave its workers running for a while (they talk to
+    each other over gloo without the raylet), which is not what a dead machine does.
+    """
+    raylet = node.all_processes["raylet"][0].process.pid
+    workers = _children(raylet)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
+    return len(workers)
+
+
 def upload_dataset(work: str, name: str, n_ids: int) -> str:
     local = synthesize("cuhk", n_ids, 0, os.path.join(work, name))
     fs, bucket = storage.filesystem(BUCKET)
@@ -53,23 +83,44 @@ def upload_dataset(work: str, name: str, n_ids: int) -> str:
 
 
 def checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint folders that hold files (object stores may keep an empty marker of a deleted one)."""
     fs, path = storage.filesystem(run_dir)
     if not fs.exists(path):
         return []
-    return sorted(p for p in fs.ls(path, detail=False) if os.path.basename(p).startswith("checkpoint_"))
+    found = []
+    for entry in fs.ls(path, detail=False):
+        name = os.path.basename(entry.rstrip("/"))
+        if name.startswith("checkpoint_") and not name.endswith(".json"):
+            if any(os.path.basename(p) for p in fs.ls(entry, detail=False) if p.rstrip("/") != entry.rstrip("/")):
+                found.append(entry)
+    return sorted(found)
+
+
+def registered(run_dir: str) -> list[str]:
+    """Checkpoints Ray Train has registered (fully uploaded and reported), from its snapshot."""
+    try:
+        snapshot = storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json")
+    except Exception:  # not written yet, or being replaced
+        return []
+    return [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
 
 
 def checkpoint_report(run_dir: str) -> dict:
-    """Every checkpoint's files and position; a half-written checkpoint would miss a file."""
+    """Every checkpoint's files and position. Registered checkpoints must be whole; a folder
+    left by an upload cut short by the failure is listed as unregistered (never used)."""
     fs, _ = storage.filesystem(run_dir)
-    found = []
+    names_registered = set(registered(run_dir))
+    found, orphans = [], []
     for path in checkpoints(run_dir):
-        names = sorted(os.path.basename(p) for p in fs.ls(path, detail=False))
+        names = sorted(os.path.basename(p) for p in fs.ls(path, detail=False) if p.rstrip("/") != path.rstrip("/"))
+        if os.path.basename(path.rstrip("/")) not in names_registered:
+            orphans.append(names)
+            continue
         config = json.loads(fs.cat(f"{path}/{CONFIG_FILE}")) if CONFIG_FILE in names else {}
         found.append({"files": names, "global_step": config.get("global_step"),
                       "restored_from_step": config.get("metrics", {}).get("restored_from_step")})
-    return {"checkpoints": found,
-            "complete": all({MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE} <= set(c["files"]) for c in found)}
+    return {"checkpoints": found, "unregistered": orphans,
+            "complete": bool(found) and all({MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE} <= set(c["files"]) for c in found)}
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -108,12 +159,14 @@ def train_node_failure(work: str) -> dict:
                       num_workers=2, cpus_per_worker=1, loader_workers=0, max_failures=3, overrides=RECIPE)
     run_dir = f"{BUCKET}/ft-runs/node-failure"
     thread, box = run_in_thread(train, cfg)
-    wait_for(lambda: len(checkpoints(run_dir)) >= 1 or not thread.is_alive(), 300, "the first checkpoint")
-    findings["checkpoints_before_failure"] = len(checkpoints(run_dir))
-    cluster.remove_node(nodes[1], allow_graceful=False)  # a worker node dies
-    findings["removed_node_at"] = time.time()
+    wait_for(lambda: len(registered(run_dir)) >= 1 or not thread.is_alive(), 300, "the first checkpoint")
+    findings["checkpoints_before_failure"] = len(registered(run_dir))
+    findings["training_alive_at_failure"] = thread.is_alive()
+    tick = time.time()
+    findings["processes_killed"] = kill_node(cluster, nodes[1])  # a worker node dies
     cluster.add_node(num_cpus=1)  # its replacement arrives, as the autoscaler would provide
     thread.join(600)
+    findings["seconds_after_failure"] = time.time() - tick
     findings.update(error=box.get("error"), **checkpoint_report(run_dir))
     if "result" in box:
         findings["final"] = storage.read_json(f"{box['result'].latest_checkpoint}/{CONFIG_FILE}")
@@ -167,15 +220,18 @@ def embed_node_failure(work: str) -> dict:
     thread, box = run_in_thread(embed, cfg)
 
     def shards_done():
-        side = storage.exists(f"{out}/gallery/{SIDECAR}") and storage.read_json(f"{out}/gallery/{SIDECAR}")
-        return bool(side) and len(side["shards"]) >= 2
+        try:  # the manifest may be replaced between listing and reading it
+            return len(storage.read_json(f"{out}/gallery/{SIDECAR}")["shards"]) >= 2
+        except Exception:
+            return False
 
     wait_for(lambda: shards_done() or not thread.is_alive(), 300, "two committed shards")
     before = len(storage.read_json(f"{out}/gallery/{SIDECAR}")["shards"])
-    cluster.remove_node(nodes[1], allow_graceful=False)
+    killed = kill_node(cluster, nodes[1])
     cluster.add_node(num_cpus=2)
     thread.join(600)
-    findings = {"error": box.get("error"), "shards_before_failure": before, "inputs": len(names)}
+    findings = {"error": box.get("error"), "shards_before_failure": before, "inputs": len(names),
+                "processes_killed": killed}
     if "result" in box:
         info = box["result"]["gallery"]
         fs, path = storage.filesystem(f"{out}/gallery")
@@ -200,10 +256,10 @@ def train_driver_killed(work: str) -> dict:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        wait_for(lambda: len(checkpoints(run_dir)) >= 1 or proc.poll() is not None, 300, "the first checkpoint")
+        wait_for(lambda: len(registered(run_dir)) >= 1 or proc.poll() is not None, 300, "the first checkpoint")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_after = len(checkpoints(run_dir))
+    killed_after = len(registered(run_dir))
     # `tpr-ray train ... --resume`: the same command again, continuing the run
     cfg = TrainConfig(method="baseline", data=data, out=f"{BUCKET}/ft-runs", name="driver-killed", **TINY,
                       num_workers=2, loader_workers=0, overrides=RECIPE, resume=True)

@@ -16,7 +16,7 @@ from tpr_ray.inference import encode_captions, encode_images
 from tpr_ray.methods import get_method
 from tpr_ray.metrics import retrieval_metrics
 from tpr_ray.storage import read_bytes
-from tpr_ray.transforms import decode_image, resize_uint8
+from tpr_ray.images import decode_image, resize_uint8
 from tests.conftest import TINY
 
 

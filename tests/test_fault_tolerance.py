@@ -34,7 +34,7 @@ def test_training_survives_a_worker_node_dying(s3_bucket, tmp_path):
     f = run_scenario("train-node-failure", tmp_path)
     assert f["local_out_refused"] is True
     assert f["error"] is None
-    assert f["checkpoints_before_failure"] >= 1
+    assert f["checkpoints_before_failure"] >= 1 and f["training_alive_at_failure"]
     final = f["final"]
     assert final["stage"] == 1 and final["epoch"] == 0  # past the last epoch of the only stage
     per_epoch = steps_per_epoch(f)

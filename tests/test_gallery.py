@@ -6,7 +6,7 @@ from PIL import Image
 
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, list_images, query_rows
-from tpr_ray.transforms import decode_image, resize_uint8
+from tpr_ray.images import decode_image, resize_uint8
 
 
 def touch(path, data=b"x"):

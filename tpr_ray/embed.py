@@ -44,7 +44,7 @@ from tpr_ray import storage
 from tpr_ray.checkpoint import read_config, resolve_checkpoint
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
-from tpr_ray.transforms import decode_image, resize_uint8
+from tpr_ray.images import decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +94,6 @@ def plan_fingerprint(keys: list[str], settings: dict) -> str:
         h.update(key.encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
-
-
-def decode_batch(batch: dict, image_size) -> dict:
-    """CPU stage: fetch, decode and resize each image; unreadable ones carry a reason instead."""
-    h, w = image_size
-    pixels = np.zeros((len(batch["image_uri"]), h, w, 3), dtype=np.uint8)
-    reasons = []
-    for i, uri in enumerate(batch["image_uri"]):
-        try:
-            pixels[i] = resize_uint8(decode_image(storage.read_bytes(uri), (h, w)), (h, w))
-            reasons.append("")
-        except Exception as exc:  # every failure is recorded with its reason, none is dropped
-            reasons.append(f"{type(exc).__name__}: {exc}"[:500])
-    return {**batch, "pixels": pixels, "reject_reason": np.array(reasons, dtype=object)}
 
 
 class Embedder:

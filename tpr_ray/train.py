@@ -32,7 +32,8 @@ from tpr_ray.errors import ConfigError
 from tpr_ray.inference import autocast, encode_captions, encode_images
 from tpr_ray.methods import Method, Stage, get_method
 from tpr_ray.metrics import retrieval_metrics_from_embeddings
-from tpr_ray.transforms import decode_image, normalize, resize_uint8, train_augment
+from tpr_ray.images import decode_image, resize_uint8
+from tpr_ray.transforms import normalize, train_augment
 
 
 @dataclass

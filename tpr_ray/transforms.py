@@ -1,57 +1,18 @@
-"""Image preprocessing shared by training, validation and embedding.
+"""Model-side image transforms: normalisation and training augmentation.
 
-Decoding and resizing happen on the CPU and produce uint8 HWC arrays (4x less
-data to move than float); normalisation happens next to the model, on its device.
-Training augmentation follows the anchors: horizontal flip, pad 10 + random crop,
-random erasing.
+Decoding and resizing (`images.py`) produce uint8 HWC arrays on the CPU (4x less data to
+move than float); normalisation happens next to the model, on its device. Training
+augmentation follows the anchors: horizontal flip, pad 10 + random crop, random erasing.
 """
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from PIL import Image, ImageOps
 from torchvision.transforms import v2
-
-# Pillow refuses images above ~179 M pixels as "decompression bombs"; real crops are tiny, but
-# a gallery may hold large frames. Above this limit an image is rejected, not embedded.
-Image.MAX_IMAGE_PIXELS = 1 << 28
 
 CLIP_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-
-
-def decode_image(data: bytes, target_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode bytes into an RGB image (palette, grey, RGBA, CMYK and 16-bit included).
-
-    With ``target_size`` (H, W), JPEGs are decoded at the smallest power-of-two reduction
-    that is still at least that large: decoding a large photo at 1/8 scale is several times
-    cheaper than decoding it whole and resizing (the usual CPU bottleneck of bulk embedding).
-    """
-    img = Image.open(io.BytesIO(data))
-    if target_size is not None and img.format == "JPEG":
-        img.draft("RGB", (target_size[1], target_size[0]))
-    img.load()
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
-
-def resize_uint8(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Resize to ``size`` (H, W) with bicubic filtering, as CLIP does; returns HxWx3 uint8."""
-    h, w = size
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BICUBIC)
-    return np.array(img, dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
 
 
 def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:

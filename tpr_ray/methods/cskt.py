@@ -102,10 +102,12 @@ class CSKT(Method):
     """CSKT: frozen CLIP + bidirectional coupled prompts and dual adapters, SDM loss (ICASSP 2024)."""
 
     name = "cskt"
+    # Every trainable weight is new, so one lr for all; biases get IRRA's x2 and no decay (the
+    # CSKT code is built on IRRA's optimizer); SDM only, so the ID-loss weight is 0.
     default_recipe = CSKTRecipe(
-        epochs=60, batch_size=128, lr=3e-4, bias_lr_mult=2.0, weight_decay=4e-5, bias_weight_decay=0.0,
-        adam_eps=1e-3, schedule="cosine", warmup_epochs=5, warmup_factor=0.1, temperature=0.02,
-        id_loss_weight=0.0,
+        epochs=60, batch_size=128, lr=3e-4, new_module_lr_mult=1.0, bias_lr_mult=2.0, weight_decay=4e-5,
+        bias_weight_decay=0.0, adam_eps=1e-3, schedule="cosine", warmup_epochs=5, warmup_factor=0.1,
+        temperature=0.02, id_loss_weight=0.0,
     )
     checkpoint_holds_backbone = False
 
@@ -142,7 +144,8 @@ class CSKT(Method):
                               f"{len(image_blocks)} image and {len(text_blocks)} text layers")
         blocks = list(text_blocks) + list(image_blocks)
         if not all(type(b) is ResidualAttentionBlock for b in blocks) or not clip.transformer.batch_first:
-            raise ConfigError(f"CSKT wraps open_clip's standard batch-first ResidualAttentionBlock; {model} uses another block")
+            raise ConfigError(f"CSKT wraps open_clip's standard batch-first ResidualAttentionBlock; "
+                              f"{model} uses another block")
         if recipe.prompt_length < 0 or recipe.adapter_reduction < 1:
             raise ConfigError(f"prompt_length must be >= 0 and adapter_reduction >= 1, got "
                               f"{recipe.prompt_length} and {recipe.adapter_reduction}")
