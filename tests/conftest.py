@@ -42,7 +42,8 @@ def ray_cluster():
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
+    # address="local": always a fresh cluster, never one a simulated multi-node test left behind
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

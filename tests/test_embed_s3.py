@@ -135,7 +135,8 @@ def test_killed_driver_then_rerun_gives_every_image_exactly_once(ray_cluster, s3
     args = ["--checkpoint", checkpoint, "--images", f"{s3_bucket}/big/**/*.jpg", "--out", out,
             "--rows-per-shard", "5", "--batch-size", "5"]
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "embed", *args], cwd=os.getcwd(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": "local"})
     deadline = time.time() + 240
     sidecar = None
     while time.time() < deadline and proc.poll() is None:
