@@ -355,6 +355,11 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     config = dataclasses.asdict(cfg)
     config["out"] = out
+    # Checkpoints record where the data and the backbone came from: keep those references
+    # valid from any working directory.
+    for key in ("data", "pretrained", "init"):
+        if config[key] and not storage.is_remote(config[key]) and os.path.exists(config[key]):
+            config[key] = os.path.abspath(config[key])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
