@@ -1,4 +1,6 @@
+import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 from tpr_ray.backbone import BackboneConfig
 from tpr_ray.checkpoint import load_method, read_config, save_checkpoint
+from tpr_ray.errors import ConfigError
 from tpr_ray.inference import encode_captions, encode_images
 from tpr_ray.methods import get_method
 from tpr_ray.methods import cfine
@@ -20,18 +23,19 @@ SOS, EOS = 49406, 49407
 CAPTIONS = ["a man in a red coat with a black backpack and blue jeans", "a woman in a green dress",
             "a man in a red coat with a black backpack", "person", "a girl with blonde hair and white shoes", ""]
 PIDS = [0, 1, 0, 2, 3, 4]
+SMALL = BackboneConfig(**TINY, image_size=(128, 64))  # 8 x 4 patches keep the fast tests fast
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return CFine(BackboneConfig(**TINY), CFine.default_recipe, num_classes=5)
+    return CFine(SMALL, CFine.default_recipe, num_classes=5)
 
 
 @pytest.fixture(scope="module")
 def batch(model):
     torch.manual_seed(1)
-    return {"images": torch.randn(6, 3, 384, 128), "tokens": model.tokenize(CAPTIONS),
+    return {"images": torch.randn(6, 3, 128, 64), "tokens": model.tokenize(CAPTIONS),
             "person_ids": torch.tensor(PIDS), "labels": torch.tensor(PIDS)}
 
 
@@ -90,8 +94,14 @@ def test_selected_words_of_real_captions_are_real_words(model, batch):
     expected_k = [max(1, round(0.2 * n)) for n in n_words]
     assert text.groups.first_mask.sum(dim=1).tolist() == [min(k, n) for k, n in zip(expected_k, n_words)]
     assert text.groups.second_mask.sum(dim=1).tolist() == [max(0, min(k, n - k)) for k, n in zip(expected_k, n_words)]
-    chosen = torch.cat([text.groups.first[0][text.groups.first_mask[0]], text.groups.second[0][text.groups.second_mask[0]]])
+    g = text.groups
+    chosen = torch.cat([g.first[0][g.first_mask[0]], g.second[0][g.second_mask[0]]])
     assert len(set(chosen.tolist())) == len(chosen)  # the two groups never share a word
+
+
+def test_towers_cfine_cannot_read_are_refused_by_name():
+    with pytest.raises(ConfigError, match="CFine cannot use open_clip model 'RN50'"):
+        cfine._check_towers(torch.nn.Module(), "RN50")
 
 
 def test_select_groups_breaks_ties_by_position():
@@ -158,20 +168,20 @@ def _count_scores(monkeypatch):
 def test_inference_is_the_normalised_concatenation_of_three_necked_features(model, batch, monkeypatch):
     calls = _count_scores(monkeypatch)
     model.eval()
-    images_uint8 = torch.randint(0, 256, (4, 384, 128, 3), dtype=torch.uint8)
+    images_uint8 = torch.randint(0, 256, (4, 128, 64, 3), dtype=torch.uint8)
     gallery = encode_images(model, images_uint8, torch.device("cpu"))  # the generic embedder path
     queries = encode_captions(model, CAPTIONS, torch.device("cpu"))
     assert gallery.shape == (4, 192) and queries.shape == (6, 192) and model.embed_dim == 192
     with torch.no_grad():
         side = model.text_side(batch["tokens"])
-        concatenated = torch.cat(side.features, dim=-1)
-        expected_necks = [neck(f) for neck, f in zip(model.text_necks, [side.global_token, *[
-            model.mgf(torch.cat([side.global_token[:, None], cfine._gather_tokens(side.tokens, i)], 1),
-                      torch.cat([m.new_ones(6, 1), m], 1), side.tokens,
-                      torch.arange(77)[None] <= batch["tokens"].argmax(-1)[:, None])
-            for i, m in ((side.groups.first, side.groups.first_mask), (side.groups.second, side.groups.second_mask))]])]
-    assert torch.allclose(concatenated, torch.cat(expected_necks, dim=-1), atol=1e-5)
-    np.testing.assert_allclose(queries, F.normalize(concatenated, dim=-1).numpy(), atol=1e-5)
+        real = torch.arange(77).view(1, -1) <= batch["tokens"].argmax(dim=-1).view(-1, 1)
+        parts = []
+        for index, mask in ((side.groups.first, side.groups.first_mask), (side.groups.second, side.groups.second_mask)):
+            sequence = torch.cat([side.global_token[:, None], cfine._gather_tokens(side.tokens, index)], dim=1)
+            parts.append(model.mgf(sequence, torch.cat([mask.new_ones(6, 1), mask], dim=1), side.tokens, real))
+        necked = [neck(f) for neck, f in zip(model.text_necks, [side.global_token, *parts])]
+    assert torch.allclose(torch.cat(side.features, dim=-1), torch.cat(necked, dim=-1), atol=1e-5)
+    np.testing.assert_allclose(queries, F.normalize(torch.cat(necked, dim=-1), dim=-1).numpy(), atol=1e-5)
     assert calls == {"cfr": 0, "fcd": 0}  # no token-level scores outside training
 
     model.train()
@@ -183,7 +193,7 @@ def test_inference_is_the_normalised_concatenation_of_three_necked_features(mode
 def test_checkpoint_round_trip_keeps_recipe_embed_dim_and_embeddings(batch, tmp_path):
     torch.manual_seed(2)
     recipe = CFine.default_recipe.override(text_topk_ratio=0.3, triplet_margin="0.1")
-    method = CFine(BackboneConfig(**TINY), recipe, num_classes=5)
+    method = CFine(SMALL, recipe, num_classes=5)
     method.train()
     method(batch)  # moves the necks' running statistics away from their initial values
     method.eval()
@@ -259,7 +269,8 @@ def test_each_loss_term_is_finite_and_trains_what_it_should(model, batch):
     assert set(losses) == {"loss", "cmpm", "cmpc", "diversity", "triplet"}
     assert all(torch.isfinite(v) for v in losses.values())
     r = model.recipe
-    total = losses["cmpm"] + losses["cmpc"] + r.diversity_weight * losses["diversity"] + r.triplet_weight * losses["triplet"]
+    total = (losses["cmpm"] + losses["cmpc"] + r.diversity_weight * losses["diversity"]
+             + r.triplet_weight * losses["triplet"])
     assert torch.allclose(losses["loss"], total)
     names = ["clip.visual.conv1.weight", "clip.token_embedding.weight", "mgf.self_attn.in_proj_weight",
              "mgf.cross_attn.in_proj_weight", "mgf.mlp.c_fc.weight", "image_necks.0.weight", "image_necks.1.weight",
@@ -304,5 +315,76 @@ def test_param_groups_and_trainable_set(model):
     groups = {g["name"]: g["lr"] for g in model.param_groups(stage.recipe)}
     for name in ("mgf.self_attn.in_proj_weight", "mgf.mlp.c_proj.bias", "image_necks.1.weight", "cmpc_classifier"):
         assert groups[name] == pytest.approx(1e-4), name
-    for name in ("clip.visual.conv1.weight", "clip.text_projection", "clip.visual.transformer.resblocks.0.attn.in_proj_bias"):
+    backbone = ("clip.visual.conv1.weight", "clip.text_projection", "clip.visual.transformer.resblocks.0.attn.in_proj_bias")
+    for name in backbone:
         assert groups[name] == pytest.approx(1e-5), name
+
+
+# --- end to end (Ray) ---------------------------------------------------------------------
+
+LEARN_ARGS = ["--model", "tpr-tiny", "--batch-size", "16", "--epochs", "6", "--lr", "1e-3", "--loader-workers", "0",
+              "--set", "new_module_lr_mult=3", "--set", "warmup_epochs=1", "--set", "warmup_factor=0.1",
+              "--set", "schedule=constant", "--set", "weight_decay=1e-4"]
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _test_split(data):
+    from tpr_ray.data import load_manifest
+
+    manifest = load_manifest(data)
+    return manifest.filter(np.asarray(manifest.column("split").to_pylist()) == "test")
+
+
+@pytest.fixture(scope="module")
+def cfine_run(ray_cluster, baseline_source, icfg_target, tmp_path_factory):
+    """`tpr-ray train --method cfine`, adapting the CUHK-style tiny baseline to ICFG style."""
+    out = tmp_path_factory.mktemp("cfine_runs")
+    tick = time.perf_counter()
+    _cli(["train", "--method", "cfine", "--data", icfg_target, "--out", str(out), "--name", "learn",
+          "--pretrained", baseline_source, *LEARN_ARGS])
+    print(f"\ncfine training run: {time.perf_counter() - tick:.1f} s")
+    return str(out / "learn")
+
+
+@pytest.mark.slow
+def test_cfine_learns_on_a_synthetic_style(cfine_run, baseline_source, icfg_target):
+    from tpr_ray import storage
+    from tpr_ray.train import evaluate_split
+
+    test = _test_split(icfg_target)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)  # the trainer seeds the same way before building the model: same start
+    start = CFine(BackboneConfig("tpr-tiny", baseline_source), CFine.default_recipe, num_classes=1)
+    before = evaluate_split(start, test, (384, 128), cpu)
+    latest = storage.read_json(storage.join(cfine_run, "best.json"))["latest"]
+    trained, config = load_method(latest)
+    after = evaluate_split(trained, test, (384, 128), cpu)
+    print(f"\nCFine on synthetic ICFG test ({test.num_rows} images): R1 {before['R1']:.2f} -> {after['R1']:.2f}, "
+          f"mAP {before['mAP']:.2f} -> {after['mAP']:.2f}, embed_dim {config['embed_dim']}")
+    assert config["method"] == "cfine" and config["embed_dim"] == 192 and config["stage"] == 1  # all epochs done
+    assert after["R1"] >= before["R1"] + 10.0
+    assert after["mAP"] >= before["mAP"] + 10.0
+
+
+@pytest.mark.slow
+def test_generic_embed_and_eval_jobs_run_a_cfine_checkpoint(cfine_run, icfg_target, tmp_path):
+    from tpr_ray.train import evaluate_split
+
+    emb = str(tmp_path / "emb")
+    _cli(["embed", "--checkpoint", cfine_run, "--data", icfg_target, "--out", emb])
+    _cli(["eval", "--embeddings", emb, "--out", str(tmp_path / "metrics.json")])
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    method, config = load_method(cfine_run)
+    expected = evaluate_split(method, _test_split(icfg_target), (384, 128), torch.device("cpu"))
+    assert metrics["method"] == "cfine" and metrics["dim"] == config["embed_dim"] == 192
+    for key in ("R1", "R5", "mAP", "mINP"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-3), key

@@ -83,10 +83,11 @@ def test_triplet_takes_the_hardest_negative_of_each_image_and_each_text():
     ], requires_grad=True)
     pids = torch.tensor([5, 5, 6, 7])
     margin = 0.2
-    rows = [max(0, margin - 0.9 + 0.8), max(0, margin - 0.6 + 0.3), max(0, margin - 0.5 + 0.95), max(0, margin - 0.9 + 0.3)]
+    hinge = lambda positive, negative: max(0.0, margin - positive + negative)  # noqa: E731
+    rows = [hinge(0.9, 0.8), hinge(0.6, 0.3), hinge(0.5, 0.95), hinge(0.9, 0.3)]
     # columns (text anchors): text 0 -> image 2 (0.4); text 1 -> image 2 (0.95);
     # text 2 -> image 0 (0.8); text 3 -> image 1 (0.3)
-    cols = [max(0, margin - 0.9 + 0.4), max(0, margin - 0.6 + 0.95), max(0, margin - 0.5 + 0.8), max(0, margin - 0.9 + 0.3)]
+    cols = [hinge(0.9, 0.4), hinge(0.6, 0.95), hinge(0.5, 0.8), hinge(0.9, 0.3)]
     loss = hardest_negative_triplet_loss(scores, pids, margin)
     assert float(loss.detach()) == pytest.approx(sum(rows) / 4 + sum(cols) / 4)
     loss.backward()

@@ -20,6 +20,20 @@ from the tokens each tower finds most informative:
 The paper's text encoder is BERT-base; here CLIP's own text tower is used, so both towers
 come from the same open_clip model. All tokens are taken after CLIP's final LayerNorm and
 projection, so both modalities share the embedding width before MGF, CFR and FCD.
+
+Choices where the paper leaves room (the recipe fields name each knob):
+- Losses: per feature, (CMPM + CMPC) x 1 (global), 1 (group 1), 0.1 (group 2); one
+  norm-softmax CMPC classifier for all features and both modalities. The official code
+  puts the 0.1 on CMPM only. Diversity: mean squared cosine between the group-1 and
+  group-2 features of each sample (after their necks), image and text added.
+- Scores stay in cosine units: the temperatures only set how sharply softmax weights pool
+  token cosines (CFR over the 2K selected tokens at 0.07, FCD over the group-1 tokens at
+  0.01), so the triplet margin 0.2 is a cosine margin. The triplet hinge is averaged over
+  the anchors of each direction.
+- Each of the six features has its own BatchNorm neck, bias fixed at 0 (BNNeck).
+- Distributed training: CMPM sees the global batch (features gathered across workers);
+  BatchNorm statistics, CMPC, diversity and the CFR/FCD triplet are per worker (its local
+  batch). SyncBatchNorm would make the necks global too.
 """
 
 from __future__ import annotations
@@ -173,7 +187,8 @@ def fcd_scores(patches: torch.Tensor, patch_mask: torch.Tensor, words: torch.Ten
     word_side = _cosine_to_topk_mean(sims.transpose(2, 3), pair_mask.transpose(2, 3), patch_gram, topk)
     patch_valid = patch_mask[:, None, :].expand_as(patch_side)
     word_valid = word_mask[None, :, :].expand_as(word_side)
-    return 0.5 * (_softmax_pool(patch_side, patch_valid, temperature) + _softmax_pool(word_side, word_valid, temperature))
+    return 0.5 * (_softmax_pool(patch_side, patch_valid, temperature)
+                  + _softmax_pool(word_side, word_valid, temperature))
 
 
 # --- modules ------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ def _check_towers(clip: nn.Module, model: str) -> None:
 
 
 class CFine(Method):
-    """CLIP towers + token selection + shared MGF block + BatchNorm necks; CFR/FCD in training."""
+    """CFine (TIP 2023): CLIP towers, token selection, shared MGF block, BN necks; CFR/FCD in training."""
 
     name = "cfine"
     # Official code: Adam, backbone lr 1e-5 and new modules x10, 10 warm-up epochs from 1 %,
@@ -328,8 +343,8 @@ class CFine(Method):
 
     def text_side(self, tokens: torch.Tensor) -> Side:
         feats_all, attention = self._text_tokens(tokens)
-        candidates, eos = word_candidates(tokens)
-        groups = select_groups(attention, candidates, topk_count(candidates.sum(dim=1), self.recipe.text_topk_ratio))
+        groups = select_words(attention, tokens, self.recipe.text_topk_ratio)
+        eos = tokens.argmax(dim=-1)
         position = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
         real = position <= eos.view(-1, 1)  # [SOS] .. [EOS]; padding is not attended
         global_token = feats_all[torch.arange(tokens.shape[0], device=tokens.device), eos]
