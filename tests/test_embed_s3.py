@@ -157,3 +157,16 @@ def test_killed_driver_then_rerun_gives_every_image_exactly_once(ray_cluster, s3
     assert info["rows_this_run"] == 150 - 5 * committed_before
     ids = pq.read_table(f"{bucket}/emb-killed/gallery", filesystem=fs).column("image_id").to_pylist()
     assert len(ids) == 150 and sorted(ids) == sorted(names)  # nothing lost, nothing twice
+
+
+def test_an_interrupted_atomic_write_leaves_nothing_a_reader_would_take_for_data(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "part-00000.parquet")
+    storage.write_bytes_atomic(str(tmp_path / "part-00001.parquet"), (tmp_path / "part-00000.parquet").read_bytes())
+    # what a writer killed between writing and moving leaves behind:
+    leftover = tmp_path / f"{storage.TEMP_PREFIX}part-00002.parquet.deadbeef"
+    leftover.write_bytes((tmp_path / "part-00000.parquet").read_bytes())
+    assert pq.read_table(tmp_path).num_rows == 4  # pyarrow ignores the "_"-prefixed leftover
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert storage.remove_temporaries(str(tmp_path)) == 1 and not leftover.exists()

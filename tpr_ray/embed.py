@@ -224,6 +224,10 @@ def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) ->
     fs, path = storage.filesystem(out)
     if not fs.exists(path):
         return {}
+    # Only this job's driver writes here, so any temporary file is from an interrupted run.
+    removed = storage.remove_temporaries(out) + storage.remove_temporaries(rejects_dir(out))
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", out, removed)
     done = {}
     for entry in fs.ls(path, detail=False):
         name = posixpath.basename(entry)

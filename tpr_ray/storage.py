@@ -51,15 +51,34 @@ def makedirs(uri: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+TEMP_PREFIX = "_tmp."
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write under a temporary name, then move into place, so readers never see a partial file."""
+    """Write under a temporary name, then move into place, so readers never see a partial file.
+
+    The temporary name starts with ``_`` and does not end in the file's extension, so a
+    writer killed before the move leaves nothing that pyarrow, DuckDB or a ``*.parquet``
+    glob would read as data (see :func:`remove_temporaries`).
+    """
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if "://" in uri else os.path.dirname(path)
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = posixpath.join(parent, f"{TEMP_PREFIX}{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}")
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
+
+
+def remove_temporaries(uri: str) -> int:
+    """Delete what interrupted atomic writes left in a folder; returns how many."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return 0
+    leftovers = [p for p in fs.ls(path, detail=False) if posixpath.basename(p).startswith(TEMP_PREFIX)]
+    for p in leftovers:
+        fs.rm(p)
+    return len(leftovers)
 
 
 def write_json(uri: str, obj) -> None:
@@ -75,5 +94,5 @@ def is_remote(uri: str) -> bool:
     return protocol not in (None, "file", "local")
 
 
-__all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic",
+__all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic", "remove_temporaries",
            "write_json", "read_json", "is_remote", "url_to_fs"]
