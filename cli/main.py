@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import click
 
+from cli.crosseval import crosseval
 from cli.data import data
 from cli.evaluate import eval_command
+from cli.options import clean_errors, parse_overrides, parse_size
 from tpr_ray.errors import TprRayError
-
-
-def clean_errors(fn):
-    """Show tpr-ray's own errors as one clear message instead of a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TprRayError as error:
-            raise click.ClickException(str(error)) from error
-    return wrapper
-
-
-def parse_overrides(pairs: tuple[str, ...]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
-        overrides[key.strip().replace("-", "_")] = value.strip()
-    return overrides
 
 
 @click.group()
@@ -43,6 +23,7 @@ def cli(verbose):
 
 cli.add_command(data)
 cli.add_command(eval_command)
+cli.add_command(crosseval)
 
 
 @cli.command()
@@ -204,14 +185,6 @@ def methods():
             continue
         click.echo(f"{name}: {cls.__doc__.strip().splitlines()[0]}")
         click.echo("    " + ", ".join(f"{k}={v}" for k, v in cls.default_recipe.to_dict().items()))
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected HxW such as 384x128, got {text!r}", param_hint="--image-size")
-    return h, w
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ class CrossEvalConfig:
     train: Sequence[str] = SYNTHETIC_STYLES
     test: Sequence[str] = SYNTHETIC_STYLES
     registry: str | None = None
-    model: str | None = None  # None: tpr-tiny when every dataset is synthetic, else ViT-B-16
+    model: str | None = None  # None: tpr-tiny when every training set is synthetic, else ViT-B-16
     pretrained: str | None = "default"  # "default": none for tpr-tiny, else openai; None = random init
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     overrides: dict = field(default_factory=dict)  # recipe overrides for every method
@@ -220,10 +220,11 @@ def _safe_name(name: str) -> str:
 
 
 def backbone_choice(cfg: CrossEvalConfig, datasets: Sequence[Dataset]) -> tuple[str, str | None, dict]:
-    """(model, pretrained, base recipe overrides): the tiny from-scratch setup on synthetic data."""
+    """(model, pretrained, base recipe overrides) for these training sets: the tiny
+    from-scratch setup when they are all synthetic, else ViT-B-16 with OpenAI weights."""
     from tpr_ray.demo import DEMO_OVERRIDES
 
-    all_synthetic = all(d.synthetic for d in datasets)
+    all_synthetic = bool(datasets) and all(d.synthetic for d in datasets)
     model = cfg.model or (TINY_MODEL if all_synthetic else "ViT-B-16")
     pretrained = cfg.pretrained
     if pretrained == "default":
@@ -290,12 +291,13 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
             datasets[spec] = resolve_dataset(spec, registry, cfg.synthetic_ids, cfg.seed)
         except (ConfigError, DataError) as exc:
             dataset_errors[spec] = _error("plan", exc)
-    model, pretrained, base_overrides = backbone_choice(cfg, list(datasets.values()))
+    # The backbone follows the training data: synthetic training sets get the tiny model.
+    model, pretrained, base_overrides = backbone_choice(cfg, [datasets[s] for s in cfg.train if s in datasets])
     versions = {}
     for spec, dataset in datasets.items():
         try:
             versions[spec] = dataset_version(materialise(dataset, out))
-        except Exception as exc:  # noqa: BLE001 - any unreadable dataset fails only its cells
+        except Exception as exc:  # any unreadable dataset fails only its cells
             dataset_errors[spec] = _error("plan", exc)
     names = {spec: (datasets[spec].name if spec in datasets else _safe_name(spec)) for spec in specs}
 
@@ -305,7 +307,7 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
         method_error, recipe = None, None
         try:
             recipe = get_method(method).default_recipe.override(**{**base_overrides, **cfg.overrides}).to_dict()
-        except Exception as exc:  # noqa: BLE001 - a method that does not load fails its cells only
+        except Exception as exc:  # a method that does not load fails its cells only
             method_error = _error("plan", exc)
         for train_spec in cfg.train:
             train_plan = None
@@ -386,7 +388,7 @@ def run_job(kind: str, payload: dict) -> dict:
     """Run a job and return ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": ...}``."""
     try:
         return {"ok": True, "result": JOBS[kind](payload)}
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its cell
+    except Exception as exc:  # every failure is recorded with its cell
         return {"ok": False, "error": _error(kind, exc)}
 
 
@@ -428,7 +430,8 @@ def query_samples(result, gallery_uri: str, queries_uri: str, count: int) -> lis
     samples = []
     for q in chosen.tolist():
         hits = []
-        for rank, (position, score) in enumerate(zip(result.top_positions[q].tolist(), result.top_scores[q].tolist()), 1):
+        ranked = zip(result.top_positions[q].tolist(), result.top_scores[q].tolist())
+        for rank, (position, score) in enumerate(ranked, 1):
             if position < 0:
                 break
             hits.append({"rank": rank, "image_id": gallery["image_id"][position],
@@ -492,13 +495,14 @@ class Runner:
                 job = self.in_flight.pop(ready[0])
                 try:
                     answer = ray.get(ready[0])
-                except Exception as exc:  # noqa: BLE001 - a crashed worker fails the job, not the run
+                except Exception as exc:  # a crashed worker fails the job, not the run
                     answer = {"ok": False, "error": _error(job.kind, exc)}
             else:
                 handle = next(iter(self.in_flight))
                 job = self.in_flight.pop(handle)
                 answer = run_job(job.kind, job.payload)
-            log.info("%s %s: %s", job.kind, job.label, "done" if answer["ok"] else f"failed ({answer['error']['message']})")
+            outcome = "done" if answer["ok"] else f"failed ({answer['error']['message']})"
+            log.info("%s %s: %s", job.kind, job.label, outcome)
             job.done(answer)
 
     def _admit(self) -> None:
@@ -566,12 +570,13 @@ def crosseval(cfg: CrossEvalConfig, address: str | None = None) -> CrossEvalResu
                 counts["reused_checkpoints"] += 1
                 _after_training(train_plan, cfg, runner, address, counts, started)
                 continue
-            except Exception as exc:  # noqa: BLE001 - an unreadable run is trained again (resumed)
+            except Exception as exc:  # an unreadable run is trained again (resumed)
                 log.warning("cannot reuse %s (%s); training again", train_plan.run_dir, exc)
         train_config = {**train_plan.train_config, "data": train_plan.train["root"],
                         "out": storage.join(out, "runs"), "name": os.path.basename(train_plan.run_dir),
                         "overrides": train_plan.recipe, "use_gpu": use_gpu, "cpus_per_worker": cfg.cpus_per_worker,
-                        "loader_workers": cfg.loader_workers, "image_size": tuple(train_plan.train_config["image_size"]),
+                        "loader_workers": cfg.loader_workers,
+                        "image_size": tuple(train_plan.train_config["image_size"]),
                         "resume": storage.exists(train_plan.run_dir)}
 
         def trained(answer, train_plan=train_plan):

@@ -80,14 +80,17 @@ def write_csv(records: list[dict], uri: str) -> None:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """The matrix as a Markdown table, one row per cell (in-domain cells marked *)."""
-    lines = ["| method | train → test | R1 | R5 | R10 | mAP | mINP |", "|---|---|---:|---:|---:|---:|---:|"]
+    """The matrix as a Markdown table, one row per cell (in-domain cells marked *), with the
+    R1 of a random ranking of the same test set for scale."""
+    lines = ["| method | train → test | R1 | R5 | R10 | mAP | mINP | chance R1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in matrix_rows(records):
         pair = f"{row['train']} → {row['test']}" + (" *" if row["in_domain"] else "")
         if row["status"] == "ok":
             values = " | ".join(f"{row[m]:.2f}" for m in METRICS)
+            values += f" | {row['chance_R1']:.2f}" if row["chance_R1"] is not None else " |"
         else:
-            values = f"failed ({_escape_md(row['error'][:120])}) | | | |"
+            values = f"failed ({_escape_md(row['error'][:120])}) | | | | |"
         lines.append(f"| {row['method']} | {pair} | {values} |")
     lines.append("")
     lines.append("\\* in-domain (trained and tested on the same dataset); text-to-image, percent.")
@@ -189,7 +192,7 @@ def thumbnail(image_uri: str, report_dir: str) -> str:
                 image = source.convert("RGB")
             scale = THUMB_HEIGHT / image.height
             image = image.resize((max(1, round(image.width * scale)), THUMB_HEIGHT), Image.Resampling.BILINEAR)
-        except Exception as exc:  # noqa: BLE001 - a missing image must not stop the report
+        except Exception as exc:  # a missing image must not stop the report
             log.warning("no thumbnail for %s: %s", image_uri, exc)
             image = Image.new("RGB", (THUMB_HEIGHT // 3, THUMB_HEIGHT), (180, 180, 180))
         buffer = io.BytesIO()

@@ -64,10 +64,10 @@ from tpr_ray.metrics import (
 
 log = logging.getLogger(__name__)
 
-# Candidates (items that may rank ahead of a positive) sorted at a time; about 60 bytes each.
+# Items gathered (and candidates sorted) at a time by the count; about 40 bytes each.
 CANDIDATE_BUDGET = 1 << 22
-# Chunks whose maxima bound the K-th best score of a row from below.
-TOPK_CHUNKS = 256
+# Column groups per row whose maxima say where items above a threshold can be.
+CHUNKS = 1024
 
 
 @dataclass(frozen=True)
@@ -169,26 +169,74 @@ def shard_ranks(queries: np.ndarray, embeddings: np.ndarray, first_position: int
         rows, slots = np.nonzero(inside)
         scores[rows, local[rows, slots]] = block_scores[rows, slots]
 
-        counts[start:stop] = count_ahead(scores, first_position, block_scores, block_targets)
-        top_scores[start:stop], top_positions[start:stop] = top_k_of_block(scores, first_position, k)
+        chunks = Chunks(scores)
+        counts[start:stop] = count_ahead(scores, first_position, block_scores, block_targets, chunks)
+        top_scores[start:stop], top_positions[start:stop] = top_k_of_block(scores, first_position, k, chunks)
     return {"counts": counts, "top_scores": top_scores, "top_positions": top_positions}
 
 
-def count_ahead(scores: np.ndarray, first_position: int, target_scores: np.ndarray,
-                target_positions: np.ndarray) -> np.ndarray:
+class Chunks:
+    """A block's columns dealt into ``CHUNKS`` groups, with each row's maximum per group.
+
+    Group ``j`` holds columns ``j, j + C, j + 2C, ...``: strided rather than contiguous, so
+    the maxima are one vectorised pass. Items at or above a threshold can only sit in the
+    groups whose maximum reaches it, so the top-K and the count gather from those alone
+    instead of scanning the whole block.
+    """
+
+    def __init__(self, scores: np.ndarray, num_chunks: int = CHUNKS):
+        self.scores = scores
+        num_rows, num_items = scores.shape
+        self.count = max(1, min(num_items, num_chunks))
+        self.width = -(-num_items // self.count)  # items per group, the last ones one fewer
+        full = num_items // self.count
+        self.max = scores[:, :full * self.count].reshape(num_rows, full, self.count).max(axis=1) if full else \
+            np.full((num_rows, self.count), -np.inf, scores.dtype)
+        tail = scores[:, full * self.count:]
+        np.maximum(self.max[:, :tail.shape[1]], tail, out=self.max[:, :tail.shape[1]])
+
+    def reaching(self, threshold: np.ndarray) -> np.ndarray:
+        """Per row, how many groups hold an item >= its threshold."""
+        return np.count_nonzero(self.max >= threshold[:, None], axis=1)
+
+    def items_at_or_above(self, threshold: np.ndarray, rows: np.ndarray):
+        """``(row, column, score)`` of every item of ``rows`` scoring >= its row's threshold.
+
+        ``row`` indexes ``rows`` and ascends; columns within a row come in no set order.
+        """
+        num_items = self.scores.shape[1]
+        reach = self.max[rows] >= threshold[:, None]
+        if np.count_nonzero(reach) * self.width * 4 > len(rows) * num_items:
+            # Most groups reach: scanning the rows is cheaper than gathering from groups.
+            r, c = np.nonzero(self.scores[rows] >= threshold[:, None])
+            return r, c, self.scores[rows[r], c]
+        pair_row, pair_chunk = np.nonzero(reach)
+        columns = pair_chunk[:, None] + self.count * np.arange(self.width)
+        inside = columns < num_items
+        np.minimum(columns, num_items - 1, out=columns)
+        values = self.scores[rows[pair_row][:, None], columns]
+        keep = inside & (values >= threshold[pair_row][:, None])
+        return np.broadcast_to(pair_row[:, None], columns.shape)[keep], columns[keep], values[keep]
+
+
+def count_ahead(scores: np.ndarray, first_position: int, target_scores: np.ndarray, target_positions: np.ndarray,
+                chunks: Chunks | None = None) -> np.ndarray:
     """:func:`tpr_ray.metrics.count_ranked_ahead` for a block of rows, by sorting candidates.
 
     Only items scoring at least a row's lowest target can be ahead of any of its targets
     (the *candidates*; few when positives rank high). Candidates and targets are packed
     into uint64 keys (row, score descending, position) that sort in ranking order, so the
     count ahead of a target is where it would be inserted among its row's sorted
-    candidates. Rows go in groups of at most ``CANDIDATE_BUDGET`` candidates, so a
+    candidates. Rows go in groups of at most ``CANDIDATE_BUDGET`` gathered items, so a
     positive ranked last costs time, not memory. Padding targets must have score +inf.
     """
     num_rows, num_items = scores.shape
     counts = np.zeros(target_scores.shape, dtype=np.int64)
-    candidate = scores >= target_scores.min(axis=1)[:, None]
-    per_row = np.count_nonzero(candidate, axis=1)
+    if num_items == 0:
+        return counts
+    chunks = chunks or Chunks(scores)
+    lowest = target_scores.min(axis=1)
+    gathered = chunks.reaching(lowest) * chunks.width  # an upper bound of each row's candidates
     # A tied item is ahead when its position is lower; targets in other shards clamp to the ends.
     local_targets = np.clip(target_positions - first_position, 0, num_items)
     position_bits = max(1, int(num_items).bit_length())
@@ -196,14 +244,15 @@ def count_ahead(scores: np.ndarray, first_position: int, target_scores: np.ndarr
         raise ConfigError(f"a shard of {num_items} rows is too large; write shards of fewer than 2**31 rows")
     rows_per_group = 1 << (32 - position_bits)  # the row number takes the bits left over
     row_index = np.arange(num_rows)
-    group = (np.cumsum(per_row) // CANDIDATE_BUDGET) * (num_rows // rows_per_group + 1) + row_index // rows_per_group
-    for g in np.unique(group[per_row > 0]):
-        rows = np.flatnonzero((group == g) & (per_row > 0))
-        r, c = np.nonzero(candidate[rows])
-        items = np.sort(_packed_keys(r, scores[rows[r], c], c, position_bits))
+    group = (np.cumsum(gathered) // CANDIDATE_BUDGET) * (num_rows // rows_per_group + 1) + row_index // rows_per_group
+    for g in np.unique(group[gathered > 0]):
+        rows = np.flatnonzero((group == g) & (gathered > 0))
+        r, c, values = chunks.items_at_or_above(lowest[rows], rows)
+        items = np.sort(_packed_keys(r, values, c, position_bits))
         target_rows = np.broadcast_to(np.arange(len(rows))[:, None], target_scores[rows].shape)
         targets = _packed_keys(target_rows, target_scores[rows], local_targets[rows], position_bits)
-        row_start = np.concatenate([[0], np.cumsum(per_row[rows])[:-1]])
+        per_row = np.bincount(r, minlength=len(rows))
+        row_start = np.concatenate([[0], np.cumsum(per_row)[:-1]])
         counts[rows] = np.searchsorted(items, targets, side="left") - row_start[:, None]
     return counts
 
@@ -224,30 +273,31 @@ def _packed_keys(rows, values, positions, position_bits: int) -> np.ndarray:
     return keys
 
 
-def top_k_of_block(scores: np.ndarray, first_position: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k_of_block(scores: np.ndarray, first_position: int, k: int,
+                   chunks: Chunks | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k best items by (score desc, position asc): ``(scores, positions)`` ``[R, k]``.
 
-    The k-th largest of the chunk maxima is a lower bound of the k-th best score (k chunks
-    reach it), so only items at or above it are sorted; ties at the bound are all kept and
-    ordered by position, as the ranking rule asks.
+    The k-th largest chunk maximum is a lower bound of the k-th best score (k chunks reach
+    it), so only items at or above it, in the chunks that reach it, are sorted; ties at the
+    bound are all kept and ordered by position, as the ranking rule asks.
     """
     num_rows, num_items = scores.shape
-    if num_items <= k:
-        rows, columns = np.nonzero(np.ones(scores.shape, dtype=bool))
-    else:
-        num_chunks = min(num_items, max(k, TOPK_CHUNKS))
-        starts = (np.arange(num_chunks) * num_items) // num_chunks
-        chunk_max = np.maximum.reduceat(scores, starts, axis=1)
-        bound = np.partition(chunk_max, num_chunks - k, axis=1)[:, num_chunks - k]
-        rows, columns = np.nonzero(scores >= bound[:, None])
-    values = scores[rows, columns]
+    top_scores = np.full((num_rows, k), -np.inf, dtype=np.float32)
+    top_positions = np.full((num_rows, k), -1, dtype=np.int64)
+    if num_items == 0 or k == 0:
+        return top_scores, top_positions
+    chunks = chunks or Chunks(scores)
+    num_chunks = chunks.count
+    if num_chunks >= k:
+        bound = np.partition(chunks.max, num_chunks - k, axis=1)[:, num_chunks - k]
+    else:  # k beyond the number of chunks: every item is a candidate
+        bound = np.full(num_rows, -np.inf, dtype=np.float32)
+    rows, columns, values = chunks.items_at_or_above(bound, np.arange(num_rows))
     order = np.lexsort((columns, -values, rows))
     rows, columns, values = rows[order], columns[order], values[order]
     row_start = np.searchsorted(rows, np.arange(num_rows))
     place = np.arange(len(rows)) - row_start[rows]
     keep = place < k
-    top_scores = np.full((num_rows, k), -np.inf, dtype=np.float32)
-    top_positions = np.full((num_rows, k), -1, dtype=np.int64)
     top_scores[rows[keep], place[keep]] = values[keep]
     top_positions[rows[keep], place[keep]] = columns[keep] + first_position
     return top_scores, top_positions
@@ -488,7 +538,7 @@ def _task_memory(rows: int, dim: int, block: int, slots: int, top_k: int, num_qu
     """Bytes a shard task needs at its peak (declared to Ray so tasks do not over-commit RAM)."""
     shard = 2 * rows * dim * 4  # the Arrow read and the float32 matrix
     queries = num_queries * dim * 4 + num_queries * slots * 16
-    block_bytes = block * rows * 6 + CANDIDATE_BUDGET * 64 if rank_pass else block * slots * dim * 4
+    block_bytes = block * rows * 4 + CANDIDATE_BUDGET * 48 if rank_pass else block * slots * dim * 4
     return int(shard + queries + block_bytes + num_queries * top_k * 12 + (64 << 20))
 
 

@@ -1,0 +1,239 @@
+import dataclasses
+import glob
+import json
+import os
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from cli.crosseval import crosseval as crosseval_command
+from tpr_ray import crosseval as ce
+from tpr_ray.crosseval import CrossEvalConfig, config_key, crosseval, load_registry, resolve_dataset
+from tpr_ray.errors import ConfigError, DataError
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_registry_maps_names_to_roots_and_synthetic_styles(tmp_path):
+    registry = tmp_path / "datasets.json"
+    registry.write_text(json.dumps({"datasets": {
+        "cuhk": {"root": "CUHK-PEDES"}, "rstp": "s3://bucket/RSTPReid",
+        "small icfg": {"synthetic": "icfg", "ids": 60, "seed": 3}}}))
+    found = load_registry(str(registry))
+    assert found["cuhk"].root == str(tmp_path / "CUHK-PEDES")  # relative to the registry file
+    assert found["rstp"].root == "s3://bucket/RSTPReid"
+    assert (found["small icfg"].name, found["small icfg"].synthetic, found["small icfg"].ids) == ("small_icfg", "icfg", 60)
+
+    assert resolve_dataset("cuhk", found).root == str(tmp_path / "CUHK-PEDES")
+    builtin = resolve_dataset("icfg", {}, synthetic_ids=50, seed=2)
+    assert (builtin.synthetic, builtin.ids, builtin.seed, builtin.root) == ("icfg", 50, 2, None)
+    by_path = resolve_dataset(str(tmp_path / "My-Data"), {})
+    assert (by_path.name, by_path.root) == ("My-Data", str(tmp_path / "My-Data"))
+    with pytest.raises(ConfigError, match="unknown dataset 'cuhkk'"):
+        resolve_dataset("cuhkk", found)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"root": "a", "synthetic": "cuhk"}, "exactly one of"),
+    ({"synthetic": "market"}, "unknown synthetic style"),
+    ({"root": "a", "split": "test"}, "unknown keys"),
+])
+def test_bad_registry_entries_name_the_entry(tmp_path, entry, message):
+    registry = tmp_path / "datasets.json"
+    registry.write_text(json.dumps({"datasets": {"mine": entry}}))
+    with pytest.raises(DataError, match=message) as error:
+        load_registry(str(registry))
+    assert "mine" in str(error.value) and str(registry) in str(error.value)
+
+
+def test_missing_registry_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="registry .* not found"):
+        load_registry(str(tmp_path / "nope.json"))
+
+
+def test_config_key_ignores_key_order():
+    assert config_key({"a": 1, "b": [1, 2]}) == config_key({"b": [1, 2], "a": 1})
+    assert config_key({"a": 1}) != config_key({"a": 2})
+
+
+def test_synthetic_data_gets_the_tiny_model_and_real_data_vit():
+    synthetic = [resolve_dataset("cuhk", {})]
+    model, pretrained, base = ce.backbone_choice(CrossEvalConfig(out="x"), synthetic)
+    assert (model, pretrained, base["lr"]) == ("tpr-tiny", None, 1e-3)
+    real = [ce.Dataset("cuhk", root="/data/CUHK-PEDES")]
+    assert ce.backbone_choice(CrossEvalConfig(out="x"), real) == ("ViT-B-16", "openai", {})
+
+
+# --------------------------------------------------------------------------- orchestration, jobs faked
+
+
+class FakeJobs:
+    """Stand-ins for train / embed / eval that record their calls and write what the real
+    ones leave behind (best.json, embedding sidecars)."""
+
+    def __init__(self, fail_train=(), fail_eval=()):
+        self.calls = []
+        self.fail_train, self.fail_eval = fail_train, fail_eval
+
+    def train(self, payload):
+        config = payload["train_config"]
+        self.calls.append(("train", config["name"]))
+        if any(config["name"].startswith(f"baseline-{name}-") for name in self.fail_train):
+            raise RuntimeError(f"CUDA out of memory while training {config['name']}")
+        run_dir = os.path.join(config["out"], config["name"])
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "best.json"), "w") as f:
+            json.dump({"checkpoint": run_dir + "/ckpt"}, f)
+        return fake_identity(run_dir) | {"seconds": 1.0, "reused": False}
+
+    def embed(self, payload):
+        config = payload["embed_config"]
+        self.calls.append(("embed", config["out"]))
+        for kind in ("gallery", "queries"):
+            os.makedirs(os.path.join(config["out"], kind), exist_ok=True)
+            with open(os.path.join(config["out"], kind, "_tpr_ray.json"), "w") as f:
+                json.dump({"complete": True, "checkpoint": config["checkpoint"]}, f)
+        return {"dir": config["out"], "seconds": 2.0, "reused": False}
+
+    def eval(self, payload):
+        self.calls.append(("eval", payload["embed_dir"]))
+        if any(f"/{name}-" in payload["embed_dir"] for name in self.fail_eval):
+            raise DataError("person id 3 has no image in the gallery")
+        r1 = float(len(payload["embed_dir"]) % 50)
+        return {"metrics": {"R1": r1, "R5": r1 + 1, "R10": r1 + 2, "mAP": r1 / 2, "mINP": r1 / 4, "num_queries": 8,
+                            "num_gallery": 4}, "chance": {"R1": 25.0}, "samples": [], "seconds": 0.5}
+
+
+def fake_identity(run_dir):
+    return {"run_dir": run_dir, "uri": run_dir + "/ckpt", "sha256": "0" * 64}
+
+
+@pytest.fixture()
+def fake(monkeypatch, tmp_path):
+    jobs = FakeJobs(fail_train=("icfg",), fail_eval=("rstp",))
+    monkeypatch.setattr(ce, "JOBS", {"train": jobs.train, "embed": jobs.embed, "eval": jobs.eval})
+    monkeypatch.setattr(ce, "checkpoint_identity", fake_identity)
+    monkeypatch.setattr(ce, "dataset_version", lambda d: {**d.describe(), "version": "v-" + d.name})
+    registry = tmp_path / "datasets.json"
+    registry.write_text(json.dumps({"datasets": {name: {"root": f"/data/{name}"} for name in ("cuhk", "icfg", "rstp")}}))
+    return jobs, str(registry)
+
+
+def matrix_config(tmp_path, registry, **changes):
+    return CrossEvalConfig(**{"out": str(tmp_path / "out"), "methods": ["baseline", "nope"], "train": ["cuhk", "icfg"],
+                              "test": ["cuhk", "rstp"], "registry": registry, "use_ray": False, **changes})
+
+
+def cell_status(result):
+    return {(c["method"], c["train"], c["test"]): (c["status"], (c.get("error") or {}).get("stage"))
+            for c in result.cells}
+
+
+def test_failures_stay_in_their_cells(fake, tmp_path):
+    jobs, registry = fake
+    result = crosseval(matrix_config(tmp_path, registry))
+
+    assert cell_status(result) == {
+        ("baseline", "cuhk", "cuhk"): ("ok", None), ("baseline", "cuhk", "rstp"): ("failed", "eval"),
+        ("baseline", "icfg", "cuhk"): ("failed", "train"), ("baseline", "icfg", "rstp"): ("failed", "train"),
+        **{("nope", t, s): ("failed", "plan") for t in ("cuhk", "icfg") for s in ("cuhk", "rstp")}}
+    failed = {(c["method"], c["train"], c["test"]): c["error"] for c in result.cells if c["status"] == "failed"}
+    assert "unknown method 'nope'" in failed[("nope", "cuhk", "cuhk")]["message"]
+    assert failed[("baseline", "icfg", "cuhk")]["message"].startswith("CUDA out of memory while training baseline-icfg-")
+    assert failed[("baseline", "icfg", "cuhk")]["type"] == "RuntimeError"
+    assert failed[("baseline", "cuhk", "rstp")]["type"] == "DataError"
+    assert "Traceback" in failed[("baseline", "cuhk", "rstp")]["traceback"]
+    assert result.counts == {"ok": 1, "failed": 7, "skipped": 0, "trained": 1, "reused_checkpoints": 0, "embedded": 2}
+    # Every cell has its JSON, named by method, datasets and config hash; the report covers all.
+    files = sorted(os.listdir(tmp_path / "out" / "cells"))
+    assert len(files) == 8 and all(re.fullmatch(r"(baseline|nope)__\w+__\w+-[0-9a-f]{12}\.json", f) for f in files)
+    for name in ("matrix.csv", "matrix.md", "heatmap-baseline.png", "heatmap-nope.png", "index.html"):
+        assert os.path.getsize(tmp_path / "out" / "report" / name) > 0
+
+
+def test_rerun_skips_finished_cells_and_reuses_checkpoints_and_embeddings(fake, tmp_path):
+    jobs, registry = fake
+    cfg = matrix_config(tmp_path, registry, methods=["baseline"], train=["cuhk"], test=["cuhk", "icfg"])
+    first = crosseval(cfg)
+    assert first.counts["ok"] == 2 and [c[0] for c in jobs.calls] == ["train", "embed", "embed", "eval", "eval"]
+
+    jobs.calls.clear()
+    again = crosseval(cfg)
+    assert jobs.calls == [] and again.counts["skipped"] == 2
+    assert [c["time"] for c in again.cells] == [c["time"] for c in first.cells]  # records untouched
+
+    # A lost cell result: the checkpoint and the embeddings are reused, only evaluation runs.
+    os.remove(glob.glob(str(tmp_path / "out" / "cells" / "baseline__cuhk__icfg-*.json"))[0])
+    third = crosseval(cfg)
+    assert [c[0] for c in jobs.calls] == ["eval"]
+    assert third.counts == {"ok": 1, "failed": 0, "skipped": 1, "trained": 0, "reused_checkpoints": 1, "embedded": 0}
+    assert third.cells[1]["checkpoint"]["reused"] and third.cells[1]["embeddings"]["reused"]
+
+    # A new recipe is a new configuration: new keys, a new training.
+    jobs.calls.clear()
+    crosseval(dataclasses.replace(cfg, overrides={"epochs": 3}))
+    assert [c[0] for c in jobs.calls] == ["train", "embed", "embed", "eval", "eval"]
+
+
+def test_jobs_larger_than_the_cluster_fail_their_cells(fake, tmp_path):
+    jobs, registry = fake
+    runner = ce.Runner(False, cpus=2, gpus=0, max_parallel=None)
+    answers = []
+    runner.submit(ce.Job("train", {}, cpus=4, gpus=0, done=answers.append))
+    assert not answers[0]["ok"] and "needs 4 CPU" in answers[0]["error"]["message"]
+
+
+def test_runner_admits_jobs_by_declared_cpus():
+    runner = ce.Runner(False, cpus=2, gpus=0, max_parallel=None)
+    runner.use_ray = False
+    for cpus in (1, 1, 1):
+        runner.queue.append(ce.Job("eval", {}, cpus=cpus, gpus=0, done=lambda a: None))
+    runner._admit()
+    assert len(runner.in_flight) == 2 and len(runner.queue) == 1
+
+
+# --------------------------------------------------------------------------- end to end on Ray
+
+
+@pytest.mark.slow
+def test_synthetic_matrix_on_ray(ray_cluster, tmp_path):
+    from tpr_ray.evaluate import evaluate_embeddings
+
+    out = str(tmp_path / "matrix")
+    cfg = CrossEvalConfig(out=out, methods=["baseline"], train=["cuhk", "rstp"], test=["cuhk", "rstp"],
+                          synthetic_ids=30, max_steps=2, loader_workers=0, overrides={"epochs": 1}, samples=3)
+    result = crosseval(cfg)
+
+    assert result.counts == {"ok": 4, "failed": 0, "skipped": 0, "trained": 2, "reused_checkpoints": 0, "embedded": 4}
+    for cell in result.cells:
+        assert cell["status"] == "ok", cell.get("error")
+        # The streaming evaluator's numbers are the in-memory evaluator's.
+        expected = evaluate_embeddings(cell["embeddings"]["dir"] + "/gallery", cell["embeddings"]["dir"] + "/queries")
+        for key in ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_gallery"):
+            assert cell["metrics"][key] == pytest.approx(expected[key], abs=1e-9)
+        assert cell["checkpoint"]["sha256"] and cell["datasets"]["test"]["version"]
+        assert cell["config"]["train"]["model"] == "tpr-tiny" and cell["config"]["recipe"]["lr"] == 1e-3
+        assert len(cell["samples"]) == 3 and all(len(s["hits"]) == min(10, cell["metrics"]["num_gallery"])
+                                                 for s in cell["samples"])
+    assert len({c["checkpoint"]["uri"] for c in result.cells}) == 2
+
+    # A re-run from the command line finds everything done.
+    rerun = CliRunner().invoke(crosseval_command, ["--methods", "baseline", "--train", "cuhk,rstp", "--test",
+                                                   "cuhk,rstp", "--out", out, "--ids", "30", "--max-steps", "2",
+                                                   "--loader-workers", "0", "--epochs", "1", "--samples", "3"],
+                               catch_exceptions=False)
+    assert rerun.exit_code == 0, rerun.output
+    assert "4 cells: 0 evaluated, 4 already done, 0 failed; 0 trained" in rerun.output
+    assert "| baseline | cuhk → cuhk * |" in rerun.output
+
+    # A test set that cannot be read fails its cells only; a lost cell is re-evaluated
+    # with the existing checkpoint and embeddings.
+    registry = tmp_path / "datasets.json"
+    registry.write_text(json.dumps({"datasets": {"broken": {"root": str(tmp_path / "missing")}}}))
+    os.remove(glob.glob(os.path.join(out, "cells", "baseline__rstp__cuhk-*.json"))[0])
+    third = crosseval(dataclasses.replace(cfg, test=["cuhk", "broken"], registry=str(registry)))
+    status = cell_status(third)
+    assert status[("baseline", "cuhk", "broken")] == ("failed", "plan")
+    assert status[("baseline", "rstp", "cuhk")] == ("ok", None)
+    assert third.counts["trained"] == 0 and third.counts["embedded"] == 0 and third.counts["skipped"] == 1
