@@ -202,7 +202,7 @@ def main() -> None:
         print(f"streaming exact eval: {streamed['seconds']:.1f}s wall, peak RSS {streamed['peak_rss_gib']:.2f} GiB "
               f"({args.threads} shard(s) at a time, block {args.block_size}); "
               f"R1 {m['R1']:.2f} R5 {m['R5']:.2f} R10 {m['R10']:.2f} mAP {m['mAP']:.2f} mINP {m['mINP']:.2f}")
-        print(f"  phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in streamed["timings"].items()))
+        print("  phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in streamed["timings"].items()))
         full_matrix_gib = args.queries * args.gallery * 4 / 2**30
         report = {"args": {k: v for k, v in vars(args).items() if k != "phase"}, "cores": cores, "stream": streamed,
                   "full_matrix_gib": full_matrix_gib, "all_runs": runs}

@@ -70,7 +70,7 @@ def read_embeddings(uri: str) -> tuple[pa.Table, dict]:
                 raise DataError(f"missing column in a {kind} embedding table (has {table.column_names})",
                                 file=file_uri, field=column)
         table = table.set_column(table.column_names.index("embedding"), "embedding",
-                                 _fixed_size_embeddings(table.column("embedding"), file_uri))
+                                 fixed_size_embeddings(table.column("embedding"), file_uri))
         shard_dim = table.schema.field("embedding").type.list_size
         if dim is not None and shard_dim != dim:
             raise DataError(f"embedding dim {shard_dim} differs from {dim} in the earlier shards",
@@ -88,7 +88,7 @@ def read_embeddings(uri: str) -> tuple[pa.Table, dict]:
     return table, info
 
 
-def _fixed_size_embeddings(column: pa.ChunkedArray, file_uri: str) -> pa.FixedSizeListArray:
+def fixed_size_embeddings(column: pa.ChunkedArray, file_uri: str) -> pa.FixedSizeListArray:
     """Check an embedding column and return it as ``fixed_size_list<float32>[dim]``."""
     array = column.combine_chunks()
     kind = array.type
@@ -130,12 +130,28 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
-def _person_ids(table: pa.Table, info: dict) -> np.ndarray:
+def person_ids(table: pa.Table, info: dict) -> np.ndarray:
     column = table.column("person_id")
     if column.null_count:
         row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError("person_id is null", file=info["uri"], entry=row, field="person_id")
     return column.to_numpy()
+
+
+def check_same_model(gallery_from: dict, queries_from: dict, allow_mismatch: bool = False) -> dict:
+    """The provenance fields on which gallery and queries differ; an error unless allowed.
+
+    A field that is a list (one table mixing several models) counts as a mismatch too.
+    """
+    mismatch = {field: {"gallery": gallery_from[field], "queries": queries_from[field]}
+                for field in PROVENANCE
+                if gallery_from[field] != queries_from[field] or isinstance(gallery_from[field], list)
+                or isinstance(queries_from[field], list)}
+    if mismatch and not allow_mismatch:
+        lines = "; ".join(f"{f}: gallery {v['gallery']!r}, queries {v['queries']!r}" for f, v in mismatch.items())
+        raise ConfigError(f"gallery and queries were not embedded by one model ({lines}); "
+                          "re-embed one side, or pass allow_mismatch=True (--allow-mismatch) on purpose")
+    return mismatch
 
 
 def provenance(table: pa.Table, info: dict) -> dict:
@@ -182,18 +198,10 @@ def evaluate_embeddings(gallery_uri: str, queries_uri: str, ks: Sequence[int] = 
                         field="embedding")
 
     gallery_from = provenance(gallery, gallery_info)
-    queries_from = provenance(queries, queries_info)
-    mismatch = {field: {"gallery": gallery_from[field], "queries": queries_from[field]}
-                for field in PROVENANCE
-                if gallery_from[field] != queries_from[field] or isinstance(gallery_from[field], list)
-                or isinstance(queries_from[field], list)}
-    if mismatch and not allow_mismatch:
-        lines = "; ".join(f"{f}: gallery {v['gallery']!r}, queries {v['queries']!r}" for f, v in mismatch.items())
-        raise ConfigError(f"gallery and queries were not embedded by one model ({lines}); "
-                          "re-embed one side, or pass allow_mismatch=True (--allow-mismatch) on purpose")
+    mismatch = check_same_model(gallery_from, provenance(queries, queries_info), allow_mismatch)
 
-    query_pids = _person_ids(queries, queries_info)
-    gallery_pids = _person_ids(gallery, gallery_info)
+    query_pids = person_ids(queries, queries_info)
+    gallery_pids = person_ids(gallery, gallery_info)
     missing = queries_without_positives(query_pids, gallery_pids)
     if len(missing) and not skip_queries_without_positives:
         row = int(missing[0])

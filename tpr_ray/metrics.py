@@ -255,8 +255,8 @@ def retrieval_metrics_from_embeddings(query_emb, gallery_emb, query_pids, galler
     Peak memory is about 25 bytes per score of a chunk (scores, sort keys, gathered ids).
     """
     query_pids, gallery_pids = _check_pids(query_pids, gallery_pids)
-    query_emb = _unit_rows(query_emb, "query_emb")
-    gallery_emb = _unit_rows(gallery_emb, "gallery_emb")
+    query_emb = unit_rows(query_emb, "query_emb")
+    gallery_emb = unit_rows(gallery_emb, "gallery_emb")
     if len(query_emb) != len(query_pids) or len(gallery_emb) != len(gallery_pids):
         raise DataError(f"{len(query_emb)} query and {len(gallery_emb)} gallery embeddings but "
                         f"{len(query_pids)} query and {len(gallery_pids)} gallery person ids")
@@ -319,7 +319,7 @@ def _check_every_query_has_positive(query_pids, gallery_pids, skip: bool) -> Non
         )
 
 
-def _unit_rows(embeddings, name: str) -> np.ndarray:
+def unit_rows(embeddings, name: str) -> np.ndarray:
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
         raise DataError(f"expected a 2-D array, got shape {embeddings.shape}", field=name)

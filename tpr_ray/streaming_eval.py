@@ -48,18 +48,20 @@ from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.evaluate import (
     PROVENANCE,
     SIDECAR,
-    _fixed_size_embeddings,
     chance_level,
+    check_same_model,
     embedding_matrix,
+    fixed_size_embeddings,
+    person_ids,
     provenance,
     read_embeddings,
 )
 from tpr_ray.metrics import (
     DEFAULT_KS,
-    _unit_rows,
     check_ks,
     metrics_from_positive_ranks,
     queries_without_positives,
+    unit_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -351,10 +353,10 @@ def shard_person_ids(shard) -> np.ndarray:
 def load_shard_embeddings(shard) -> np.ndarray:
     """A shard's embeddings as unit-norm ``[n, dim]`` float32 (rows off by > 1e-3 normalised)."""
     if isinstance(shard, ShardArrays):
-        return _unit_rows(shard.embeddings, "gallery_emb")
+        return unit_rows(shard.embeddings, "gallery_emb")
     table = _read_parquet(shard, ["embedding"])
-    table = table.set_column(0, "embedding", _fixed_size_embeddings(table.column("embedding"), shard))
-    return _unit_rows(embedding_matrix(table), "gallery_emb")
+    table = table.set_column(0, "embedding", fixed_size_embeddings(table.column("embedding"), shard))
+    return unit_rows(embedding_matrix(table), "gallery_emb")
 
 
 def _read_parquet(uri: str, columns: list[str]):
@@ -413,7 +415,7 @@ def _evaluate(query_emb, query_pids, shards, ks, top_k, block_size, use_ray, cpu
         raise DataError("the gallery has no shards")
     timings = {}
     tick = time.perf_counter()
-    queries = np.ascontiguousarray(_unit_rows(query_emb, "query_emb"))
+    queries = np.ascontiguousarray(unit_rows(query_emb, "query_emb"))
     query_pids = np.asarray(query_pids).ravel()
     if len(queries) != len(query_pids) or len(queries) == 0:
         raise DataError(f"{len(queries)} query embeddings but {len(query_pids)} query person ids (need at least one)")
@@ -498,15 +500,9 @@ def evaluate_tables(gallery_uri: str, queries_uri: str, ks: Sequence[int] = DEFA
     gallery_info["uri"] = gallery_uri
     gallery_from = provenance(_provenance_columns(shards, gallery_info), gallery_info)
     queries_from = provenance(queries, queries_info)
-    mismatch = {f: {"gallery": gallery_from[f], "queries": queries_from[f]} for f in PROVENANCE
-                if gallery_from[f] != queries_from[f] or isinstance(gallery_from[f], list)
-                or isinstance(queries_from[f], list)}
-    if mismatch and not allow_mismatch:
-        lines = "; ".join(f"{f}: gallery {v['gallery']!r}, queries {v['queries']!r}" for f, v in mismatch.items())
-        raise ConfigError(f"gallery and queries were not embedded by one model ({lines}); "
-                          "re-embed one side, or pass allow_mismatch=True on purpose")
+    mismatch = check_same_model(gallery_from, queries_from, allow_mismatch)
 
-    query_pids = queries.column("person_id").to_numpy(zero_copy_only=False)
+    query_pids = person_ids(queries, queries_info)
     result, gallery_pids = _evaluate(embedding_matrix(queries), query_pids, shards, ks, top_k, block_size, use_ray,
                                      1.0, skip_queries_without_positives)
     result.metrics.update(gallery_from)
