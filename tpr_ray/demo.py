@@ -26,6 +26,8 @@ def run_demo(out: str, n_ids: int = 200, epochs: int = 20, seed: int = 0, echo=p
     out = os.path.abspath(out)
     data_dir = os.path.join(out, "data", "cuhk")
     if not os.path.exists(os.path.join(data_dir, "reid_raw.json")):
+        # The annotation file is written last: without it, a folder is from an interrupted run.
+        shutil.rmtree(data_dir, ignore_errors=True)
         synthesize("cuhk", n_ids, seed, data_dir)
     stats = split_stats(load_manifest(data_dir))
     echo(f"[demo] synthetic CUHK-PEDES-format data in {data_dir}: "

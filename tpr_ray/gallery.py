@@ -7,6 +7,7 @@ with person ids and captions. Both become one table (``image_id``, ``person_id``
 
 from __future__ import annotations
 
+import logging
 import posixpath
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from tpr_ray.errors import ConfigError, DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 SPLITS = ("train", "val", "test", "all")
 GLOB_CHARS = "*?["
+log = logging.getLogger(__name__)
 
 GALLERY_COLUMNS = pa.schema([("image_id", pa.string()), ("person_id", pa.int64()), ("image_uri", pa.string())])
 
@@ -59,6 +61,9 @@ def list_images(pattern: str) -> pa.Table:
             raise DataError("no such folder or prefix", file=pattern)
         found = fs.find(root)
     paths = sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
+    if len(paths) < len(found):
+        log.info("%s: %d of %d files are not images by extension and were not listed",
+                 pattern, len(found) - len(paths), len(found))
     if not paths:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) match", file=pattern)
     uris = [f"{protocol}://{p}" if protocol else p for p in paths]
