@@ -413,6 +413,7 @@ class Suite:
         self.cells: list[dict] = []
         self.flops: dict = {}
         self.compile_seconds: list[float] = []
+        self.built = (None, None)  # (name, method or the exception its build raised)
         self.report = {"suite": "tpr-ray gpu suite", "smoke": smoke, "settings": dataclasses.asdict(s),
                        "environment": environment(device, peaks), "cells": self.cells}
 
@@ -455,23 +456,19 @@ class Suite:
 
     def run(self):
         s, device = self.s, self.device
-        eager_estimate = 30.0 if device.type == "cuda" else 1.0
+        eager = 30.0 if device.type == "cuda" else 1.0
         for name in s.methods:
-            method = self.guarded_build(name)
             for batch in s.train_batches:
-                self.cell("train", {"method": name, "batch": batch, "mode": "eager"}, eager_estimate,
-                          lambda: method_cell(method, lambda m: train_cell(m, batch, "eager", s, device)))
+                self.cell("train", {"method": name, "batch": batch, "mode": "eager"}, eager,
+                          lambda: train_cell(self.method(name), batch, "eager", s, device))
             for batch in s.embed_batches:
-                self.cell("embed", {"method": name, "batch": batch, "mode": "eager"}, eager_estimate,
-                          lambda: method_cell(method, lambda m: embed_cell(m, batch, s, device)))
-            self.cell("text", {"method": name, "batch": s.text_batch, "mode": "eager"}, eager_estimate,
-                      lambda: method_cell(method, lambda m: text_cell(m, s, device)))
-            del method
-            reset_memory(device)
-        self.cell("eval_check", {"batch": s.eval_check[0], "mode": "eager"}, eager_estimate,
-                  lambda: eval_check_cell(s, device))
-        self.cell("eval", {"batch": s.eval_queries, "mode": "eager"}, eager_estimate,
-                  lambda: eval_cell(s, device, self.peaks))
+                self.cell("embed", {"method": name, "batch": batch, "mode": "eager"}, eager,
+                          lambda: embed_cell(self.method(name), batch, s, device))
+            self.cell("text", {"method": name, "batch": s.text_batch, "mode": "eager"}, eager,
+                      lambda: text_cell(self.method(name), s, device))
+        self.method(None)
+        self.cell("eval_check", {"batch": s.eval_check[0], "mode": "eager"}, eager, lambda: eval_check_cell(s, device))
+        self.cell("eval", {"batch": s.eval_queries, "mode": "eager"}, eager, lambda: eval_cell(s, device, self.peaks))
         if "compile" in s.modes:
             # Every method at the first size before any at the second.
             for batch in s.compile_batches or s.train_batches:
@@ -484,26 +481,25 @@ class Suite:
         self.save()
         return self.report
 
-    def guarded_build(self, name):
-        try:
-            return build(name, self.s, self.device)
-        except Exception as exc:
-            return exc
+    def method(self, name):
+        """The method being measured, built by its first cell; a failed build fails each of its cells."""
+        if self.built[0] != name:
+            self.built = (None, None)  # the previous method leaves the device first
+            reset_memory(self.device)
+            try:
+                self.built = (name, build(name, self.s, self.device) if name else None)
+            except Exception as exc:
+                self.built = (name, exc)
+        if isinstance(self.built[1], Exception):
+            raise self.built[1]
+        return self.built[1]
 
     def compiled(self, name, batch):
-        method = build(name, self.s, self.device)
         try:
-            return train_cell(method, batch, "compile", self.s, self.device)
+            return train_cell(self.method(name), batch, "compile", self.s, self.device)
         finally:
-            del method
+            self.method(None)
             torch._dynamo.reset()
-            reset_memory(self.device)
-
-
-def method_cell(method, fn):
-    if isinstance(method, Exception):  # the build failed: every cell of the method says why
-        raise method
-    return fn(method)
 
 
 def environment(device, peaks) -> dict:
