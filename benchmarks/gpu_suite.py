@@ -78,7 +78,7 @@ class Settings:
     compile_estimate_s: float = 60.0
 
     @classmethod
-    def smoke(cls) -> "Settings":
+    def smoke(cls) -> Settings:
         # Dynamo's capture alone (backend "eager") keeps the compile path tested at CI cost.
         return cls(model="tpr-tiny", image_size=(128, 64), train_batches=(4, 8), compile_backend="eager",
                    compile_methods=("baseline",), compile_batches=(4,), warmup_steps=1, timed_steps=2,
@@ -312,7 +312,8 @@ def train_cell(method, batch_size: int, mode: str, s: Settings, device) -> dict:
     reset_memory(device)  # after the count: its eager pass must not set the compiled step's peak
     seconds, first = timed(step, s.warmup_steps, s.timed_steps, device)
     result = {"stage": stage.name, "samples_per_s": batch_size / seconds, "step_ms": 1e3 * seconds,
-              "peak_gib": peak_gib(device), "gflop_per_sample": gflop, "trainable": method.parameter_counts()["trainable"]}
+              "peak_gib": peak_gib(device), "gflop_per_sample": gflop,
+              "trainable": method.parameter_counts()["trainable"]}
     if mode == "compile":
         result["compile_s"] = first
     method.zero_grad(set_to_none=True)  # the gradients must not count in the next cell's peak
@@ -421,7 +422,8 @@ class Suite:
         record = {"what": what, **config}
         left = self.budget.left()
         if left < estimate_s:
-            record.update(status="skipped", reason=f"time budget: {left:.0f} s left, the cell needs about {estimate_s:.0f} s")
+            record.update(status="skipped",
+                          reason=f"time budget: {left:.0f} s left, the cell needs about {estimate_s:.0f} s")
         else:
             tick = time.monotonic()
             try:
@@ -460,12 +462,12 @@ class Suite:
         for name in s.methods:
             for batch in s.train_batches:
                 self.cell("train", {"method": name, "batch": batch, "mode": "eager"}, eager,
-                          lambda: train_cell(self.method(name), batch, "eager", s, device))
+                          lambda name=name, batch=batch: train_cell(self.method(name), batch, "eager", s, device))
             for batch in s.embed_batches:
                 self.cell("embed", {"method": name, "batch": batch, "mode": "eager"}, eager,
-                          lambda: embed_cell(self.method(name), batch, s, device))
+                          lambda name=name, batch=batch: embed_cell(self.method(name), batch, s, device))
             self.cell("text", {"method": name, "batch": s.text_batch, "mode": "eager"}, eager,
-                      lambda: text_cell(self.method(name), s, device))
+                      lambda name=name: text_cell(self.method(name), s, device))
         self.method(None)
         self.cell("eval_check", {"batch": s.eval_check[0], "mode": "eager"}, eager, lambda: eval_check_cell(s, device))
         self.cell("eval", {"batch": s.eval_queries, "mode": "eager"}, eager, lambda: eval_cell(s, device, self.peaks))
@@ -475,7 +477,7 @@ class Suite:
                 for name in s.compile_methods or s.methods:
                     estimate = max([s.compile_estimate_s] + self.compile_seconds)
                     record = self.cell("train", {"method": name, "batch": batch, "mode": "compile"}, estimate,
-                                       lambda: self.compiled(name, batch))
+                                       lambda name=name, batch=batch: self.compiled(name, batch))
                     if record["status"] == "ok":
                         self.compile_seconds.append(record["wall_s"])
         self.save()
@@ -506,7 +508,7 @@ def environment(device, peaks) -> dict:
     import open_clip
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
