@@ -386,7 +386,7 @@ def eval_cell(s: Settings, device, peaks) -> dict:
     return {"seconds": seconds, "samples_per_s": s.eval_queries / seconds, "peak_gib": peak_gib(device),
             "gflop_per_sample": gflop, "ceiling_per_s": ceiling,
             "mfu": gflop * s.eval_queries / seconds / (peaks["fp32"] * 1e3) if peaks["fp32"] else None,
-            "metrics": {k: v for k, v in out["metrics"].items()}, "top_k_shape": list(out["top_positions"].shape)}
+            "metrics": dict(out["metrics"]), "top_k_shape": list(out["top_positions"].shape)}
 
 
 # --------------------------------------------------------------------------- the run
@@ -412,7 +412,6 @@ class Suite:
         self.s, self.device, self.peaks, self.out_path = s, device, peaks, out_path
         self.budget = Budget(s.budget_s)
         self.cells: list[dict] = []
-        self.flops: dict = {}
         self.compile_seconds: list[float] = []
         self.built = (None, None)  # (name, method or the exception its build raised)
         self.report = {"suite": "tpr-ray gpu suite", "smoke": smoke, "settings": dataclasses.asdict(s),
@@ -429,12 +428,14 @@ class Suite:
             try:
                 with self.budget.alarm():
                     record.update(fn(), status="ok")
-            except CellTimeout as exc:
-                record.update(status="skipped", reason=str(exc))
             except torch.OutOfMemoryError:
                 record.update(status="error", reason="out of GPU memory")
             except Exception as exc:  # a method that cannot compile, say: record it, measure the rest
-                record.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                if isinstance(exc, CellTimeout) or self.budget.left() <= 0:
+                    # Inductor re-raises the alarm's exception as its own error type.
+                    record.update(status="skipped", reason="interrupted at the time budget's end")
+                else:
+                    record.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
             record["wall_s"] = round(time.monotonic() - tick, 2)
         self.add_ceiling(record, what)
         self.cells.append(record)
@@ -556,6 +557,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--peak-fp32-tflops", type=float, help="the chip's fp32 peak (the evaluation's matmul)")
     parser.add_argument("--methods", help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--no-compile", action="store_true", help="eager cells only")
+    parser.add_argument("--compile-backend", help="torch.compile backend (default inductor; smoke: eager)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     args = parser.parse_args(argv)
 
@@ -567,6 +569,8 @@ def main(argv=None) -> dict:
         for name in s.methods:
             get_method(name)  # unknown names fail here, before anything runs
         s.compile_methods = tuple(m for m in s.compile_methods or s.methods if m in s.methods)
+    if args.compile_backend:
+        s.compile_backend = args.compile_backend
     if args.no_compile:
         s.modes = ("eager",)
     if args.smoke:

@@ -109,8 +109,18 @@ def test_time_budget_skips_and_interrupts_cells(tmp_path):
     overran = run.cell("train", config, 0.0, lambda: time.sleep(5) or {})
     assert overran["status"] == "skipped" and "interrupted" in overran["reason"]
     assert time.monotonic() - tick < 2.0
+
+    def compile_that_wraps_the_alarm():  # as inductor does: InductorError from CellTimeout
+        try:
+            time.sleep(5)
+        except suite.CellTimeout as exc:
+            raise RuntimeError("compile failed") from exc
+
+    run.budget.deadline = time.monotonic() + 0.3
+    wrapped = run.cell("train", config, 0.0, compile_that_wraps_the_alarm)
+    assert wrapped["status"] == "skipped" and "interrupted" in wrapped["reason"]
     saved = json.loads((tmp_path / "out.json").read_text())
-    assert saved["skipped"] == 2 and len(saved["cells"]) == 2
+    assert saved["skipped"] == 3 and len(saved["cells"]) == 3
 
 
 BLOCK_AND_RUN = f"""
