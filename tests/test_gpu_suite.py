@@ -161,8 +161,10 @@ def test_smoke_run_without_ray_reports_every_cell(tmp_path):
             assert embed["samples_per_s"] > 0 and embed["gflop_per_sample"] > 0
         (text,) = find(what="text", method=name)
         assert text["samples_per_s"] > 0 and text["tokenize_per_s_cpu"] > 0
-    (compiled,) = find(what="train", mode="compile")
-    assert compiled["samples_per_s"] > 0 and compiled["compile_s"] > 0
+    first, second = find(what="train", mode="compile")
+    assert (first["method"], first["batch"], second["batch"]) == ("baseline", 4, 8)
+    assert first["samples_per_s"] > 0 and second["samples_per_s"] > 0
+    assert first["graphs"] == second["graphs"] == 1  # one graph, reused by the second batch size
 
     (check,) = find(what="eval_check")
     assert check["equal"] and check["queries_tied_at_k"] > 0
