@@ -328,7 +328,8 @@ def train_cell(method, batch_size: int, s: Settings, device, compiled=None) -> d
     seconds, first = timed(step, s.warmup_steps, s.timed_steps, device)
     result = {"stage": stage.name, "samples_per_s": batch_size / seconds, "step_ms": 1e3 * seconds,
               "peak_gib": peak_gib(device), "gflop_per_sample": gflop,
-              "trainable": method.parameter_counts()["trainable"]}
+              "trainable": method.parameter_counts()["trainable"],
+              "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else "")}
     if compiled is not None:
         # Graph breaks (and recompiles) show here: a method that compiles whole has one graph.
         result.update(compile_s=first, graphs=int(counters["stats"]["unique_graphs"]))
