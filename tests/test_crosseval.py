@@ -226,6 +226,49 @@ def test_declared_resources_follow_the_config():
     assert cells.eval_resources(cells.EvalSettings("e", ks=(1,))) == (1.0, 0.0)
 
 
+def files_under(folder):
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.mark.parametrize("method", ["../../x", "..", "a/b", "/tmp/x", "x\0y"])
+def test_method_names_that_are_paths_are_refused(fake, tmp_path, method):
+    jobs, registry = fake
+    with pytest.raises(ConfigError, match="not a plain name"):
+        crosseval(matrix_config(tmp_path, registry, methods=["baseline", method]))
+    assert jobs.calls == [] and files_under(tmp_path) == {"datasets.json"}
+
+
+def test_cli_refuses_a_method_name_that_is_a_path(fake, tmp_path):
+    jobs, registry = fake
+    result = CliRunner().invoke(crosseval_command, ["--methods", "../../x", "--train", "cuhk", "--test", "cuhk",
+                                                    "--registry", registry, "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "'../../x' is not a plain name" in result.output
+    assert files_under(tmp_path) == {"datasets.json"}
+
+
+def test_dataset_names_stay_inside_the_output(fake, tmp_path):
+    jobs, registry = fake
+    names = {"..": "/data/a", "../../evil": "/data/b", ".hidden/../x": "/data/c", "ok": "/data/d"}
+    with open(registry, "w") as f:
+        json.dump({"datasets": {name: {"root": root} for name, root in names.items()}}, f)
+    result = crosseval(matrix_config(tmp_path, registry, methods=["baseline"], train=list(names), test=[".."]))
+    assert result.counts["ok"] == 4
+    written = files_under(tmp_path)
+    assert all(path == "datasets.json" or path.startswith("out" + os.sep) for path in written), written
+    assert all(".." not in path.split(os.sep) for path in written)
+    assert {c["train"] for c in result.cells} == {"data", "evil", "hidden_.._x", "ok"}
+
+
+def test_safe_names_are_single_path_components():
+    for name in ("..", ".", "", "../x", "a/../b", "x\0", "C:\\evil", ".bashrc"):
+        cleaned = data_registry.safe_name(name)
+        assert cleaned not in ("", ".", "..") and not cleaned.startswith(".") and "/" not in cleaned, (name, cleaned)
+        assert data_registry.child_path("/out", cleaned) == os.path.join("/out", cleaned)
+    for bad in ("..", ".", "", "a/b", "a\\b", "a\0b"):
+        with pytest.raises(ConfigError, match="cannot be used as a file or folder name"):
+            data_registry.child_path("/out", bad)
+
+
 # --------------------------------------------------------------------------- end to end on Ray
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from tpr_ray import storage
 from tpr_ray.backbone import DEFAULT_IMAGE_SIZE
 from tpr_ray.crosseval.scheduler import error_record
 from tpr_ray.data import registry as datasets_registry
-from tpr_ray.data.registry import SYNTHETIC_STYLES, Dataset, safe_name
+from tpr_ray.data.registry import SYNTHETIC_STYLES, Dataset, child_path, safe_name
 from tpr_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -82,6 +83,14 @@ def backbone_choice(cfg: CrossEvalConfig, datasets: Sequence[Dataset]) -> tuple[
     return model, pretrained, base
 
 
+def check_method_names(methods: Sequence[str]) -> None:
+    """Method names become run, embedding, cell and heatmap file names: plain names only."""
+    for method in methods:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", method):
+            raise ConfigError(f"method name {method!r} is not a plain name (letters, digits, '_', '-'); "
+                              "see `tpr-ray crosseval --help` for the methods")
+
+
 def train_identity(cfg: TrainConfig) -> dict:
     """The fields of a training configuration that change its checkpoint (besides recipe and data)."""
     return {"method": cfg.method, "model": cfg.model, "pretrained": cfg.pretrained,
@@ -131,6 +140,7 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
     from tpr_ray.methods import get_method
     from tpr_ray.train import TrainConfig
 
+    check_method_names(cfg.methods)
     out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     registry = datasets_registry.load_registry(cfg.registry)
     specs = list(dict.fromkeys([*cfg.train, *cfg.test]))
@@ -164,13 +174,14 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
             train_key = None
             if error is None:
                 train_config = TrainConfig(
-                    method=method, data=versions[train_spec]["root"], out=storage.join(out, "runs"), model=model,
+                    method=method, data=versions[train_spec]["root"], out=child_path(out, "runs"), model=model,
                     pretrained=pretrained, image_size=tuple(cfg.image_size), overrides=recipe,
                     num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                     loader_workers=cfg.loader_workers, max_steps=cfg.max_steps, seed=cfg.seed)
                 train_key = config_key({**train_identity(train_config), "recipe": recipe,
                                         "data": versions[train_spec]["version"]})
                 train_config.name = f"{method}-{names[train_spec]}-{train_key[:10]}"
+                child_path(train_config.out, train_config.name)
                 train_plan = TrainPlan(method, versions[train_spec], train_key, train_config)
                 trains.append(train_plan)
             for test_spec in cfg.test:
@@ -179,14 +190,14 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
                                   **eval_settings}) if test_error is None else config_key(
                     {"method": method, "train": train_spec, "test": test_spec, "unresolved": True})
                 name = f"{method}__{names[train_spec]}__{names[test_spec]}-{key[:12]}.json"
-                cell = CellPlan(method, names[train_spec], names[test_spec], key, storage.join(out, "cells", name),
+                cell = CellPlan(method, names[train_spec], names[test_spec], key, child_path(out, "cells", name),
                                 train_plan if test_error is None else None, versions.get(test_spec),
                                 error=test_error)
                 if test_error is None:
                     embed_key = config_key({"train": train_key, "test": versions[test_spec]["version"],
                                             "split": TEST_SPLIT, "rows_per_shard": cfg.rows_per_shard})
-                    cell.embed_dir = storage.join(out, "embeddings", train_config.name,
-                                                  f"{names[test_spec]}-{embed_key[:10]}")
+                    cell.embed_dir = child_path(out, "embeddings", train_config.name,
+                                                f"{names[test_spec]}-{embed_key[:10]}")
                     train_plan.cells.append(cell)
                 cells.append(cell)
     return trains, cells

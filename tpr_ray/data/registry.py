@@ -38,7 +38,18 @@ class Dataset:
 
 
 def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "data"
+    """``name`` as one path component: letters, digits, ``.``, ``_`` and ``-`` only, and no
+    leading dot (so never ``.`` or ``..``): user-given names become folders under the output."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._").rstrip("_") or "data"
+
+
+def child_path(parent: str, *names: str) -> str:
+    """``parent/names...``, refusing any name that is not one plain path component, so a
+    name built from user input can never point outside ``parent``."""
+    for name in names:
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0") or ":" in name:
+            raise ConfigError(f"{name!r} cannot be used as a file or folder name under {parent}")
+    return storage.join(parent, *names)
 
 
 def load_registry(path: str | None) -> dict[str, Dataset]:
@@ -104,7 +115,7 @@ def materialise(dataset: Dataset, out: str) -> Dataset:
         return dataset
     from tpr_ray.data.synth import synthesize
 
-    root = storage.join(out, "data", f"{dataset.name}-{dataset.synthetic}-{dataset.ids}ids-seed{dataset.seed}")
+    root = child_path(out, "data", safe_name(f"{dataset.name}-{dataset.synthetic}-{dataset.ids}ids-seed{dataset.seed}"))
     if not storage.exists(root) or not _has_annotations(root):
         if storage.exists(root):  # an interrupted generation: start it over
             fs, path = storage.filesystem(root)
