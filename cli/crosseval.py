@@ -60,6 +60,7 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
     others go on. With no dataset options the three built-in synthetic styles are used
     with the tiny model, which finishes on 2 CPU cores in a few minutes.
     """
+    from tpr_ray import storage
     from tpr_ray.crosseval import CrossEvalConfig, crosseval as run_matrix
 
     overrides = parse_overrides(sets)
@@ -88,6 +89,11 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
             click.echo(f"FAILED {cell['method']} {cell['train']} -> {cell['test']} in {error['stage']}: "
                        f"{error['type']}: {error['message']}")
     click.echo(f"report: {result.report['html']}")
+    if counts["failed"]:
+        # After the report, so the cells that did finish are there; scripts and CI see the failure.
+        click.echo(f"{counts['failed']} of {len(result.cells)} cells failed; their errors are in "
+                   f"{storage.join(out, 'cells')} and the report", err=True)
+        click.get_current_context().exit(1)
 
 
 def open_text(uri: str) -> str:

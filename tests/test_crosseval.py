@@ -269,6 +269,48 @@ def test_safe_names_are_single_path_components():
             data_registry.child_path("/out", bad)
 
 
+@pytest.fixture()
+def inline(monkeypatch):
+    """The CLI's matrix run in this process, one job at a time (no Ray)."""
+    from tpr_ray.crosseval import matrix
+
+    monkeypatch.setattr(matrix, "_make_runner", lambda cfg, address: Runner(cells.run_job, False, float("inf"),
+                                                                             float("inf"), 1))
+
+
+def test_cli_exits_non_zero_after_writing_the_report_when_a_cell_failed(fake, inline, tmp_path):
+    jobs, registry = fake
+    out = tmp_path / "out"
+    args = ["--methods", "baseline", "--train", "cuhk,icfg", "--test", "cuhk", "--registry", registry,
+            "--out", str(out)]
+    result = CliRunner().invoke(crosseval_command, args)
+    assert result.exit_code == 1, result.output
+    assert "FAILED baseline icfg -> cuhk in train: RuntimeError: CUDA out of memory" in result.output
+    assert "1 of 2 cells failed" in result.output and "report: " in result.output
+    assert (out / "report" / "index.html").stat().st_size > 0 and len(os.listdir(out / "cells")) == 2
+
+    # Without failures the exit code is 0 (the finished cell is skipped on the re-run).
+    ok = CliRunner().invoke(crosseval_command, [*args[:2], "--train", "cuhk", *args[4:]])
+    assert ok.exit_code == 0, ok.output
+    assert "1 cells: 0 evaluated, 1 already done, 0 failed" in ok.output
+
+
+def test_every_progress_line_names_its_cell_or_run(fake, tmp_path, caplog):
+    jobs, registry = fake
+    caplog.set_level("INFO", logger="tpr_ray.crosseval")
+    result = crosseval(matrix_config(tmp_path, registry, train=["cuhk", "icfg"], test=["cuhk", "rstp"]))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("tpr_ray.crosseval")]
+    run_names = [os.path.basename(c["checkpoint"]["run_dir"]) for c in result.cells if c["checkpoint"]]
+    for line in lines:
+        names_a_run = any(name in line for name in run_names) or "baseline-icfg-" in line
+        names_a_cell = re.search(r"(baseline|nope):? (cuhk|icfg) -> (cuhk|rstp)", line)
+        assert names_a_run or names_a_cell, line
+    done = [line for line in lines if line.startswith("cell ")]
+    assert len(done) == 8 and done[-1].startswith("cell 8/8 ")
+    assert any(re.match(r"cell \d/8 baseline cuhk -> cuhk: ok, R1 \d", line) for line in done)
+    assert any("baseline icfg -> rstp: FAILED in train: RuntimeError: CUDA out of memory" in line for line in done)
+
+
 # --------------------------------------------------------------------------- end to end on Ray
 
 

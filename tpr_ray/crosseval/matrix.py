@@ -8,7 +8,8 @@ import datetime
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from tpr_ray import storage
 from tpr_ray.crosseval import cells as jobs
@@ -28,24 +29,52 @@ class CrossEvalResult:
     counts: dict  # ok / failed / skipped / trained / reused checkpoints / embedded
 
 
+@dataclass
+class _Run:
+    """What the callbacks of one matrix run share: its start, counters and progress."""
+
+    started: str
+    counts: dict
+    pending: int = 0  # cells this run has to finish
+    finished: int = 0
+    tick: float = field(default_factory=time.perf_counter)
+
+    def progress(self, cell: CellPlan) -> None:
+        self.finished += 1
+        record = cell.record
+        if record["status"] == "ok":
+            metrics = record["metrics"] or {}
+            outcome = "ok" + (f", R1 {metrics['R1']:.2f}" if "R1" in metrics else "")
+        else:
+            error = record["error"]
+            outcome = f"FAILED in {error['stage']}: {error['type']}: {error['message']}"
+        elapsed = time.perf_counter() - self.tick
+        eta = elapsed / self.finished * (self.pending - self.finished)
+        log.info("cell %d/%d %s %s -> %s: %s (%.0fs, ETA %.0fs)", self.finished, self.pending, cell.method,
+                 cell.train_name, cell.test_name, outcome, elapsed, eta)
+
+
 def crosseval(cfg: CrossEvalConfig, address: str | None = None) -> CrossEvalResult:
     """Run (or finish) the matrix and write the report; see the package docstring."""
     if not cfg.methods or not cfg.train or not cfg.test:
         raise ConfigError("give at least one method, one training set and one test set")
     out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     cfg = dataclasses.replace(cfg, out=out)
-    started = _now()
     trains, cells = plan(cfg)
     counts = {"ok": 0, "failed": 0, "skipped": 0, "trained": 0, "reused_checkpoints": 0, "embedded": 0}
+    run = _Run(_now(), counts)
 
     for cell in cells:
         previous = _read_cell(cell.path)
         if previous is not None and previous.get("status") == "ok":
             cell.record = previous
             counts["skipped"] += 1
+    run.pending = sum(cell.record is None for cell in cells)
+    if counts["skipped"]:
+        log.info("%d of %d cells already done", counts["skipped"], len(cells))
     for cell in cells:
         if cell.record is None and cell.error is not None:
-            _finish(cell, cfg, started, error=cell.error)
+            _finish(cell, cfg, run, error=cell.error)
 
     busy = [t for t in trains if any(c.record is None for c in t.cells)]
     runner = _make_runner(cfg, address) if busy else Runner(jobs.run_job, False, 0.0, 0.0, 1)
@@ -55,7 +84,7 @@ def crosseval(cfg: CrossEvalConfig, address: str | None = None) -> CrossEvalResu
             try:
                 train_plan.checkpoint = {**jobs.checkpoint_identity(train_plan.run_dir), "reused": True}
                 counts["reused_checkpoints"] += 1
-                _after_training(train_plan, cfg, runner, counts, started)
+                _after_training(train_plan, cfg, runner, run)
                 continue
             except Exception as exc:  # an unreadable run is trained again (resumed)
                 log.warning("cannot reuse %s (%s); training again", train_plan.run_dir, exc)
@@ -66,11 +95,11 @@ def crosseval(cfg: CrossEvalConfig, address: str | None = None) -> CrossEvalResu
             if not answer["ok"]:
                 for cell in train_plan.cells:
                     if cell.record is None:
-                        _finish(cell, cfg, started, error=answer["error"])
+                        _finish(cell, cfg, run, error=answer["error"])
                 return
             counts["trained"] += 1
             train_plan.checkpoint = answer["result"]
-            _after_training(train_plan, cfg, runner, counts, started)
+            _after_training(train_plan, cfg, runner, run)
 
         runner.submit(jobs.make_job("train", train_config, trained, label=train_config.run_name()))
     runner.run()
@@ -103,7 +132,7 @@ def _use_gpu(cfg: CrossEvalConfig, runner: Runner) -> bool | None:
     return runner.gpus > 0 if runner.use_ray else None
 
 
-def _after_training(train_plan: TrainPlan, cfg: CrossEvalConfig, runner: Runner, counts, started) -> None:
+def _after_training(train_plan: TrainPlan, cfg: CrossEvalConfig, runner: Runner, run: _Run) -> None:
     """Embed each pending test set with the checkpoint (or reuse its embeddings), then evaluate."""
     from tpr_ray.embed import EmbedConfig
 
@@ -114,7 +143,7 @@ def _after_training(train_plan: TrainPlan, cfg: CrossEvalConfig, runner: Runner,
             continue
         if jobs.embedding_complete(cell.embed_dir, train_plan.checkpoint["uri"]):
             cell.embed = {"dir": cell.embed_dir, "reused": True, "seconds": 0.0}
-            _submit_eval(cell, cfg, runner, started)
+            _submit_eval(cell, cfg, runner, run)
             continue
         embed_config = EmbedConfig(checkpoint=train_plan.checkpoint["uri"], out=cell.embed_dir,
                                    data=cell.test["root"], split=TEST_SPLIT, batch_size=cfg.embed_batch_size,
@@ -122,11 +151,11 @@ def _after_training(train_plan: TrainPlan, cfg: CrossEvalConfig, runner: Runner,
 
         def embedded(answer, cell=cell):
             if not answer["ok"]:
-                _finish(cell, cfg, started, error=answer["error"])
+                _finish(cell, cfg, run, error=answer["error"])
                 return
-            counts["embedded"] += 1
+            run.counts["embedded"] += 1
             cell.embed = answer["result"]
-            _submit_eval(cell, cfg, runner, started)
+            _submit_eval(cell, cfg, runner, run)
 
         runner.submit(jobs.make_job("embed", embed_config, embedded,
                                     label=f"{os.path.basename(train_plan.run_dir)} on {cell.test_name}"))
@@ -137,15 +166,15 @@ def _eval_settings(cfg: CrossEvalConfig) -> dict:
             "eval_version": EVAL_VERSION}
 
 
-def _submit_eval(cell: CellPlan, cfg: CrossEvalConfig, runner: Runner, started: str) -> None:
+def _submit_eval(cell: CellPlan, cfg: CrossEvalConfig, runner: Runner, run: _Run) -> None:
     settings = jobs.EvalSettings(embed_dir=cell.embed_dir, ks=tuple(cfg.ks), top_k=cfg.top_k,
                                  block_size=cfg.block_size, samples=cfg.samples, use_ray=runner.use_ray)
 
     def evaluated(answer):
         if answer["ok"]:
-            _finish(cell, cfg, started, result=answer["result"])
+            _finish(cell, cfg, run, result=answer["result"])
         else:
-            _finish(cell, cfg, started, error=answer["error"])
+            _finish(cell, cfg, run, error=answer["error"])
 
     runner.submit(jobs.make_job("eval", settings, evaluated,
                                 label=f"{cell.method} {cell.train_name} -> {cell.test_name}"))
@@ -155,7 +184,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _finish(cell: CellPlan, cfg: CrossEvalConfig, started: str, *, result: dict | None = None,
+def _finish(cell: CellPlan, cfg: CrossEvalConfig, run: _Run, *, result: dict | None = None,
             error: dict | None = None) -> None:
     """Build the cell's record and write it to ``cells/``."""
     train_plan = cell.train_plan
@@ -170,7 +199,7 @@ def _finish(cell: CellPlan, cfg: CrossEvalConfig, started: str, *, result: dict 
         "checkpoint": checkpoint,
         "datasets": {"train": train_plan.train if train_plan else None, "test": cell.test},
         "embeddings": cell.embed or None,
-        "time": {"run_started": started, "finished": _now(),
+        "time": {"run_started": run.started, "finished": _now(),
                  "train_s": round(checkpoint.get("seconds", 0.0), 2) if checkpoint else None,
                  "embed_s": round(cell.embed.get("seconds", 0.0), 2) if cell.embed else None,
                  "eval_s": round(result["seconds"], 2) if result else None},
@@ -180,6 +209,7 @@ def _finish(cell: CellPlan, cfg: CrossEvalConfig, started: str, *, result: dict 
         record["error"] = error
     cell.record = record
     write_cell_json(record, cell.path)
+    run.progress(cell)
 
 
 def _read_cell(path: str) -> dict | None:
