@@ -49,10 +49,12 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--block-size", default=1024, show_default=True, help="Queries scored at a time per gallery shard.")
 @click.option("--rows-per-shard", default=10_000, show_default=True, help="Embedding shard size.")
 @click.option("--max-parallel", type=int, help="Jobs at a time (default: as many as the cluster's CPUs/GPUs fit).")
+@click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
+              help="Also read manifest images under PREFIX (by default only the dataset's own imgs/ folder).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
 def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, image_size, epochs, batch_size, lr,
               sets, max_steps, workers, cpus_per_worker, gpu, loader_workers, ids, seed, ks, top_k, samples,
-              block_size, rows_per_shard, max_parallel, address):
+              block_size, rows_per_shard, max_parallel, allow_uri_prefixes, address):
     """Train every method on every training set, test on every test set, report the matrix.
 
     Finished cells are skipped on a re-run, checkpoints and embeddings of the same
@@ -72,7 +74,7 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
                           max_steps=max_steps, num_workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=gpu,
                           loader_workers=loader_workers, seed=seed, synthetic_ids=ids, ks=ks, top_k=top_k,
                           samples=samples, block_size=block_size, rows_per_shard=rows_per_shard,
-                          max_parallel=max_parallel)
+                          max_parallel=max_parallel, allow_uri_prefixes=allow_uri_prefixes)
     try:
         result = run_matrix(cfg, address=address)
     except (ConfigError, DataError) as error:

@@ -8,6 +8,7 @@ import posixpath
 import click
 
 from tpr_ray.data import STYLES, load_manifest, manifest_info, read_dataset, split_stats, synthesize, write_manifest
+from tpr_ray.data.uris import env_prefixes
 from tpr_ray.errors import ConfigError, DataError
 
 
@@ -79,10 +80,13 @@ def prepare_command(data_uri, out_uri, skip_bad, rejects_uri):
 @data.command("stats")
 @click.argument("data_uri", metavar="DATA")
 @click.option("--skip-bad", is_flag=True, help="Count only good entries of a dataset folder instead of failing.")
+@click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
+              help="Also accept manifest images under PREFIX (by default only the dataset's own imgs/ folder).")
 @_clean_errors
-def stats_command(data_uri, skip_bad):
+def stats_command(data_uri, skip_bad, allow_uri_prefixes):
     """Identities, images and captions per split of a dataset folder or manifest DATA."""
-    table = load_manifest(data_uri, on_error="skip" if skip_bad else "raise")
+    table = load_manifest(data_uri, on_error="skip" if skip_bad else "raise",
+                          allow_uri_prefixes=[*env_prefixes(), *allow_uri_prefixes])
     click.echo(format_stats(split_stats(table)))
     rejected = manifest_info(table).get("rejected")
     if rejected:

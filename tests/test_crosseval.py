@@ -311,6 +311,19 @@ def test_every_progress_line_names_its_cell_or_run(fake, tmp_path, caplog):
     assert any("baseline icfg -> rstp: FAILED in train: RuntimeError: CUDA out of memory" in line for line in done)
 
 
+def test_allowed_uri_prefixes_reach_the_jobs_and_only_them(fake, tmp_path, monkeypatch):
+    from tpr_ray.data.uris import ENV_ALLOW
+
+    jobs, registry = fake
+    monkeypatch.delenv(ENV_ALLOW, raising=False)
+    seen = []
+    monkeypatch.setitem(cells.JOBS, "train", lambda config, address: (
+        seen.append(os.environ.get(ENV_ALLOW)), jobs.train(config, address))[1])
+    crosseval(matrix_config(tmp_path, registry, methods=["baseline"], train=["cuhk"], test=["cuhk"],
+                            allow_uri_prefixes=("s3://mirror/cuhk",)))
+    assert seen == ["s3://mirror/cuhk"] and ENV_ALLOW not in os.environ
+
+
 # --------------------------------------------------------------------------- end to end on Ray
 
 

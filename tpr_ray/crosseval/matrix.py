@@ -3,6 +3,7 @@ every cell, write the report."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -16,6 +17,7 @@ from tpr_ray.crosseval import cells as jobs
 from tpr_ray.crosseval.plan import EVAL_VERSION, TEST_SPLIT, CellPlan, CrossEvalConfig, TrainPlan, plan, \
     train_identity
 from tpr_ray.crosseval.scheduler import Runner
+from tpr_ray.data.uris import ENV_ALLOW, env_prefixes
 from tpr_ray.errors import ConfigError
 from tpr_ray.report import write_cell_json, write_report
 
@@ -60,6 +62,30 @@ def crosseval(cfg: CrossEvalConfig, address: str | None = None) -> CrossEvalResu
         raise ConfigError("give at least one method, one training set and one test set")
     out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     cfg = dataclasses.replace(cfg, out=out)
+    with _allowed_uris(cfg.allow_uri_prefixes):
+        return _crosseval(cfg, address)
+
+
+@contextlib.contextmanager
+def _allowed_uris(prefixes):
+    """Every manifest read, here and in the jobs, also accepts images under ``prefixes``:
+    the jobs read manifests through the environment (see tpr_ray.data.uris)."""
+    if not prefixes:
+        yield
+        return
+    previous = os.environ.get(ENV_ALLOW)
+    os.environ[ENV_ALLOW] = ",".join([*env_prefixes(), *prefixes])
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_ALLOW, None)
+        else:
+            os.environ[ENV_ALLOW] = previous
+
+
+def _crosseval(cfg: CrossEvalConfig, address: str | None) -> CrossEvalResult:
+    out = cfg.out
     trains, cells = plan(cfg)
     counts = {"ok": 0, "failed": 0, "skipped": 0, "trained": 0, "reused_checkpoints": 0, "embedded": 0}
     run = _Run(_now(), counts)
@@ -120,8 +146,9 @@ def _make_runner(cfg: CrossEvalConfig, address: str | None) -> Runner:
 
     init_ray(address)
     resources = ray.cluster_resources()
+    env_vars = {ENV_ALLOW: os.environ[ENV_ALLOW]} if os.environ.get(ENV_ALLOW) else None
     return Runner(jobs.run_job, True, cpus=resources.get("CPU", 1.0), gpus=resources.get("GPU", 0.0),
-                  max_parallel=cfg.max_parallel, address=address)
+                  max_parallel=cfg.max_parallel, address=address, env_vars=env_vars)
 
 
 def _use_gpu(cfg: CrossEvalConfig, runner: Runner) -> bool | None:

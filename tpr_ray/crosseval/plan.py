@@ -61,6 +61,7 @@ class CrossEvalConfig:
     block_size: int = 1024
     samples: int = 6  # queries per cell shown with their top-K in the HTML report
     max_parallel: int | None = None  # jobs at a time; default: as many as the declared resources allow
+    allow_uri_prefixes: Sequence[str] = ()  # more places manifests' images may be (see tpr_ray.data.uris)
     use_ray: bool = True  # False: run the jobs one by one in this process (tests, debugging)
 
 

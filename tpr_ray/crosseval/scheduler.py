@@ -44,8 +44,9 @@ class Runner:
     """
 
     def __init__(self, execute: Callable[[str, Any, str | None], dict], use_ray: bool, cpus: float, gpus: float,
-                 max_parallel: int | None, address: str | None = None):
+                 max_parallel: int | None, address: str | None = None, env_vars: dict | None = None):
         self.execute = execute
+        self.env_vars = env_vars or {}  # for the job tasks and, by inheritance, everything they start
         self.use_ray, self.cpus, self.gpus = use_ray, cpus, gpus
         self.max_parallel = max_parallel
         self.address = address
@@ -99,7 +100,8 @@ class Runner:
 
                 if self.remote is None:
                     # No CPU for the job itself: the work inside declares its own (see the module docstring).
-                    self.remote = ray.remote(self.execute).options(num_cpus=0, max_retries=0)
+                    options = {"runtime_env": {"env_vars": self.env_vars}} if self.env_vars else {}
+                    self.remote = ray.remote(self.execute).options(num_cpus=0, max_retries=0, **options)
                 ref = self.remote.remote(job.kind, job.config, self.address)
                 self.in_flight[ref] = job
             else:

@@ -22,12 +22,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tpr_ray import storage
 from tpr_ray.data.manifest import SPLITS, build_manifest, file_version
+from tpr_ray.data.uris import IMAGE_FOLDER, check_image_uris
 from tpr_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-IMAGE_FOLDER = "imgs"
-
 
 @dataclass(frozen=True)
 class DatasetFormat:
@@ -146,6 +144,8 @@ def read_dataset(
         "captions": [r["captions"] for r in rows],
         "dataset": [fmt] * len(rows),
     }
+    # The paths were checked not to escape imgs/; on a local disk a symlink still could.
+    check_image_uris(columns["image_uri"], [image_root], source, links_only=True)
     info = {"dataset": fmt, "source": source, "version": file_version(data), "rejected": len(reader.rejects)}
     return build_manifest(columns, info)
 
