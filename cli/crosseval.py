@@ -59,7 +59,8 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
 
     Finished cells are skipped on a re-run, checkpoints and embeddings of the same
     configuration are reused, and a failing cell is reported with its error while the
-    others go on. With no dataset options the three built-in synthetic styles are used
+    others go on; the exit status is 1 when any cell failed (after the report is written).
+    With no dataset options the three built-in synthetic styles are used
     with the tiny model, which finishes on 2 CPU cores in a few minutes.
     """
     from tpr_ray import storage
