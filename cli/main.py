@@ -125,12 +125,10 @@ def index():
 @clean_errors
 def index_build(embeddings, out, kind, nlist, nprobe):
     """Index a gallery embedding table."""
-    from tpr_ray import storage
-    from tpr_ray.embed import SIDECAR
     from tpr_ray.index import build_index
+    from tpr_ray.tables import table_dir
 
-    if storage.exists(storage.join(embeddings, "gallery", SIDECAR)):
-        embeddings = storage.join(embeddings, "gallery")
+    embeddings = table_dir(embeddings, "gallery")
     info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe)
     recall = {k: v for k, v in info.items() if k.startswith("recall")}
     click.echo(f"{kind} index of {info['ntotal']:,} x {info['dim']} vectors -> {out} in {info['seconds']:.1f}s"

@@ -13,9 +13,9 @@ from tpr_ray.evaluate import (
     chance_level,
     evaluate_embeddings,
     format_metrics_table,
-    read_embeddings,
     write_metrics_json,
 )
+from tpr_ray.tables import read_embeddings
 from tpr_ray.metrics import retrieval_metrics
 
 PROVENANCE = {"method": "cskt", "model": "ViT-B-16", "checkpoint": "runs/cskt/epoch_60.pt"}

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from tpr_ray.backbone import BackboneConfig
 from tpr_ray.checkpoint import load_method, save_checkpoint
-from tpr_ray.embed import SIDECAR, embedding_array
+from tpr_ray.tables import SIDECAR, embedding_array
 from tpr_ray.errors import ConfigError
 from tpr_ray.index import build_index, fill_index, load_index, make_index, measure_recall, recall_at_k
 from tpr_ray.inference import encode_captions

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tpr_ray import storage
-from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.evaluate import embedding_matrix, read_embeddings
+from tpr_ray.errors import ConfigError
+from tpr_ray.tables import check_kind, embedding_matrix, read_embeddings
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -93,8 +93,7 @@ def build_index(embeddings: str, out: str, kind: str = "flat", nlist: int | None
     """Index a gallery embedding table (a folder written by `tpr-ray embed`) into ``out``."""
     tick = time.perf_counter()
     table, info = read_embeddings(embeddings)
-    if info.get("kind") not in (None, "gallery"):
-        raise DataError(f"expected a gallery table, found kind {info.get('kind')!r}", file=embeddings)
+    check_kind(info, "gallery", hint="index the gallery/ table of an embedding run")
     vectors = embedding_matrix(table)
     index = make_index(kind, vectors.shape[1], len(vectors), nlist)
     fill_index(index, vectors)

@@ -29,32 +29,32 @@ one float32 rounding of each other.
 
 Gallery order (which breaks ties) is the concatenation of the shards in the order given;
 for an embedding table that is its ``part-*.parquet`` files in name order, the order
-:func:`tpr_ray.evaluate.read_embeddings` uses.
+:func:`tpr_ray.tables.read_embeddings` uses.
 """
 
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from tpr_ray import storage
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.evaluate import (
-    PROVENANCE,
-    SIDECAR,
-    chance_level,
+from tpr_ray.evaluate import chance_level
+from tpr_ray.tables import (
+    check_kind,
     check_same_model,
     embedding_matrix,
     fixed_size_embeddings,
+    list_shards,
     person_ids,
     provenance,
+    provenance_of_shards,
+    read_columns,
     read_embeddings,
+    read_sidecar,
 )
 from tpr_ray.metrics import (
     DEFAULT_KS,
@@ -325,50 +325,21 @@ def ranks_from_counts(counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- shards
 
 
-def list_shards(table_uri: str) -> list[str]:
-    """The ``*.parquet`` shards of an embedding table directory, in name order."""
-    fs, path = storage.filesystem(table_uri)
-    if not fs.isdir(path):
-        raise DataError("embedding directory not found; pass the folder written by `tpr-ray embed`", file=table_uri)
-    names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False)
-                   if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
-    if not names:
-        raise DataError("no *.parquet shards in this directory", file=table_uri)
-    return [storage.join(table_uri, name) for name in names]
-
-
 def shard_person_ids(shard) -> np.ndarray:
     """The person ids of a shard (a Parquet URI reads only that column)."""
     if isinstance(shard, ShardArrays):
         return np.asarray(shard.person_ids).ravel()
-    table = _read_parquet(shard, ["person_id"])
-    column = table.column("person_id")
-    if column.null_count:
-        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError("person_id is null; a bare gallery has no ground truth to evaluate against",
-                        file=shard, entry=row, field="person_id")
-    return column.to_numpy()
+    return person_ids(read_columns(shard, ["person_id"]), {"uri": shard},
+                      why="; a bare gallery has no ground truth to evaluate against")
 
 
 def load_shard_embeddings(shard) -> np.ndarray:
     """A shard's embeddings as unit-norm ``[n, dim]`` float32 (rows off by > 1e-3 normalised)."""
     if isinstance(shard, ShardArrays):
         return unit_rows(shard.embeddings, "gallery_emb")
-    table = _read_parquet(shard, ["embedding"])
+    table = read_columns(shard, ["embedding"])
     table = table.set_column(0, "embedding", fixed_size_embeddings(table.column("embedding"), shard))
     return unit_rows(embedding_matrix(table), "gallery_emb")
-
-
-def _read_parquet(uri: str, columns: list[str]):
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        schema = pq.read_schema(f)
-        missing = [c for c in columns if c not in schema.names]
-        if missing:
-            raise DataError(f"missing column in a gallery embedding table (has {schema.names})", file=uri,
-                            field=missing[0])
-        f.seek(0)
-        return pq.read_table(f, columns=columns)
 
 
 def _positive_scores_task(queries, shard, first_position, targets, block_size):
@@ -489,16 +460,11 @@ def evaluate_tables(gallery_uri: str, queries_uri: str, ks: Sequence[int] = DEFA
     """
     ks = check_ks(ks)
     queries, queries_info = read_embeddings(queries_uri)
-    if queries_info["kind"] != "queries":
-        raise ConfigError(f"{queries_uri} holds a {queries_info['kind']} table, expected queries; "
-                          "check the order of the gallery and queries arguments")
+    check_kind(queries_info, "queries")
     shards = list_shards(gallery_uri)
-    sidecar_uri = storage.join(gallery_uri, SIDECAR)
-    gallery_info = dict(storage.read_json(sidecar_uri)) if storage.exists(sidecar_uri) else {}
-    if gallery_info.get("kind", "gallery") != "gallery":
-        raise ConfigError(f"{gallery_uri} holds a {gallery_info['kind']} table, expected gallery")
-    gallery_info["uri"] = gallery_uri
-    gallery_from = provenance(_provenance_columns(shards, gallery_info), gallery_info)
+    gallery_info = {**read_sidecar(gallery_uri), "uri": gallery_uri}
+    check_kind(gallery_info, "gallery")
+    gallery_from = provenance_of_shards(shards, gallery_info)
     queries_from = provenance(queries, queries_info)
     mismatch = check_same_model(gallery_from, queries_from, allow_mismatch)
 
@@ -511,20 +477,6 @@ def evaluate_tables(gallery_uri: str, queries_uri: str, ks: Sequence[int] = DEFA
         result.metrics["mismatch"] = mismatch
     result.metrics["chance"] = chance_level(query_pids, gallery_pids, ks)
     return result
-
-
-def _provenance_columns(shards: list[str], info: dict):
-    """The provenance columns the sidecar does not answer, read from every shard."""
-    import pyarrow as pa
-
-    wanted = [c for c in PROVENANCE if info.get(c) is None]
-    fs, path = storage.filesystem(shards[0])
-    with fs.open(path, "rb") as f:
-        present = pq.read_schema(f).names
-    columns = [c for c in wanted if c in present]
-    if not columns:
-        return pa.table({})
-    return pa.concat_tables([_read_parquet(s, columns) for s in shards])
 
 
 # --------------------------------------------------------------------------- executors
