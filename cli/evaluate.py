@@ -31,10 +31,12 @@ def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
               help="Evaluate even if gallery and queries come from different models or checkpoints.")
 @click.option("--skip-queries-without-positives", is_flag=True,
               help="Leave out queries whose person has no gallery image (otherwise an error).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Evaluate tables whose embedding job has not finished (only the shards done so far).")
 @click.option("--chunk-size", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Queries scored at a time; memory grows with chunk size x gallery size.")
 def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mismatch,
-                 skip_queries_without_positives, chunk_size):
+                 skip_queries_without_positives, allow_incomplete, chunk_size):
     """Text-to-image R@K, mAP and mINP of an embedding run (IRRA protocol)."""
     if embeddings_dir is None and (gallery_uri is None or queries_uri is None):
         raise click.UsageError("give --embeddings DIR, or both --gallery and --queries")
@@ -44,7 +46,7 @@ def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mi
     try:
         metrics = evaluate_embeddings(gallery_uri, queries_uri, ks, allow_mismatch=allow_mismatch,
                                       skip_queries_without_positives=skip_queries_without_positives,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, allow_incomplete=allow_incomplete)
     except (DataError, ConfigError) as error:
         raise click.ClickException(str(error)) from error
 

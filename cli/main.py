@@ -122,14 +122,15 @@ def index():
               help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
 @click.option("--nlist", type=int, help="IVF cells (default about 4 sqrt(N)).")
 @click.option("--nprobe", default=32, show_default=True, help="IVF cells searched per query.")
+@click.option("--allow-incomplete", is_flag=True, help="Index a gallery whose embedding job has not finished.")
 @clean_errors
-def index_build(embeddings, out, kind, nlist, nprobe):
+def index_build(embeddings, out, kind, nlist, nprobe, allow_incomplete):
     """Index a gallery embedding table."""
     from tpr_ray.index import build_index
     from tpr_ray.tables import table_dir
 
     embeddings = table_dir(embeddings, "gallery")
-    info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe)
+    info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe, allow_incomplete=allow_incomplete)
     recall = {k: v for k, v in info.items() if k.startswith("recall")}
     click.echo(f"{kind} index of {info['ntotal']:,} x {info['dim']} vectors -> {out} in {info['seconds']:.1f}s"
                + "".join(f"; {k} {v:.4f}" for k, v in recall.items()))

@@ -29,18 +29,19 @@ from tpr_ray.tables import (
 
 def evaluate_embeddings(gallery_uri: str, queries_uri: str, ks: Sequence[int] = DEFAULT_KS, *,
                         allow_mismatch: bool = False, skip_queries_without_positives: bool = False,
-                        chunk_size: int = 1024) -> dict:
+                        chunk_size: int = 1024, allow_incomplete: bool = False) -> dict:
     """Text-to-image metrics of a query table against a gallery table.
 
     Returns the keys of :func:`tpr_ray.metrics.retrieval_metrics` plus ``method``,
     ``model``, ``checkpoint``, ``dim``, ``gallery``/``queries`` (the URIs), ``ks`` and
     ``chance`` (see :func:`chance_level`). Raises :class:`ConfigError` when the two tables
     come from different methods, models or checkpoints (or one table mixes several), unless
-    ``allow_mismatch``; the differences are then listed under ``mismatch``.
+    ``allow_mismatch``; the differences are then listed under ``mismatch``. A table whose
+    embedding job has not finished is a :class:`DataError` unless ``allow_incomplete``.
     """
     ks = check_ks(ks)
-    gallery, gallery_info = read_embeddings(gallery_uri)
-    queries, queries_info = read_embeddings(queries_uri)
+    gallery, gallery_info = read_embeddings(gallery_uri, allow_incomplete=allow_incomplete)
+    queries, queries_info = read_embeddings(queries_uri, allow_incomplete=allow_incomplete)
     check_kind(gallery_info, "gallery")
     check_kind(queries_info, "queries")
     if gallery_info["dim"] != queries_info["dim"]:

@@ -89,10 +89,10 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10, num_que
 
 
 def build_index(embeddings: str, out: str, kind: str = "flat", nlist: int | None = None, nprobe: int = 32,
-                recall_k: int = 10) -> dict:
+                recall_k: int = 10, allow_incomplete: bool = False) -> dict:
     """Index a gallery embedding table (a folder written by `tpr-ray embed`) into ``out``."""
     tick = time.perf_counter()
-    table, info = read_embeddings(embeddings)
+    table, info = read_embeddings(embeddings, allow_incomplete=allow_incomplete)
     check_kind(info, "gallery", hint="index the gallery/ table of an embedding run")
     vectors = embedding_matrix(table)
     index = make_index(kind, vectors.shape[1], len(vectors), nlist)

@@ -44,7 +44,9 @@ import numpy as np
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.evaluate import chance_level
 from tpr_ray.tables import (
+    check_complete,
     check_kind,
+    check_row_count,
     check_same_model,
     embedding_matrix,
     fixed_size_embeddings,
@@ -451,7 +453,7 @@ def _evaluate(query_emb, query_pids, shards, ks, top_k, block_size, use_ray, cpu
 
 def evaluate_tables(gallery_uri: str, queries_uri: str, ks: Sequence[int] = DEFAULT_KS, *, top_k: int = 10,
                     block_size: int = 1024, use_ray: bool | None = None, allow_mismatch: bool = False,
-                    skip_queries_without_positives: bool = False) -> StreamingResult:
+                    skip_queries_without_positives: bool = False, allow_incomplete: bool = False) -> StreamingResult:
     """Streaming counterpart of :func:`tpr_ray.evaluate.evaluate_embeddings`.
 
     The query table is read whole (it is small), the gallery shard by shard. The metrics
@@ -459,11 +461,14 @@ def evaluate_tables(gallery_uri: str, queries_uri: str, ks: Sequence[int] = DEFA
     ``queries``, ``ks``, ``chance``; ``mismatch`` when allowed).
     """
     ks = check_ks(ks)
-    queries, queries_info = read_embeddings(queries_uri)
+    queries, queries_info = read_embeddings(queries_uri, allow_incomplete=allow_incomplete)
     check_kind(queries_info, "queries")
     shards = list_shards(gallery_uri)
     gallery_info = {**read_sidecar(gallery_uri), "uri": gallery_uri}
     check_kind(gallery_info, "gallery")
+    check_complete(gallery_info, gallery_uri, allow_incomplete)
+    # The shards are read one at a time later; a missing or extra one must not pass for the gallery.
+    check_row_count(gallery_info, shards)
     gallery_from = provenance_of_shards(shards, gallery_info)
     queries_from = provenance(queries, queries_info)
     mismatch = check_same_model(gallery_from, queries_from, allow_mismatch)

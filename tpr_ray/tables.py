@@ -26,6 +26,7 @@ interrupted atomic writes (:data:`tpr_ray.storage.TEMP_PREFIX`).
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 import numpy as np
@@ -121,6 +122,51 @@ def check_kind(info: dict, expected: str, hint: str = "check the order of the ga
         raise TableKindError(f"{info.get('uri')} holds a {kind} table, expected {expected}; {hint}")
 
 
+def check_complete(info: dict, table_uri: str, allow_incomplete: bool = False) -> None:
+    """Refuse a table whose embedding job has not finished (``complete: false``) unless allowed.
+
+    The message names the job, how many of its planned shards are committed, and the
+    command that finishes it (re-running the embedding job resumes where it stopped). A
+    table without a sidecar (written by another tool) carries no such claim and passes.
+    """
+    if info.get("complete", True) or allow_incomplete:
+        return
+    done, planned = len(info.get("shards") or []), info.get("num_shards", "?")
+    raise DataError(f"incomplete {info.get('kind', 'embedding')} table: its embedding job stopped after "
+                    f"{done} of {planned} shards ({info.get('rows', '?')} rows); finish it with `{resume_command(info, table_uri)}` "
+                    "(it resumes where it stopped), or pass --allow-incomplete (allow_incomplete=True) to use "
+                    "the shards done", file=sidecar_uri(table_uri), field="complete")
+
+
+def resume_command(info: dict, table_uri: str) -> str:
+    """The `tpr-ray embed` command line that wrote (and so finishes) a table, from its sidecar."""
+    table_uri = table_uri.rstrip("/")
+    parent, name = posixpath.split(table_uri) if "://" in table_uri else os.path.split(table_uri)
+    out = parent if name in KINDS else table_uri
+    parts = ["tpr-ray embed", f"--checkpoint {info.get('checkpoint') or 'CHECKPOINT'}"]
+    source = info.get("source") or "SOURCE"
+    parts.append(f"--data {source} --split {info['split']}" if info.get("split") else f"--images {source}")
+    parts.append(f"--out {out}")
+    rows_per_shard = (info.get("settings") or {}).get("rows_per_shard")
+    if rows_per_shard is not None:
+        parts.append(f"--rows-per-shard {rows_per_shard}")
+    return " ".join(parts)
+
+
+def check_row_count(info: dict, shard_uris: list[str]) -> int:
+    """The rows of a table's shards, from their Parquet footers; must match the sidecar's ``rows``."""
+    total = 0
+    for uri in shard_uris:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    if "rows" in info and info["rows"] != total:
+        raise DataError(f"sidecar says {info['rows']} rows but the shards hold {total}; "
+                        "a shard is missing or extra, re-run the embedding job", file=sidecar_uri(info["uri"]),
+                        field="rows")
+    return total
+
+
 def read_columns(shard_uri: str, columns: list[str], kind: str = "gallery") -> pa.Table:
     """Some columns of one shard; a missing one is a :class:`DataError` naming the file."""
     fs, path = storage.filesystem(shard_uri)
@@ -134,18 +180,21 @@ def read_columns(shard_uri: str, columns: list[str], kind: str = "gallery") -> p
         return pq.read_table(f, columns=columns)
 
 
-def read_embeddings(uri: str) -> tuple[pa.Table, dict]:
+def read_embeddings(uri: str, *, allow_incomplete: bool = False) -> tuple[pa.Table, dict]:
     """Read every shard under ``uri`` in name order, plus its sidecar.
 
     Returns the concatenated table, with ``embedding`` as ``fixed_size_list<float32>[dim]``
     (``list``/``large_list`` columns are converted), and an info dict: the sidecar's fields
     (``kind``, ``method``, ``model``, ``checkpoint``, ...) plus ``uri``, ``files``, ``rows``
     and ``dim``. Raises :class:`DataError` naming the file, row and column for a missing
-    column, null, ragged or non-finite embeddings, or shards of different dims.
+    column, null, ragged or non-finite embeddings, or shards of different dims, and for a
+    table whose embedding job has not finished unless ``allow_incomplete`` (see
+    :func:`check_complete`).
     """
     shard_uris = list_shards(uri)
     names = [posixpath.basename(s) for s in shard_uris]
     info = read_sidecar(uri)
+    check_complete(info, uri, allow_incomplete)
     kind = info.get("kind")
     if kind is not None and kind not in REQUIRED_COLUMNS:
         raise DataError(f"kind must be 'gallery' or 'queries', got {kind!r}", file=sidecar_uri(uri), field="kind")
@@ -181,9 +230,9 @@ def read_embeddings(uri: str) -> tuple[pa.Table, dict]:
     return table, info
 
 
-def read_table(uri: str) -> pa.Table:
+def read_table(uri: str, *, allow_incomplete: bool = False) -> pa.Table:
     """An embedding table (gallery or queries) as one Arrow table, checked as :func:`read_embeddings` does."""
-    return read_embeddings(uri)[0]
+    return read_embeddings(uri, allow_incomplete=allow_incomplete)[0]
 
 
 # --------------------------------------------------------------------------- columns
