@@ -92,7 +92,7 @@ def stream(args) -> dict:
     seconds = time.perf_counter() - tick
     np.save(os.path.join(args.workdir, "stream_top10.npy"), result.top_positions)
     return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "metrics": result.metrics,
-            "timings": {k: v for k, v in result.timings.items() if k != "rank_task_s"},
+            "timings": {k: v for k, v in result.timings.items() if k not in ("rank_task_s", "rank_devices")},
             "slowest_shard_s": max(result.timings["rank_task_s"])}
 
 

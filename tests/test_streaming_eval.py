@@ -15,7 +15,15 @@ from tpr_ray.metrics import (
     stable_descending_order,
 )
 from tpr_ray.streaming_eval import ShardArrays, StreamingSettings, evaluate_sharded, evaluate_tables
-from tpr_ray.streaming_kernels import count_ahead, merge_top_k, positive_positions, top_k_of_block
+from tpr_ray.streaming_kernels import (
+    count_ahead,
+    merge_top_k,
+    positive_positions,
+    shard_positive_scores,
+    shard_ranks,
+    top_k_of_block,
+)
+from tpr_ray.streaming_torch import shard_ranks_torch
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_queries_skipped", "num_gallery")
 
@@ -53,8 +61,9 @@ def assert_same_metrics(actual, expected):
         assert actual[key] == pytest.approx(expected[key], abs=1e-9), key
 
 
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
 @pytest.mark.parametrize("seed", range(12))
-def test_equals_in_memory_with_ties_and_uneven_shards(seed):
+def test_equals_in_memory_with_ties_and_uneven_shards(seed, device):
     rng = np.random.default_rng(seed)
     num_gallery, num_queries = int(rng.integers(1, 70)), int(rng.integers(1, 50))
     gallery, queries = tie_vectors(rng, num_gallery), tie_vectors(rng, num_queries)
@@ -65,7 +74,9 @@ def test_equals_in_memory_with_ties_and_uneven_shards(seed):
     top_k = int(rng.integers(1, 12))
 
     result = evaluate_sharded(queries, query_pids, shards, ks=(1, 5, 10), top_k=top_k,
-                              block_size=int(rng.integers(1, 9)), use_ray=False)
+                              block_size=int(rng.integers(1, 9)), use_ray=False,
+                              settings=StreamingSettings(device=device))
+    assert result.timings["rank_devices"] == [device]
 
     similarity = queries @ gallery.T
     assert_same_metrics(result.metrics, retrieval_metrics(similarity, query_pids, gallery_pids))
@@ -73,8 +84,9 @@ def test_equals_in_memory_with_ties_and_uneven_shards(seed):
     assert result.metrics["num_shards"] == len(shards)
 
 
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
 @pytest.mark.parametrize("seed", range(4))
-def test_equals_in_memory_on_random_embeddings(seed):
+def test_equals_in_memory_on_random_embeddings(seed, device):
     rng = np.random.default_rng(100 + seed)
     gallery, queries = unit_rows(rng, 400), unit_rows(rng, 150)
     gallery_pids = rng.integers(0, 60, 400)
@@ -82,7 +94,7 @@ def test_equals_in_memory_on_random_embeddings(seed):
     shards = uneven_shards(rng, gallery, gallery_pids, 5)
 
     result = evaluate_sharded(queries, query_pids, shards, ks=(1, 5, 10, 20), top_k=10, block_size=64,
-                              use_ray=False)
+                              use_ray=False, settings=StreamingSettings(device=device))
 
     assert_same_metrics(result.metrics, retrieval_metrics_from_embeddings(queries, gallery, query_pids,
                                                                           gallery_pids, ks=(1, 5, 10, 20)))
@@ -246,3 +258,27 @@ def test_one_settings_object_or_keywords_give_the_same_run(tables):
     for bad in ({"top_k": 0}, {"local_threads": 0}, {"cpus_per_task": 0}, {"ks": (0,)}):
         with pytest.raises(ConfigError):
             StreamingSettings(**bad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_torch_rank_pass_equals_the_numpy_kernel_output_for_output(seed):
+    """Counts, top scores and top positions, for targets before, inside and after the shard."""
+    rng = np.random.default_rng(200 + seed)
+    gallery = tie_vectors(rng, 60)
+    gallery[rng.integers(0, 60, 15)] = gallery[3]
+    gallery[7] = -0.0 * gallery[7]  # -0.0 scores tie with +0.0
+    pids = rng.integers(0, 5, 60)
+    queries = tie_vectors(rng, 25)
+    targets = positive_positions(rng.choice(pids, 25), pids)
+    first, stop = 20, 45  # this shard holds positions 20..44 of the gallery
+    target_scores = shard_positive_scores(queries, gallery, 0, targets)
+    shard = gallery[first:stop]
+    expected = shard_ranks(queries, shard, first, target_scores, targets, top_k=7, block_size=4)
+    actual = shard_ranks_torch(queries, shard, first, target_scores, targets, top_k=7, block_size=6)
+    for key in ("counts", "top_scores", "top_positions"):
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def test_a_bad_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="device must be one of"):
+        StreamingSettings(device="tpu")

@@ -65,6 +65,7 @@ from tpr_ray.streaming_kernels import (
     shard_positive_scores,
     shard_ranks,
 )
+from tpr_ray.streaming_torch import resolve_device, shard_ranks_torch
 from tpr_ray.tables import (
     check_complete,
     check_kind,
@@ -91,6 +92,10 @@ class StreamingSettings:
     ``use_ray``: shard tasks as Ray tasks declaring ``cpus_per_task`` CPUs and their memory
     (default: when Ray is initialised); otherwise in this process, ``local_threads`` at a
     time (numpy releases the GIL in the heavy steps; limit BLAS to one thread each then).
+    ``device``: where the rank pass runs -- ``numpy``, or torch on ``cpu``/``cuda``;
+    ``auto`` takes the GPU when the task sees one (give Ray tasks ``gpus_per_task``), else
+    numpy. Every choice follows one tie rule and gives the same ranks (see
+    :mod:`tpr_ray.streaming_torch`).
     """
 
     ks: tuple[int, ...] = DEFAULT_KS
@@ -100,6 +105,8 @@ class StreamingSettings:
     cpus_per_task: float = 1.0
     local_threads: int = 1
     skip_queries_without_positives: bool = False
+    device: str = "auto"
+    gpus_per_task: float = 0.0
 
     def __post_init__(self):
         try:
@@ -109,8 +116,13 @@ class StreamingSettings:
         for name in ("top_k", "block_size", "local_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cpus_per_task <= 0:
-            raise ConfigError(f"cpus_per_task must be positive, got {self.cpus_per_task}")
+        if self.cpus_per_task <= 0 or self.gpus_per_task < 0:
+            raise ConfigError(f"cpus_per_task must be positive and gpus_per_task not negative, got "
+                              f"{self.cpus_per_task} and {self.gpus_per_task}")
+        try:
+            resolve_device(self.device) if self.device != "auto" else None
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -161,10 +173,16 @@ def _positive_scores_task(queries, shard, first_position, targets, block_size):
     return shard_positive_scores(queries, load_shard_embeddings(shard), first_position, targets, block_size)
 
 
-def _ranks_task(queries, shard, first_position, target_scores, targets, top_k, block_size):
+def _ranks_task(queries, shard, first_position, target_scores, targets, top_k, block_size, device="numpy"):
     tick = time.perf_counter()
-    result = shard_ranks(queries, load_shard_embeddings(shard), first_position, target_scores, targets, top_k,
-                         block_size)
+    device = resolve_device(device)  # here, in the task: the GPU it sees is the one to use
+    if device == "numpy":
+        result = shard_ranks(queries, load_shard_embeddings(shard), first_position, target_scores, targets, top_k,
+                             block_size)
+    else:
+        result = shard_ranks_torch(queries, load_shard_embeddings(shard), first_position, target_scores, targets,
+                                   top_k, block_size, device)
+    result["device"] = device
     result["seconds"] = time.perf_counter() - tick
     return result
 
@@ -234,7 +252,8 @@ def _evaluate(query_emb, query_pids, shards, settings: StreamingSettings):
         import ray
 
         use_ray = ray.is_initialized()
-    run = run_with_ray if use_ray else partial(run_here, threads=settings.local_threads)
+    run = partial(run_with_ray, gpus=settings.gpus_per_task) if use_ray else \
+        partial(run_here, threads=settings.local_threads)
     block = min(block_size, len(queries))
     dim, slots = queries.shape[1], targets.shape[1]
 
@@ -251,7 +270,8 @@ def _evaluate(query_emb, query_pids, shards, settings: StreamingSettings):
     timings["positive_pass_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    parts = run(_ranks_task, [(s, first, target_scores, targets, top_k, block_size) for s, first in zip(shards, firsts)],
+    parts = run(_ranks_task, [(s, first, target_scores, targets, top_k, block_size, settings.device)
+                              for s, first in zip(shards, firsts)],
                 queries, [task_memory(n, dim, block, slots, top_k, len(queries), True) for n in sizes],
                 settings.cpus_per_task)
     counts = np.zeros(targets.shape, dtype=np.int64)
@@ -260,6 +280,7 @@ def _evaluate(query_emb, query_pids, shards, settings: StreamingSettings):
     top_scores, top_positions = merge_top_k([(p["top_scores"], p["top_positions"]) for p in parts], top_k)
     timings["rank_pass_s"] = time.perf_counter() - tick
     timings["rank_task_s"] = [round(p["seconds"], 3) for p in parts]
+    timings["rank_devices"] = sorted({p["device"] for p in parts})
 
     ranks = ranks_from_counts(counts, targets)
     metrics = metrics_from_positive_ranks(ranks, ks, skip_queries_without_positives=skip)

@@ -29,7 +29,7 @@ def run_here(fn, arg_list, queries, memories=None, cpus=None, threads: int = 1):
         return list(pool.map(lambda args: fn(queries, *args), arg_list))
 
 
-def run_with_ray(fn, arg_list, queries, memories, cpus):
+def run_with_ray(fn, arg_list, queries, memories, cpus, gpus: float = 0.0):
     """One Ray task per shard, declaring its CPUs and memory; retried twice if a worker dies."""
     import ray
 
@@ -39,7 +39,7 @@ def run_with_ray(fn, arg_list, queries, memories, cpus):
     refs = []
     for args, memory in zip(arg_list, memories):
         args = tuple(_shared_ref(a, shared) for a in args)
-        refs.append(task.options(num_cpus=cpus, memory=memory, max_retries=2).remote(queries_ref, *args))
+        refs.append(task.options(num_cpus=cpus, num_gpus=gpus, memory=memory, max_retries=2).remote(queries_ref, *args))
     return ray.get(refs)
 
 
