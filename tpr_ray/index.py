@@ -167,7 +167,8 @@ def load_index(index_dir: str) -> tuple[faiss.Index, pa.Table, dict]:
     """
     pointer_uri = storage.join(index_dir, INFO_FILE)
     if not storage.exists(pointer_uri):
-        raise ConfigError(f"{index_dir} is not an index directory (no {INFO_FILE}); build one with `tpr-ray index build`")
+        raise ConfigError(f"{index_dir} is not an index directory (no {INFO_FILE}); "
+                          "build one with `tpr-ray index build`")
     info = storage.read_json(pointer_uri)
     # Folders built before builds had folders of their own hold the files at the top.
     folder = storage.join(index_dir, BUILDS_DIR, info["build"]) if info.get("build") else index_dir
@@ -208,7 +209,8 @@ class Searcher:
         built_with = self.info.get("checkpoint")
         if checkpoint is None:
             if not built_with:
-                raise ConfigError(f"index {index_dir} does not name the checkpoint of its embeddings; pass --checkpoint")
+                raise ConfigError(f"index {index_dir} does not name the checkpoint of its embeddings; "
+                                  "pass --checkpoint")
             checkpoint = built_with
         else:
             checkpoint = resolve_checkpoint(checkpoint)

@@ -133,7 +133,8 @@ def check_complete(info: dict, table_uri: str, allow_incomplete: bool = False) -
         return
     done, planned = len(info.get("shards") or []), info.get("num_shards", "?")
     raise DataError(f"incomplete {info.get('kind', 'embedding')} table: its embedding job stopped after "
-                    f"{done} of {planned} shards ({info.get('rows', '?')} rows); finish it with `{resume_command(info, table_uri)}` "
+                    f"{done} of {planned} shards ({info.get('rows', '?')} rows); "
+                    f"finish it with `{resume_command(info, table_uri)}` "
                     "(it resumes where it stopped), or pass --allow-incomplete (allow_incomplete=True) to use "
                     "the shards done", file=sidecar_uri(table_uri), field="complete")
 
