@@ -44,7 +44,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from tpr_ray import storage
 from tpr_ray.backbone import DEFAULT_IMAGE_SIZE
@@ -447,9 +446,9 @@ def query_samples(result, gallery_uri: str, queries_uri: str, count: int) -> lis
 
 
 def _read_columns(uri: str, columns: list[str]) -> dict:
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns).to_pydict()
+    from tpr_ray.tables import read_columns
+
+    return read_columns(uri, columns).to_pydict()
 
 
 # --------------------------------------------------------------------------- running jobs
