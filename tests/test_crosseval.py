@@ -212,7 +212,8 @@ def test_jobs_receive_their_config_objects_and_declare_what_those_ask_for(fake, 
     embed = by_kind["embed"]
     assert isinstance(embed.config, EmbedConfig) and embed.config.checkpoint.endswith("/ckpt")
     assert (embed.cpus, embed.gpus) == (embed.config.cpus_per_actor + embed.config.decode_cpus, 0.0)
-    assert isinstance(by_kind["eval"].config, cells.EvalSettings)
+    assert isinstance(by_kind["eval"].config, cells.EvalJob)
+    assert by_kind["eval"].config.settings.ks == (1, 5, 10)
 
 
 def test_declared_resources_follow_the_config():
@@ -223,7 +224,10 @@ def test_declared_resources_follow_the_config():
     assert cells.embed_resources(embed) == (7.0, 3.0)
     train = TrainConfig(method="baseline", data="d", out="o", num_workers=4, cpus_per_worker=2.0, use_gpu=True)
     assert cells.train_resources(train) == (8.0, 4.0)
-    assert cells.eval_resources(cells.EvalSettings("e", ks=(1,))) == (1.0, 0.0)
+    from tpr_ray.streaming_eval import StreamingSettings
+
+    streaming = StreamingSettings(ks=(1,), cpus_per_task=2.0, gpus_per_task=0.5)
+    assert cells.eval_resources(cells.EvalJob("e", streaming)) == (2.0, 0.5)
 
 
 def files_under(folder):

@@ -1,7 +1,7 @@
 """The jobs of a cross-dataset matrix: train a (method, training set), embed a test set with
 its checkpoint, evaluate a cell. Each receives its real configuration (``TrainConfig``,
-``EmbedConfig``, :class:`EvalSettings`) and declares the CPUs and GPUs its inner work
-asks Ray for, derived from that same configuration.
+``EmbedConfig``, :class:`EvalJob` with the evaluator's ``StreamingSettings``) and declares
+the CPUs and GPUs its inner work asks Ray for, derived from that same configuration.
 """
 
 from __future__ import annotations
@@ -13,28 +13,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from tpr_ray import storage
 from tpr_ray.crosseval.scheduler import Job, error_record
 
 if TYPE_CHECKING:
     from tpr_ray.embed import EmbedConfig
+    from tpr_ray.streaming_eval import StreamingSettings
     from tpr_ray.train import TrainConfig
 
 
 @dataclass(frozen=True)
-class EvalSettings:
+class EvalJob:
     """One cell's evaluation with the streaming evaluator."""
 
     embed_dir: str  # holds gallery/ and queries/
-    ks: tuple[int, ...]
-    top_k: int = 10
-    block_size: int = 1024
+    settings: StreamingSettings
     samples: int = 6  # queries shown with their top-K in the HTML report
-    use_ray: bool = True
-    # CPUs each shard task of the streaming evaluator declares (``evaluate_tables`` asks for 1).
-    cpus_per_task: float = 1.0
 
 
 # --------------------------------------------------------------------------- declared resources
@@ -51,9 +46,9 @@ def embed_resources(cfg: EmbedConfig) -> tuple[float, float]:
     return cfg.actors * cfg.cpus_per_actor + cfg.decode_cpus, gpus
 
 
-def eval_resources(cfg: EvalSettings) -> tuple[float, float]:
+def eval_resources(cfg: EvalJob) -> tuple[float, float]:
     """One shard task of the streaming evaluator at a time is enough for it to progress."""
-    return cfg.cpus_per_task, 0.0
+    return cfg.settings.cpus_per_task, cfg.settings.gpus_per_task
 
 
 RESOURCES: dict[str, Callable[[Any], tuple[float, float]]] = {
@@ -90,14 +85,13 @@ def embed_job(cfg: EmbedConfig, address: str | None) -> dict:
             "seconds": time.perf_counter() - tick, "reused": False}
 
 
-def eval_job(cfg: EvalSettings, address: str | None) -> dict:
+def eval_job(cfg: EvalJob, address: str | None) -> dict:
     """Evaluate one cell with the streaming evaluator; returns metrics and report samples."""
     from tpr_ray.streaming_eval import evaluate_tables
 
     tick = time.perf_counter()
     gallery, queries = storage.join(cfg.embed_dir, "gallery"), storage.join(cfg.embed_dir, "queries")
-    result = evaluate_tables(gallery, queries, list(cfg.ks), top_k=cfg.top_k, block_size=cfg.block_size,
-                             use_ray=cfg.use_ray)
+    result = evaluate_tables(gallery, queries, settings=cfg.settings)
     metrics = {k: v for k, v in result.metrics.items() if k not in ("chance", "gallery", "queries")}
     return {"metrics": metrics, "chance": result.metrics["chance"], "timings": result.timings,
             "samples": query_samples(result, gallery, queries, cfg.samples),
@@ -142,7 +136,7 @@ def _file_sha256(uri: str) -> str:
 
 def embedding_complete(embed_dir: str, checkpoint: str) -> bool:
     """Whether both tables of ``embed_dir`` are complete and were made with ``checkpoint``."""
-    from tpr_ray.embed import SIDECAR
+    from tpr_ray.tables import SIDECAR
 
     for kind in ("gallery", "queries"):
         sidecar = storage.join(embed_dir, kind, SIDECAR)
@@ -156,7 +150,7 @@ def embedding_complete(embed_dir: str, checkpoint: str) -> bool:
 
 def query_samples(result, gallery_uri: str, queries_uri: str, count: int) -> list[dict]:
     """``count`` queries spread over the query table, each with its top-K gallery items."""
-    from tpr_ray.streaming_eval import list_shards
+    from tpr_ray.tables import list_shards
 
     num_queries = len(result.top_positions)
     if count <= 0 or num_queries == 0:
@@ -187,6 +181,6 @@ def query_samples(result, gallery_uri: str, queries_uri: str, count: int) -> lis
 
 
 def _read_columns(uri: str, columns: list[str]) -> dict:
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns).to_pydict()
+    from tpr_ray.tables import read_columns
+
+    return read_columns(uri, columns).to_pydict()

@@ -194,8 +194,11 @@ def _eval_settings(cfg: CrossEvalConfig) -> dict:
 
 
 def _submit_eval(cell: CellPlan, cfg: CrossEvalConfig, runner: Runner, run: _Run) -> None:
-    settings = jobs.EvalSettings(embed_dir=cell.embed_dir, ks=tuple(cfg.ks), top_k=cfg.top_k,
-                                 block_size=cfg.block_size, samples=cfg.samples, use_ray=runner.use_ray)
+    from tpr_ray.streaming_eval import StreamingSettings
+
+    streaming = StreamingSettings(ks=tuple(cfg.ks), top_k=cfg.top_k, block_size=cfg.block_size,
+                                  use_ray=runner.use_ray)
+    settings = jobs.EvalJob(embed_dir=cell.embed_dir, settings=streaming, samples=cfg.samples)
 
     def evaluated(answer):
         if answer["ok"]:
