@@ -85,6 +85,9 @@ def test_stopped_run_resumes_from_its_latest_checkpoint(ray_cluster, cuhk_small,
     assert read_config(first.latest_checkpoint)["global_step"] == 3
     with pytest.raises(ConfigError, match="--resume"):
         train(TrainConfig(**base))
+    assert read_config(first.latest_checkpoint)["data_version"]  # recorded for the resume check
+    with pytest.raises(ConfigError, match="recipe lr: the run has 0.001, this command 0.01"):
+        train(TrainConfig(**{**base, "overrides": {**base["overrides"], "lr": 1e-2}}, resume=True))
     second = train(TrainConfig(**base, resume=True))
     final = read_config(second.latest_checkpoint)
     assert final["stage"] == 1 and final["epoch"] == 0  # past the last epoch of the only stage

@@ -127,11 +127,12 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     worker = start_worker(TrainConfig(**config))
-    data = load_training_data(worker.cfg.data, worker.cfg.holdout_fraction, worker.cfg.seed)
-    method = build_method(worker.cfg, data.num_classes).to(worker.device)
+    cfg = worker.cfg
+    data = load_training_data(cfg.data, cfg.holdout_fraction, cfg.seed)
+    method = build_method(cfg, data.num_classes).to(worker.device)
     resumed = restore_or_initialise(method, worker, ray.train.get_checkpoint())
     stages = method.stages()
-    start_stage, global_step = start_position(worker.cfg, stages, resumed)
+    start_stage, global_step = start_position(cfg, stages, resumed)
     for stage_index in range(start_stage, len(stages)):
         run = prepare_stage(method, stages, stage_index, data, worker, resumed)
         for epoch in range(run.start_epoch, run.recipe.epochs):
@@ -141,7 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
             if worker.leader:
                 metrics.update(validate(method, data, run, epoch, worker))
             metrics["restored_from_step"] = resumed["global_step"] if resumed else -1
-            _report(method, run.optimizer, run.scheduler, metrics, worker.cfg, run.counts, worker.rank)
+            _report(method, run.optimizer, run.scheduler, metrics, cfg, run.counts, worker.rank, data.version)
             if result.stop:
                 return
 
@@ -300,7 +301,7 @@ def _mean_across_workers(value: float, device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _report(method, optimizer, scheduler, metrics, cfg: TrainConfig, counts, rank) -> None:
+def _report(method, optimizer, scheduler, metrics, cfg: TrainConfig, counts, rank, data_version) -> None:
     import ray.train
 
     if rank != 0:
@@ -315,7 +316,7 @@ def _report(method, optimizer, scheduler, metrics, cfg: TrainConfig, counts, ran
         "optimizer_in_stage": not stage_done,  # the optimizer state belongs to the stage resumed
     }
     info = {**position, "stage_name": metrics["stage_name"], "parameter_counts": counts,
-            "data": cfg.data, "run": cfg.run_name(),
+            "data": cfg.data, "data_version": data_version, "run": cfg.run_name(),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(method, tmp, info, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
@@ -337,6 +338,33 @@ def _checkpoint_uri(storage_path: str, checkpoint) -> str:
     return f"{protocol}://{checkpoint.path}" if protocol else checkpoint.path
 
 
+def _absolute_references(cfg: TrainConfig) -> dict:
+    """The config the workers get. Checkpoints record where the data and the backbone came
+    from: keep those references valid from any working directory."""
+    config = dataclasses.asdict(cfg)
+    config["out"] = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
+    for key in ("data", "pretrained", "init"):
+        if config[key] and not storage.is_remote(config[key]) and os.path.exists(config[key]):
+            config[key] = os.path.abspath(config[key])
+    return config
+
+
+def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> None:
+    """A new run needs a free name; a resumed one must be the run its checkpoints belong to."""
+    from tpr_ray.data import load_manifest, manifest_info
+    from tpr_ray.train_run import check_resume, registered_checkpoints, run_identity
+
+    if storage.exists(run_dir) and not cfg.resume:
+        raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
+                          f"or choose another --name / --out")
+    checkpoints = registered_checkpoints(run_dir) if cfg.resume else []
+    if checkpoints:
+        latest = max(checkpoints, key=lambda c: c[1].get("global_step", -1))[0]
+        version = manifest_info(load_manifest(config["data"])).get("version")
+        backbone = BackboneConfig(cfg.model, config["pretrained"], tuple(cfg.image_size)).to_dict()
+        check_resume(run_dir, latest, run_identity(cfg.method, config["data"], version, backbone, recipe.to_dict()))
+
+
 def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Run training on the Ray cluster (a local one unless ``address``/RAY_ADDRESS names one)."""
     import ray
@@ -345,23 +373,13 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
 
-    cls = get_method(cfg.method)
-    cls.default_recipe.override(**cfg.overrides)  # fail fast on a bad option, before Ray starts
-    out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
-    run_dir = storage.join(out, cfg.run_name())
-    if storage.exists(run_dir) and not cfg.resume:
-        raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
-                          f"or choose another --name / --out")
+    recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
+    config = _absolute_references(cfg)
+    out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
+    check_run_folder(cfg, config, recipe, run_dir)
     init_ray(address)
     require_shared_storage(out, "--out")
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    config = dataclasses.asdict(cfg)
-    config["out"] = out
-    # Checkpoints record where the data and the backbone came from: keep those references
-    # valid from any working directory.
-    for key in ("data", "pretrained", "init"):
-        if config[key] and not storage.is_remote(config[key]) and os.path.exists(config[key]):
-            config[key] = os.path.abspath(config[key])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tpr_ray import storage
-from tpr_ray.data import load_manifest, selection_split
+from tpr_ray.data import load_manifest, manifest_info, selection_split
 from tpr_ray.errors import ConfigError
 from tpr_ray.images import decode_image, resize_uint8
 from tpr_ray.inference import encode_captions, encode_images
@@ -25,6 +25,7 @@ class TrainingData:
     train: object  # pyarrow.Table
     val: object
     labels: dict[int, int]
+    version: str | None = None  # the manifest's content hash, recorded in checkpoints
 
     @property
     def num_classes(self) -> int:
@@ -35,7 +36,7 @@ def load_training_data(data_uri: str, holdout_fraction: float, seed: int) -> Tra
     manifest = load_manifest(data_uri)
     train, val = selection_split(manifest, holdout_fraction=holdout_fraction, seed=seed)
     pids = sorted(set(train.column("person_id").to_pylist()))
-    return TrainingData(train, val, {pid: i for i, pid in enumerate(pids)})
+    return TrainingData(train, val, {pid: i for i, pid in enumerate(pids)}, manifest_info(manifest).get("version"))
 
 
 class CaptionPairs(Dataset):

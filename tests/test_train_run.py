@@ -1,0 +1,90 @@
+"""The run folder as the training driver sees it: resume checks, existing runs, best.json.
+No Ray here: every case fails (or is decided) before a cluster starts."""
+
+import json
+import os
+
+import pytest
+
+from tpr_ray.data import load_manifest, manifest_info
+from tpr_ray.errors import ConfigError
+from tpr_ray.methods import get_method
+from tpr_ray.train import TrainConfig, train
+from tpr_ray.train_run import registered_checkpoints
+
+BASE_RECIPE = {"batch_size": 8, "epochs": 2, "lr": 1e-3}
+
+
+def _fake_checkpoint(run_dir, name, *, data, data_version, model="tpr-tiny", pretrained=None, recipe=None,
+                     step=3, val_r1=10.0, method="baseline"):
+    """A checkpoint folder as `_report` writes it (only the config matters to the driver)."""
+    path = os.path.join(run_dir, name)
+    os.makedirs(path)
+    full_recipe = get_method(method).default_recipe.override(**(recipe or BASE_RECIPE)).to_dict()
+    config = {"method": method, "backbone": {"model": model, "pretrained": pretrained, "image_size": [384, 128]},
+              "recipe": full_recipe, "data": data, "data_version": data_version, "global_step": step,
+              "metrics": {"global_step": step, "val_R1": val_r1}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def _config(data, out, **changes):
+    base = dict(method="baseline", data=data, out=str(out), name="run", model="tpr-tiny", pretrained=None,
+                loader_workers=0, overrides=dict(BASE_RECIPE), resume=True)
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture
+def started_run(cuhk_small, tmp_path):
+    """A run folder whose latest checkpoint recorded the current cuhk_small data and BASE_RECIPE."""
+    version = manifest_info(load_manifest(cuhk_small)).get("version")
+    assert version
+    run_dir = tmp_path / "run"
+    _fake_checkpoint(str(run_dir), "checkpoint_2026-01-01_00-00-00.000001", data=cuhk_small,
+                     data_version=version, step=3)
+    return run_dir
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"overrides": {**BASE_RECIPE, "lr": 1e-5}}, "recipe lr"),
+    ({"model": "ViT-S-16"}, "model"),
+    ({"pretrained": "openai"}, "pretrained"),
+    ({"method": "cskt"}, "method"),
+    ({"image_size": (256, 128)}, "image_size"),
+])
+def test_resume_refuses_another_recipe_model_or_backbone_naming_the_field(started_run, cuhk_small, tmp_path,
+                                                                            changes, field):
+    with pytest.raises(ConfigError, match=f"--resume .*{field}: the run has"):
+        train(_config(cuhk_small, tmp_path, **changes))
+
+
+def test_resume_refuses_other_data_by_manifest_version(started_run, cuhk_small, tmp_path):
+    # Same folder, same identity count, other annotations: rewrite the recorded version.
+    cfg_path = next(started_run.glob("checkpoint_*/config.json"))
+    config = json.loads(cfg_path.read_text())
+    config["data_version"] = "0123456789abcdef"
+    cfg_path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="data version .*'0123456789abcdef'"):
+        train(_config(cuhk_small, tmp_path))
+
+
+def test_resume_compares_with_the_latest_checkpoint(started_run, cuhk_small, tmp_path):
+    """The run changed nothing since its first checkpoint, but the newest one is what Ray resumes."""
+    version = manifest_info(load_manifest(cuhk_small)).get("version")
+    _fake_checkpoint(str(started_run), "checkpoint_2026-01-01_00-00-01.000001", data=cuhk_small,
+                     data_version=version, step=9, recipe={**BASE_RECIPE, "epochs": 5})
+    with pytest.raises(ConfigError, match="recipe epochs: the run has 5, this command 2"):
+        train(_config(cuhk_small, tmp_path))
+
+
+def test_registered_checkpoints_come_from_ray_trains_snapshot(tmp_path):
+    run = tmp_path / "run"
+    kept = _fake_checkpoint(str(run), "checkpoint_a", data="d", data_version="v", step=1)
+    _fake_checkpoint(str(run), "checkpoint_b", data="d", data_version="v", step=2)  # not registered
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a", "metrics": {"val_R1": 1.0}}]}))
+    assert registered_checkpoints(str(run)) == [(kept, {"val_R1": 1.0})]
+    (run / "checkpoint_manager_snapshot.json").unlink()  # without a snapshot: the complete folders
+    assert [os.path.basename(u) for u, _ in registered_checkpoints(str(run))] == ["checkpoint_a", "checkpoint_b"]
+    assert registered_checkpoints(str(tmp_path / "nothing")) == []
