@@ -61,6 +61,8 @@ class TrainConfig:
     start_stage: int = 0  # 0-based stage to begin with when not resuming (PD: 1 = stage 2 alone)
     max_failures: int = 0
     keep_checkpoints: int = 2
+    bad_images: str = "fail"  # unreadable images: fail before training (listed), skip them, or "off" (no check)
+    exclude_images: list[str] = field(default_factory=list)  # left out of training (the "skip" check fills it)
 
     def run_name(self) -> str:
         if self.name:
@@ -128,7 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     worker = start_worker(TrainConfig(**config))
     cfg = worker.cfg
-    data = load_training_data(cfg.data, cfg.holdout_fraction, cfg.seed)
+    data = load_training_data(cfg.data, cfg.holdout_fraction, cfg.seed, exclude=cfg.exclude_images)
     method = build_method(cfg, data.num_classes).to(worker.device)
     resumed = restore_or_initialise(method, worker, ray.train.get_checkpoint())
     stages = method.stages()
@@ -365,6 +367,16 @@ def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> No
         check_resume(run_dir, latest, run_identity(cfg.method, config["data"], version, backbone, recipe.to_dict()))
 
 
+def skipped_images(cfg: TrainConfig, config: dict) -> list[str]:
+    """Images the run leaves out: the user's list plus what the up-front check found unreadable."""
+    from tpr_ray.train_data import check_images
+
+    found = check_images(config["data"], cfg.image_size, cfg.bad_images, cfg.holdout_fraction, cfg.seed)
+    if found:
+        log(f"skipping {len(found)} unreadable training image(s) (--bad-images skip), e.g. {found[0]}")
+    return sorted(set(cfg.exclude_images) | set(found))
+
+
 def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Run training on the Ray cluster (a local one unless ``address``/RAY_ADDRESS names one)."""
     import ray
@@ -377,6 +389,7 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     config = _absolute_references(cfg)
     out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
     check_run_folder(cfg, config, recipe, run_dir)
+    config["exclude_images"] = skipped_images(cfg, config)
     init_ray(address)
     require_shared_storage(out, "--out")
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0

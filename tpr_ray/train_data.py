@@ -3,15 +3,21 @@ validation metrics used for model selection."""
 
 from __future__ import annotations
 
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tpr_ray import storage
 from tpr_ray.data import load_manifest, manifest_info, selection_split
-from tpr_ray.errors import ConfigError
+from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.images import decode_image, resize_uint8
 from tpr_ray.inference import encode_captions, encode_images
 from tpr_ray.metrics import retrieval_metrics_from_embeddings
@@ -32,11 +38,67 @@ class TrainingData:
         return len(self.labels)
 
 
-def load_training_data(data_uri: str, holdout_fraction: float, seed: int) -> TrainingData:
+def load_training_data(data_uri: str, holdout_fraction: float, seed: int, exclude: list[str] = ()) -> TrainingData:
+    """The train/val selection of a dataset, without the images in ``exclude`` (found unreadable)."""
     manifest = load_manifest(data_uri)
+    if exclude:
+        manifest = manifest.filter(pc.invert(pc.is_in(manifest.column("image_uri"), pa.array(list(exclude), pa.string()))))
     train, val = selection_split(manifest, holdout_fraction=holdout_fraction, seed=seed)
     pids = sorted(set(train.column("person_id").to_pylist()))
     return TrainingData(train, val, {pid: i for i, pid in enumerate(pids)}, manifest_info(manifest).get("version"))
+
+
+BAD_IMAGE_CHOICES = ("fail", "skip", "off")
+# Pillow's decoders report truncated or corrupt data as a bare OSError without an errno; the
+# OS reports its own failures (permissions, network, disk) with one.
+_NOT_AN_IMAGE = (UnidentifiedImageError, Image.DecompressionBombError, FileNotFoundError, IsADirectoryError,
+                 SyntaxError, EOFError, zlib.error)
+
+
+def is_unreadable_image(exc: BaseException) -> bool:
+    """True when the bytes are not a decodable image (bad data); False for faults of access
+    (permissions, network, throttling, memory), which a retry may fix and must not be skipped."""
+    if isinstance(exc, _NOT_AN_IMAGE):
+        return True
+    return type(exc) is OSError and exc.errno is None
+
+
+def find_unreadable_images(uris: list[str], image_size, threads: int | None = None) -> list[tuple[str, str]]:
+    """(uri, reason) of every image that cannot be decoded, checked in parallel before training.
+
+    Raises DataError at the first image that could not be fetched for another reason."""
+    def check(uri):
+        try:
+            resize_uint8(decode_image(storage.read_bytes(uri), tuple(image_size)), tuple(image_size))
+            return None
+        except Exception as exc:
+            if not is_unreadable_image(exc):
+                raise DataError(f"could not read the image ({type(exc).__name__}: {exc}); this is not a bad "
+                                f"image but a fault of access (permissions, network): fix it and run again",
+                                file=uri) from exc
+            return uri, f"{type(exc).__name__}: {exc}"[:200]
+
+    threads = threads or min(32, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads) as pool:
+        return [bad for bad in pool.map(check, uris) if bad is not None]
+
+
+def check_images(data_uri: str, image_size, policy: str, holdout_fraction: float, seed: int) -> list[str]:
+    """Decode every train/val image once, before any worker starts. ``policy`` "fail" stops with
+    the list of unreadable images, "skip" returns them (training leaves them out), "off" checks nothing."""
+    if policy not in BAD_IMAGE_CHOICES:
+        raise ConfigError(f"unknown bad-images policy {policy!r}; use {', '.join(BAD_IMAGE_CHOICES)}")
+    if policy == "off":
+        return []
+    train, val = selection_split(load_manifest(data_uri), holdout_fraction=holdout_fraction, seed=seed)
+    uris = sorted(set(train.column("image_uri").to_pylist()) | set(val.column("image_uri").to_pylist()))
+    bad = find_unreadable_images(uris, image_size)
+    if bad and policy == "fail":
+        listed = "; ".join(f"{uri} ({reason})" for uri, reason in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(f"{len(bad)} of {len(uris)} training images cannot be decoded: {listed}{more}. "
+                        f"Fix or remove them, or pass --bad-images skip to train without them", file=data_uri)
+    return [uri for uri, _ in bad]
 
 
 class CaptionPairs(Dataset):
