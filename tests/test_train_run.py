@@ -88,3 +88,55 @@ def test_registered_checkpoints_come_from_ray_trains_snapshot(tmp_path):
     (run / "checkpoint_manager_snapshot.json").unlink()  # without a snapshot: the complete folders
     assert [os.path.basename(u) for u, _ in registered_checkpoints(str(run))] == ["checkpoint_a", "checkpoint_b"]
     assert registered_checkpoints(str(tmp_path / "nothing")) == []
+
+
+class _Started(Exception):
+    """Raised instead of starting Ray: the driver got past its run-folder checks."""
+
+
+def test_a_failed_first_attempt_without_checkpoints_does_not_block_the_corrected_command(cuhk_small, tmp_path,
+                                                                                          monkeypatch):
+    import tpr_ray.ray_utils
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".validate_storage_marker").touch()  # what Ray Train leaves when the loop fails early
+    (run_dir / "checkpoint_2026-01-01_00-00-00.000001").mkdir()  # an upload that never completed
+
+    def started(address=None):
+        raise _Started
+
+    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", started)
+    with pytest.raises(_Started):
+        train(_config(cuhk_small, tmp_path, resume=False))
+
+
+def test_an_interrupted_run_still_names_its_best_checkpoint(cuhk_small, tmp_path, monkeypatch):
+    import tpr_ray.ray_utils
+    import tpr_ray.train
+    from tpr_ray.checkpoint import resolve_checkpoint
+
+    run_dir = tmp_path / "run"
+    version = manifest_info(load_manifest(cuhk_small)).get("version")
+
+    class Interrupted:
+        def fit(self):
+            names = ["checkpoint_2026-01-01_00-00-01.000001", "checkpoint_2026-01-01_00-00-02.000001"]
+            good = _fake_checkpoint(str(run_dir), names[0], data=cuhk_small, data_version=version, step=4, val_r1=30.0)
+            _fake_checkpoint(str(run_dir), names[1], data=cuhk_small, data_version=version, step=8, val_r1=20.0)
+            (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": [
+                {"checkpoint_dir_name": names[0], "metrics": {"val_R1": 30.0, "global_step": 4}},
+                {"checkpoint_dir_name": names[1], "metrics": {"val_R1": 20.0, "global_step": 8}}]}))
+            self.good = good
+            raise KeyboardInterrupt
+
+    trainer = Interrupted()
+    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(tpr_ray.ray_utils, "require_shared_storage", lambda *a, **k: None)
+    monkeypatch.setattr(tpr_ray.train, "_trainer", lambda *a, **k: trainer)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(cuhk_small, tmp_path, resume=False, use_gpu=False))
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["checkpoint"] == trainer.good and best["interrupted"] is True
+    assert best["latest"].endswith("00-00-02.000001")
+    assert resolve_checkpoint(str(run_dir)) == trainer.good

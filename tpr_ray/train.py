@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from tpr_ray import storage
 from tpr_ray.backbone import DEFAULT_IMAGE_SIZE, BackboneConfig
-from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, save_checkpoint
+from tpr_ray.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, save_checkpoint
 from tpr_ray.errors import ConfigError
 from tpr_ray.inference import autocast
 from tpr_ray.methods import Method, Stage, get_method
@@ -354,14 +354,15 @@ def _absolute_references(cfg: TrainConfig) -> dict:
 def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> None:
     """A new run needs a free name; a resumed one must be the run its checkpoints belong to."""
     from tpr_ray.data import load_manifest, manifest_info
-    from tpr_ray.train_run import check_resume, registered_checkpoints, run_identity
+    from tpr_ray.train_run import check_resume, latest_checkpoint, registered_checkpoints, run_identity
 
-    if storage.exists(run_dir) and not cfg.resume:
-        raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
-                          f"or choose another --name / --out")
-    checkpoints = registered_checkpoints(run_dir) if cfg.resume else []
+    # A folder without checkpoints (a first attempt that failed early) holds nothing to keep.
+    checkpoints = registered_checkpoints(run_dir)
+    if checkpoints and not cfg.resume:
+        raise ConfigError(f"run {run_dir} already has {len(checkpoints)} checkpoint(s): pass --resume to continue "
+                          f"it, or choose another --name / --out")
     if checkpoints:
-        latest = max(checkpoints, key=lambda c: c[1].get("global_step", -1))[0]
+        latest = latest_checkpoint(checkpoints)
         version = manifest_info(load_manifest(config["data"])).get("version")
         backbone = BackboneConfig(cfg.model, config["pretrained"], tuple(cfg.image_size)).to_dict()
         check_resume(run_dir, latest, run_identity(cfg.method, config["data"], version, backbone, recipe.to_dict()))
@@ -380,10 +381,9 @@ def skipped_images(cfg: TrainConfig, config: dict) -> list[str]:
 def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Run training on the Ray cluster (a local one unless ``address``/RAY_ADDRESS names one)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
+    from tpr_ray.train_run import latest_checkpoint, registered_checkpoints, write_best
 
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
     config = _absolute_references(cfg)
@@ -393,26 +393,35 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     init_ray(address)
     require_shared_storage(out, "--out")
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    trainer = TorchTrainer(
+    trainer = _trainer(cfg, config, use_gpu)
+    try:
+        result = trainer.fit()
+    except BaseException:  # Ctrl-C or a failed run: what it registered stays usable as RUN
+        checkpoints = registered_checkpoints(run_dir)
+        if checkpoints:
+            write_best(run_dir, checkpoints, latest_checkpoint(checkpoints), interrupted=True)
+        raise
+    if result.checkpoint is None:
+        raise ConfigError(f"training run {run_dir} finished without a checkpoint")
+    latest = _checkpoint_uri(out, result.checkpoint)
+    best, best_metrics = write_best(run_dir, [(_checkpoint_uri(out, c), m) for c, m in result.best_checkpoints], latest)
+    return TrainResult(run_dir, best, best_metrics, latest)
+
+
+def _trainer(cfg: TrainConfig, config: dict, use_gpu: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.run_name(), storage_path=out,
+            name=cfg.run_name(), storage_path=config["out"],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_R1",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise ConfigError(f"training run {run_dir} finished without a checkpoint")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_R1", -1.0))
-    best = _checkpoint_uri(out, best_ckpt)
-    storage.write_json(storage.join(run_dir, BEST_FILE), {
-        "checkpoint": best, "metrics": {k: v for k, v in best_metrics.items() if isinstance(v, (int, float, str))},
-        "selected_by": "val_R1", "latest": _checkpoint_uri(out, result.checkpoint),
-    })
-    return TrainResult(run_dir, best, best_metrics, _checkpoint_uri(out, result.checkpoint))

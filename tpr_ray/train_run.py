@@ -7,7 +7,7 @@ import json
 import posixpath
 
 from tpr_ray import storage
-from tpr_ray.checkpoint import CONFIG_FILE
+from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE
 from tpr_ray.errors import ConfigError
 
 # Ray Train's record of the checkpoints it registered (written after each upload completes).
@@ -82,3 +82,19 @@ def check_resume(run_dir: str, latest: str, requested: dict) -> None:
     if lines:
         raise ConfigError(f"--resume {run_dir}: this command differs from the run it would continue; "
                           + "; ".join(lines) + ". Use the run's settings, or start a new run with another --name")
+
+
+def latest_checkpoint(checkpoints: list[tuple[str, dict]]) -> str:
+    return max(checkpoints, key=lambda c: c[1].get("global_step", -1))[0]
+
+
+def write_best(run_dir: str, checkpoints: list[tuple[str, dict]], latest: str, *, interrupted: bool = False) -> tuple:
+    """Record the checkpoint with the highest validation R@1 in ``best.json`` (what ``--checkpoint
+    RUN`` uses); returns (uri, metrics) of it."""
+    best, metrics = max(checkpoints, key=lambda c: c[1].get("val_R1", -1.0))
+    record = {"checkpoint": best, "selected_by": "val_R1", "latest": latest,
+              "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+    if interrupted:
+        record["interrupted"] = True  # the run stopped early: best of the checkpoints it had registered
+    storage.write_json(storage.join(run_dir, BEST_FILE), record)
+    return best, metrics
