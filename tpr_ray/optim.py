@@ -13,6 +13,7 @@ import torch
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import Method, Recipe, Stage
 
+SCHEDULE_UNITS = ("epoch", "step")
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_factor: float, schedule: str = "cosine",
               decay_steps: int = 0, gamma: float = 0.1) -> float:
@@ -33,10 +34,19 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_factor: flo
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def schedule_unit(recipe: Recipe) -> str:
+    """"epoch" (IRRA and CSKT step their scheduler once per epoch) or "step" (once per iteration).
+    Recipes without the field predate it and were always stepped per iteration."""
+    unit = getattr(recipe, "schedule_unit", "step")
+    if unit not in SCHEDULE_UNITS:
+        raise ConfigError(f"unknown schedule_unit {unit!r}; use {' or '.join(SCHEDULE_UNITS)}")
+    return unit
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The stage's schedule, stepped once per iteration."""
-    per_unit = steps_per_epoch
+    """The stage's schedule in units of ``schedule_unit(recipe)``; advance it with :func:`advance`."""
+    per_unit = 1 if schedule_unit(recipe) == "epoch" else steps_per_epoch
     total = recipe.epochs * per_unit
     warmup = recipe.warmup_epochs * per_unit
     decay = recipe.step_decay_epochs * per_unit
@@ -54,3 +64,10 @@ def build_optimizer(method: Method, stage: Stage) -> torch.optim.Optimizer:
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr)
     raise ConfigError(f"unknown optimizer {recipe.optimizer!r}; use adam or sgd")
+
+
+def advance(scheduler: torch.optim.lr_scheduler.LRScheduler, recipe: Recipe, event: str) -> None:
+    """Called after every optimizer step (``event="step"``) and after every complete epoch
+    (``"epoch"``); the schedule moves on the events of its unit only."""
+    if event == schedule_unit(recipe):
+        scheduler.step()

@@ -27,7 +27,7 @@ from tpr_ray.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, save_che
 from tpr_ray.errors import ConfigError
 from tpr_ray.inference import autocast
 from tpr_ray.methods import Method, Stage, get_method
-from tpr_ray.optim import build_optimizer, build_scheduler, lr_factor
+from tpr_ray.optim import advance, build_optimizer, build_scheduler, lr_factor
 from tpr_ray.train_data import CaptionPairs, TrainingData, evaluate_split, load_training_data, pair_loader
 from tpr_ray.transforms import normalize
 
@@ -140,6 +140,8 @@ def train_loop_per_worker(config: dict) -> None:
         for epoch in range(run.start_epoch, run.recipe.epochs):
             result = train_epoch(method, run, epoch, global_step, worker)
             global_step += result.steps
+            if result.finished:
+                advance(run.scheduler, run.recipe, "epoch")
             metrics = epoch_metrics(run, epoch, result, global_step, worker)
             if worker.leader:
                 metrics.update(validate(method, data, run, epoch, worker))
@@ -249,7 +251,7 @@ def train_step(method: Method, run: StageRun, batch: dict, device) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     run.optimizer.step()
-    run.scheduler.step()
+    advance(run.scheduler, run.recipe, "step")
     return losses
 
 
