@@ -96,6 +96,11 @@ def test_stopped_run_resumes_from_its_latest_checkpoint(ray_cluster, cuhk_small,
     per_epoch = (final["global_step"] - 3) // 2
     assert final["global_step"] == 3 + 2 * per_epoch
     assert os.path.exists(os.path.join(tmp_path, "resume", "best.json"))
+    from tests.test_tracking import read_scalars
+
+    scalars = read_scalars(os.path.join(tmp_path, "resume", "tensorboard"))  # both invocations logged
+    assert {"train/loss", "train/sdm", "train/id", "lr", "samples_per_s", "val/R1", "val/mAP"} <= set(scalars)
+    assert [step for step, _ in scalars["val/R1"]] == [3, 3 + per_epoch, final["global_step"]]
     method, config = load_method(os.path.join(tmp_path, "resume"))
     assert config["checkpoint"] == second.best_checkpoint
     assert method.embed_dim == 64

@@ -140,3 +140,4 @@ def test_an_interrupted_run_still_names_its_best_checkpoint(cuhk_small, tmp_path
     assert best["checkpoint"] == trainer.good and best["interrupted"] is True
     assert best["latest"].endswith("00-00-02.000001")
     assert resolve_checkpoint(str(run_dir)) == trainer.good
+

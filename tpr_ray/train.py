@@ -10,7 +10,6 @@ latest checkpoint when the same run is started again.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from tpr_ray.errors import ConfigError
 from tpr_ray.inference import autocast
 from tpr_ray.methods import Method, Stage, get_method
 from tpr_ray.optim import advance, build_optimizer, build_scheduler, lr_factor
+from tpr_ray.tracking import NoTracker, Tracker, epoch_scalars
 from tpr_ray.train_data import CaptionPairs, TrainingData, evaluate_split, load_training_data, pair_loader
 from tpr_ray.transforms import normalize
 
@@ -63,6 +63,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     bad_images: str = "fail"  # unreadable images: fail before training (listed), skip them, or "off" (no check)
     exclude_images: list[str] = field(default_factory=list)  # left out of training (the "skip" check fills it)
+    mlflow: str | None = None  # MLflow tracking URI (default: MLFLOW_TRACKING_URI); TensorBoard files are always written
+    mlflow_run_id: str | None = None  # filled by the driver
 
     def run_name(self) -> str:
         if self.name:
@@ -135,20 +137,26 @@ def train_loop_per_worker(config: dict) -> None:
     resumed = restore_or_initialise(method, worker, ray.train.get_checkpoint())
     stages = method.stages()
     start_stage, global_step = start_position(cfg, stages, resumed)
-    for stage_index in range(start_stage, len(stages)):
-        run = prepare_stage(method, stages, stage_index, data, worker, resumed)
-        for epoch in range(run.start_epoch, run.recipe.epochs):
-            result = train_epoch(method, run, epoch, global_step, worker)
-            global_step += result.steps
-            if result.finished:
-                advance(run.scheduler, run.recipe, "epoch")
-            metrics = epoch_metrics(run, epoch, result, global_step, worker)
-            if worker.leader:
-                metrics.update(validate(method, data, run, epoch, worker))
-            metrics["restored_from_step"] = resumed["global_step"] if resumed else -1
-            _report(method, run.optimizer, run.scheduler, metrics, cfg, run.counts, worker.rank, data.version)
-            if result.stop:
-                return
+    tracker = open_tracker(worker)
+    try:
+        for stage_index in range(start_stage, len(stages)):
+            run = prepare_stage(method, stages, stage_index, data, worker, resumed)
+            for epoch in range(run.start_epoch, run.recipe.epochs):
+                result = train_epoch(method, run, epoch, global_step, worker, tracker)
+                global_step += result.steps
+                if result.finished:
+                    advance(run.scheduler, run.recipe, "epoch")
+                metrics = epoch_metrics(run, epoch, result, global_step, worker)
+                if worker.leader:
+                    metrics.update(validate(method, data, run, epoch, worker))
+                tracker.log(epoch_scalars(metrics), global_step)
+                tracker.flush()
+                metrics["restored_from_step"] = resumed["global_step"] if resumed else -1
+                _report(method, run.optimizer, run.scheduler, metrics, cfg, run.counts, worker.rank, data.version)
+                if result.stop:
+                    return
+    finally:
+        tracker.close()
 
 
 def start_worker(cfg: TrainConfig) -> Worker:
@@ -158,6 +166,14 @@ def start_worker(cfg: TrainConfig) -> Worker:
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)
     return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def open_tracker(worker: Worker):
+    """TensorBoard (and MLflow) logging from rank 0; the other ranks log nothing."""
+    if not worker.leader:
+        return NoTracker()
+    cfg = worker.cfg
+    return Tracker(storage.join(cfg.out, cfg.run_name()), cfg.mlflow, cfg.mlflow_run_id)
 
 
 def build_method(cfg: TrainConfig, num_classes: int) -> Method:
@@ -214,7 +230,7 @@ def prepare_stage(method: Method, stages: list[Stage], index: int, data: Trainin
     return StageRun(index, stage, model, loader, sampler, optimizer, scheduler, counts, start_epoch)
 
 
-def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, worker: Worker) -> EpochResult:
+def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, worker: Worker, tracker) -> EpochResult:
     """One pass over this worker's share of the pairs (or up to ``max_steps``)."""
     cfg, recipe = worker.cfg, run.recipe
     run.sampler.set_epoch(epoch)
@@ -230,8 +246,11 @@ def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, wor
         if worker.leader and (steps % cfg.log_every == 0 or steps == steps_per_epoch or stop):
             rate = steps * recipe.batch_size * worker.world / (time.perf_counter() - tick)
             terms = " ".join(f"{k} {v / steps:.4f}" for k, v in sums.items())
+            lr = run.scheduler.get_last_lr()[0]
             log(f"{run.stage.name} epoch {epoch + 1}/{recipe.epochs} step {steps}/{steps_per_epoch} "
-                f"{terms} lr {run.scheduler.get_last_lr()[0]:.3e} samples/s {rate:.1f}")
+                f"{terms} lr {lr:.3e} samples/s {rate:.1f}")
+            tracker.log({**{f"train/{k}": v / steps for k, v in sums.items()}, "lr": lr, "samples_per_s": rate},
+                        global_step + steps)
         if stop:
             break
     return EpochResult(steps, sums, time.perf_counter() - tick, steps * recipe.batch_size * worker.world,
@@ -342,56 +361,20 @@ def _checkpoint_uri(storage_path: str, checkpoint) -> str:
     return f"{protocol}://{checkpoint.path}" if protocol else checkpoint.path
 
 
-def _absolute_references(cfg: TrainConfig) -> dict:
-    """The config the workers get. Checkpoints record where the data and the backbone came
-    from: keep those references valid from any working directory."""
-    config = dataclasses.asdict(cfg)
-    config["out"] = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
-    for key in ("data", "pretrained", "init"):
-        if config[key] and not storage.is_remote(config[key]) and os.path.exists(config[key]):
-            config[key] = os.path.abspath(config[key])
-    return config
-
-
-def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> None:
-    """A new run needs a free name; a resumed one must be the run its checkpoints belong to."""
-    from tpr_ray.data import load_manifest, manifest_info
-    from tpr_ray.train_run import check_resume, latest_checkpoint, registered_checkpoints, run_identity
-
-    # A folder without checkpoints (a first attempt that failed early) holds nothing to keep.
-    checkpoints = registered_checkpoints(run_dir)
-    if checkpoints and not cfg.resume:
-        raise ConfigError(f"run {run_dir} already has {len(checkpoints)} checkpoint(s): pass --resume to continue "
-                          f"it, or choose another --name / --out")
-    if checkpoints:
-        latest = latest_checkpoint(checkpoints)
-        version = manifest_info(load_manifest(config["data"])).get("version")
-        backbone = BackboneConfig(cfg.model, config["pretrained"], tuple(cfg.image_size)).to_dict()
-        check_resume(run_dir, latest, run_identity(cfg.method, config["data"], version, backbone, recipe.to_dict()))
-
-
-def skipped_images(cfg: TrainConfig, config: dict) -> list[str]:
-    """Images the run leaves out: the user's list plus what the up-front check found unreadable."""
-    from tpr_ray.train_data import check_images
-
-    found = check_images(config["data"], cfg.image_size, cfg.bad_images, cfg.holdout_fraction, cfg.seed)
-    if found:
-        log(f"skipping {len(found)} unreadable training image(s) (--bad-images skip), e.g. {found[0]}")
-    return sorted(set(cfg.exclude_images) | set(found))
-
-
 def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Run training on the Ray cluster (a local one unless ``address``/RAY_ADDRESS names one)."""
     import ray
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
-    from tpr_ray.train_run import latest_checkpoint, registered_checkpoints, write_best
+    from tpr_ray.train_run import (absolute_references, check_run_folder, latest_checkpoint, mlflow_run,
+                                   registered_checkpoints, skipped_images, write_best)
 
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
-    config = _absolute_references(cfg)
+    config = absolute_references(cfg)
     out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
     check_run_folder(cfg, config, recipe, run_dir)
     config["exclude_images"] = skipped_images(cfg, config)
+    config["mlflow"], config["mlflow_run_id"] = mlflow_run(cfg, config, recipe, run_dir)
     init_ray(address)
     require_shared_storage(out, "--out")
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -407,6 +390,10 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
         raise ConfigError(f"training run {run_dir} finished without a checkpoint")
     latest = _checkpoint_uri(out, result.checkpoint)
     best, best_metrics = write_best(run_dir, [(_checkpoint_uri(out, c), m) for c, m in result.best_checkpoints], latest)
+    if config["mlflow_run_id"]:
+        from tpr_ray.tracking import log_best_to_mlflow
+
+        log_best_to_mlflow(config["mlflow"], config["mlflow_run_id"], best, best_metrics)
     return TrainResult(run_dir, best, best_metrics, latest)
 
 

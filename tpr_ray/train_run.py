@@ -1,14 +1,25 @@
-"""A training run's folder as the driver sees it: its registered checkpoints, and whether a
-``--resume`` asks for the run those checkpoints belong to."""
+"""What the training driver does around ``trainer.fit()``: the run folder (is it a run, does a
+``--resume`` match it, which checkpoints did Ray Train register, best.json), the up-front
+image check and the MLflow run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
 import posixpath
+from typing import TYPE_CHECKING
 
 from tpr_ray import storage
+from tpr_ray.backbone import BackboneConfig
 from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE
 from tpr_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tpr_ray.train import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # Ray Train's record of the checkpoints it registered (written after each upload completes).
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -98,3 +109,60 @@ def write_best(run_dir: str, checkpoints: list[tuple[str, dict]], latest: str, *
         record["interrupted"] = True  # the run stopped early: best of the checkpoints it had registered
     storage.write_json(storage.join(run_dir, BEST_FILE), record)
     return best, metrics
+
+
+# --- the driver's steps before fit() ------------------------------------------------
+
+def absolute_references(cfg: TrainConfig) -> dict:
+    """The config the workers get. Checkpoints record where the data and the backbone came
+    from: keep those references valid from any working directory."""
+    config = dataclasses.asdict(cfg)
+    config["out"] = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
+    for key in ("data", "pretrained", "init"):
+        if config[key] and not storage.is_remote(config[key]) and os.path.exists(config[key]):
+            config[key] = os.path.abspath(config[key])
+    return config
+
+
+def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> None:
+    """A new run needs a free name; a resumed one must be the run its checkpoints belong to."""
+    from tpr_ray.data import load_manifest, manifest_info
+
+    # A folder without checkpoints (a first attempt that failed early) holds nothing to keep.
+    checkpoints = registered_checkpoints(run_dir)
+    if checkpoints and not cfg.resume:
+        raise ConfigError(f"run {run_dir} already has {len(checkpoints)} checkpoint(s): pass --resume to continue "
+                          f"it, or choose another --name / --out")
+    if checkpoints:
+        latest = latest_checkpoint(checkpoints)
+        version = manifest_info(load_manifest(config["data"])).get("version")
+        backbone = BackboneConfig(cfg.model, config["pretrained"], tuple(cfg.image_size)).to_dict()
+        check_resume(run_dir, latest, run_identity(cfg.method, config["data"], version, backbone, recipe.to_dict()))
+
+
+def skipped_images(cfg: TrainConfig, config: dict) -> list[str]:
+    """Images the run leaves out: the user's list plus what the up-front check found unreadable."""
+    from tpr_ray.train_data import check_images
+
+    found = check_images(config["data"], cfg.image_size, cfg.bad_images, cfg.holdout_fraction, cfg.seed)
+    if found:
+        log.warning(f"skipping {len(found)} unreadable training image(s) (--bad-images skip), e.g. {found[0]}")
+    return sorted(set(cfg.exclude_images) | set(found))
+
+
+def mlflow_run(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> tuple[str | None, str | None]:
+    """(tracking URI, run id) when MLflow is asked for (--mlflow, or MLflow's environment)."""
+    from tpr_ray.tracking import mlflow_uri, open_mlflow_run
+
+    uri = mlflow_uri(cfg.mlflow)
+    if uri is None:
+        return None, None
+    if cfg.mlflow is None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            log.warning("MLFLOW_TRACKING_URI is set but mlflow is not installed: logging to TensorBoard only")
+            return None, None
+    params = {key: config[key] for key in ("method", "data", "model", "pretrained", "image_size", "num_workers",
+                                           "seed", "init", "start_stage")}
+    return uri, open_mlflow_run(uri, run_dir, cfg.run_name(), {**params, "recipe": recipe.to_dict()})
