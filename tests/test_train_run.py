@@ -20,7 +20,10 @@ def _fake_checkpoint(run_dir, name, *, data, data_version, model="tpr-tiny", pre
     """A checkpoint folder as `_report` writes it (only the config matters to the driver)."""
     path = os.path.join(run_dir, name)
     os.makedirs(path)
-    full_recipe = get_method(method).default_recipe.override(**(recipe or BASE_RECIPE)).to_dict()
+    from tpr_ray.train_run import from_scratch_overrides
+
+    effective, _ = from_scratch_overrides(pretrained, None, recipe or BASE_RECIPE)  # as the driver records it
+    full_recipe = get_method(method).default_recipe.override(**effective).to_dict()
     config = {"method": method, "backbone": {"model": model, "pretrained": pretrained, "image_size": [384, 128]},
               "recipe": full_recipe, "data": data, "data_version": data_version, "global_step": step,
               "metrics": {"global_step": step, "val_R1": val_r1}}
@@ -57,6 +60,17 @@ def test_resume_refuses_another_recipe_model_or_backbone_naming_the_field(starte
                                                                             changes, field):
     with pytest.raises(ConfigError, match=f"--resume .*{field}: the run has"):
         train(_config(cuhk_small, tmp_path, **changes))
+
+
+def test_resume_with_the_same_settings_passes_the_check(started_run, cuhk_small, tmp_path, monkeypatch):
+    import tpr_ray.ray_utils
+
+    def started(address=None):
+        raise _Started
+
+    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", started)
+    with pytest.raises(_Started):
+        train(_config(cuhk_small, tmp_path))
 
 
 def test_resume_refuses_other_data_by_manifest_version(started_run, cuhk_small, tmp_path):
@@ -141,3 +155,31 @@ def test_an_interrupted_run_still_names_its_best_checkpoint(cuhk_small, tmp_path
     assert best["latest"].endswith("00-00-02.000001")
     assert resolve_checkpoint(str(run_dir)) == trainer.good
 
+
+def test_a_random_backbone_trains_with_the_from_scratch_recipe_unless_told_otherwise():
+    from tpr_ray.train_run import FROM_SCRATCH_RECIPE, from_scratch_overrides
+
+    assert from_scratch_overrides(None, None, {}) == (FROM_SCRATCH_RECIPE, FROM_SCRATCH_RECIPE)
+    assert from_scratch_overrides("none", None, {"lr": 5e-4}) == ({**FROM_SCRATCH_RECIPE, "lr": 5e-4},
+                                                                  {"warmup_epochs": 1, "weight_decay": 1e-4})
+    assert from_scratch_overrides("openai", None, {"epochs": 3}) == ({"epochs": 3}, {})
+    assert from_scratch_overrides(None, "runs/stage1", {}) == ({}, {})  # weights come from --init
+
+
+def test_the_driver_applies_the_from_scratch_recipe_and_says_so(cuhk_small, tmp_path, monkeypatch, caplog):
+    import tpr_ray.ray_utils
+    import tpr_ray.train
+
+    seen = {}
+
+    def capture(cfg, config, use_gpu):
+        seen.update(config)
+        raise _Started
+
+    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(tpr_ray.ray_utils, "require_shared_storage", lambda *a, **k: None)
+    monkeypatch.setattr(tpr_ray.train, "_trainer", capture)
+    with caplog.at_level("WARNING", logger="tpr_ray"), pytest.raises(_Started):
+        train(_config(cuhk_small, tmp_path, resume=False, use_gpu=False, overrides={"epochs": 2}, bad_images="off"))
+    assert seen["overrides"] == {"lr": 1e-3, "warmup_epochs": 1, "weight_decay": 1e-4, "epochs": 2}
+    assert "random-init backbone" in caplog.text and "--lr" in caplog.text

@@ -222,7 +222,7 @@ def _safe_name(name: str) -> str:
 def backbone_choice(cfg: CrossEvalConfig, datasets: Sequence[Dataset]) -> tuple[str, str | None, dict]:
     """(model, pretrained, base recipe overrides) for these training sets: the tiny
     from-scratch setup when they are all synthetic, else ViT-B-16 with OpenAI weights."""
-    from tpr_ray.demo import DEMO_OVERRIDES
+    from tpr_ray.train_run import from_scratch_overrides
 
     all_synthetic = bool(datasets) and all(d.synthetic for d in datasets)
     model = cfg.model or (TINY_MODEL if all_synthetic else "ViT-B-16")
@@ -231,9 +231,8 @@ def backbone_choice(cfg: CrossEvalConfig, datasets: Sequence[Dataset]) -> tuple[
         pretrained = None if model == TINY_MODEL else "openai"
     if isinstance(pretrained, str) and pretrained.lower() == "none":
         pretrained = None
-    base = {}
-    if model == TINY_MODEL and pretrained is None:
-        base = {**DEMO_OVERRIDES, "epochs": SYNTHETIC_EPOCHS}
+    base = {"batch_size": 32, "epochs": SYNTHETIC_EPOCHS} if model == TINY_MODEL and pretrained is None else {}
+    base, _ = from_scratch_overrides(pretrained, None, base)  # training's rule for a random backbone
     return model, pretrained, base
 
 

@@ -367,8 +367,9 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
     from tpr_ray.train_run import (absolute_references, check_run_folder, latest_checkpoint, mlflow_run,
-                                   registered_checkpoints, skipped_images, write_best)
+                                   registered_checkpoints, skipped_images, with_recipe_rules, write_best)
 
+    cfg = with_recipe_rules(cfg)
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
     config = absolute_references(cfg)
     out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())

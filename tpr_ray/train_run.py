@@ -111,6 +111,37 @@ def write_best(run_dir: str, checkpoints: list[tuple[str, dict]], latest: str, *
     return best, metrics
 
 
+# --- the recipe of a randomly initialised backbone ------------------------------------
+
+# The papers' recipes fine-tune pretrained CLIP at lr 1e-5; a random network barely moves at
+# that rate (the tiny model stayed at chance: R1 11.1 vs 20.4). These settings learn from scratch
+# on the synthetic data (the demo's and crosseval's former overrides).
+FROM_SCRATCH_RECIPE = {"lr": 1e-3, "warmup_epochs": 1, "weight_decay": 1e-4}
+
+
+def is_random_init(pretrained: str | None, init: str | None) -> bool:
+    return init is None and (pretrained is None or pretrained.strip().lower() in ("", "none"))
+
+
+def from_scratch_overrides(pretrained: str | None, init: str | None, overrides: dict) -> tuple[dict, dict]:
+    """(recipe overrides to train with, the from-scratch settings added to them): with a random
+    backbone, FROM_SCRATCH_RECIPE fills every key the user did not set; otherwise nothing changes."""
+    if not is_random_init(pretrained, init):
+        return dict(overrides), {}
+    added = {k: v for k, v in FROM_SCRATCH_RECIPE.items() if k not in overrides}
+    return {**added, **overrides}, added
+
+
+def with_recipe_rules(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the from-scratch settings when its backbone starts random, said out loud."""
+    overrides, added = from_scratch_overrides(cfg.pretrained, cfg.init, cfg.overrides)
+    if added:
+        settings = ", ".join(f"{k}={v}" for k, v in added.items())
+        log.warning(f"random-init backbone (--pretrained none): training with the from-scratch recipe {settings} "
+                    f"instead of the pretrained-CLIP one; pass --lr / --set KEY=VALUE to choose otherwise")
+    return dataclasses.replace(cfg, overrides=overrides)
+
+
 # --- the driver's steps before fit() ------------------------------------------------
 
 def absolute_references(cfg: TrainConfig) -> dict:
