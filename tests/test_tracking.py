@@ -133,3 +133,21 @@ def test_mlflow_option_without_the_package_is_one_clear_error_before_ray_starts(
                       mlflow=f"file://{tmp_path}/mlruns", bad_images="off")
     with pytest.raises(ConfigError, match="pip install mlflow"):
         train(cfg)
+
+
+def test_tensorboard_files_of_a_run_on_object_storage_are_copied_up(s3_bucket, tmp_path):
+    from tpr_ray import storage
+
+    run_dir = f"{s3_bucket}/tracking/run"
+    tracker = Tracker(run_dir)
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.flush()  # after every epoch
+    tracker.log({"train/loss": 0.5}, step=2)
+    tracker.close()
+    fs, path = storage.filesystem(f"{run_dir}/tensorboard")
+    files = fs.ls(path, detail=False)
+    assert len(files) == 1 and "events.out.tfevents" in files[0]
+    local = tmp_path / "copy"
+    local.mkdir()
+    fs.get(files[0], str(local / files[0].rsplit("/", 1)[1]))
+    assert read_scalars(local)["train/loss"] == [(1, 1.0), (2, 0.5)]

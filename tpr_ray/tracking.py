@@ -50,13 +50,17 @@ class Tracker:
 
     def flush(self) -> None:
         self.writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
         if self.remote:
             fs, path = storage.filesystem(self.target)
-            fs.put(self.local.rstrip("/") + "/", path, recursive=True)
+            for name in os.listdir(self.local):  # one event file per writer; copied whole each time
+                fs.put_file(os.path.join(self.local, name), f"{path}/{name}")
 
     def close(self) -> None:
-        self.flush()
         self.writer.close()
+        self._upload()
         if self.mlflow is not None:
             self.mlflow.end_run()
         if self.remote:
