@@ -29,7 +29,8 @@ from tpr_ray.methods import Method, Stage, get_method
 from tpr_ray.optim import advance, build_optimizer, build_scheduler, lr_factor
 from tpr_ray.tracking import NoTracker, Tracker, epoch_scalars
 from tpr_ray.train_data import CaptionPairs, TrainingData, evaluate_split, load_training_data, pair_loader
-from tpr_ray.transforms import normalize
+from tpr_ray.train_cache import load_cache
+from tpr_ray.transforms import batch_augment, normalize
 
 # Re-exported: callers import the training pieces from here.
 __all__ = ["CaptionPairs", "TrainConfig", "TrainResult", "build_optimizer", "evaluate_split", "lr_factor", "train",
@@ -66,6 +67,7 @@ class TrainConfig:
     mlflow: str | None = None  # MLflow tracking URI (default: MLFLOW_TRACKING_URI); TensorBoard files are always written
     mlflow_run_id: str | None = None  # filled by the driver
     grad_checkpointing: bool = False  # recompute activations in backward: less memory for large batches
+    decoded_cache: str | None = None  # "auto" (next to the data) or a folder: train from decoded uint8 images
 
     def run_name(self) -> str:
         if self.name:
@@ -134,6 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = start_worker(TrainConfig(**config))
     cfg = worker.cfg
     data = load_training_data(cfg.data, cfg.holdout_fraction, cfg.seed, exclude=cfg.exclude_images)
+    pixels = load_cache(cfg.decoded_cache, cfg.image_size) if cfg.decoded_cache else None
     method = build_method(cfg, data.num_classes).to(worker.device)
     resumed = restore_or_initialise(method, worker, ray.train.get_checkpoint())
     stages = method.stages()
@@ -141,7 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = open_tracker(worker)
     try:
         for stage_index in range(start_stage, len(stages)):
-            run = prepare_stage(method, stages, stage_index, data, worker, resumed)
+            run = prepare_stage(method, stages, stage_index, data, worker, resumed, pixels)
             for epoch in range(run.start_epoch, run.recipe.epochs):
                 result = train_epoch(method, run, epoch, global_step, worker, tracker)
                 global_step += result.steps
@@ -216,7 +219,7 @@ def start_position(cfg: TrainConfig, stages: list[Stage], resumed: dict | None) 
 
 
 def prepare_stage(method: Method, stages: list[Stage], index: int, data: TrainingData, worker: Worker,
-                  resumed: dict | None) -> StageRun:
+                  resumed: dict | None, pixels: dict | None = None) -> StageRun:
     """Trainable set, DDP wrapper, loader and optimizer of one stage (state restored when resuming in it)."""
     import ray.train.torch
 
@@ -230,7 +233,8 @@ def prepare_stage(method: Method, stages: list[Stage], index: int, data: Trainin
     model = ray.train.torch.prepare_model(method, move_to_device=False)
     loader, sampler = pair_loader(data, cfg.image_size, stage.recipe.augment, stage.recipe.batch_size,
                                   rank=worker.rank, world=worker.world, seed=cfg.seed,
-                                  loader_workers=cfg.loader_workers, pin_memory=worker.device.type == "cuda")
+                                  loader_workers=cfg.loader_workers, pin_memory=worker.device.type == "cuda",
+                                  pixels=pixels)
     optimizer = build_optimizer(method, stage)
     scheduler = build_scheduler(optimizer, stage.recipe, len(loader))
     start_epoch = 0
@@ -270,8 +274,13 @@ def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, wor
 
 def train_step(method: Method, run: StageRun, batch: dict, device) -> dict:
     """Forward, backward and update on one batch; returns the loss terms."""
+    if "pixels" in batch:  # decoded cache: augment the uint8 batch here, on the training device
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        images = batch_augment(pixels) if run.recipe.augment else normalize(pixels)
+    else:
+        images = normalize(batch["image"].to(device, non_blocking=True))
     batch = {
-        "images": normalize(batch["image"].to(device, non_blocking=True)),
+        "images": images,
         "tokens": method.tokenize(batch["caption"]).to(device),
         "person_ids": batch["person_id"].to(device),
         "labels": batch["label"].to(device),
@@ -377,8 +386,9 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     import ray
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
-    from tpr_ray.train_run import (absolute_references, check_run_folder, latest_checkpoint, mlflow_run,
-                                   registered_checkpoints, skipped_images, with_recipe_rules, write_best)
+    from tpr_ray.train_run import (absolute_references, check_run_folder, decoded_cache, latest_checkpoint,
+                                   mlflow_run, registered_checkpoints, skipped_images, with_recipe_rules,
+                                   write_best)
 
     cfg = with_recipe_rules(cfg)
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
@@ -389,6 +399,8 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     config["mlflow"], config["mlflow_run_id"] = mlflow_run(cfg, config, recipe, run_dir)
     init_ray(address)
     require_shared_storage(out, "--out")
+    if cfg.decoded_cache:
+        config["decoded_cache"] = decoded_cache(cfg, config)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     trainer = _trainer(cfg, config, use_gpu)
     try:

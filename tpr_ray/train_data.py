@@ -125,10 +125,32 @@ class CaptionPairs(Dataset):
         return {"image": x, "caption": caption, "person_id": pid, "label": self.labels[pid]}
 
 
+class CachedPairs(CaptionPairs):
+    """Caption pairs over already decoded uint8 images: no fetch or decode per item, and the
+    augmentation is applied later to the whole batch on the training device."""
+
+    def __init__(self, table, labels: dict[int, int], pixels: dict[str, np.ndarray]):
+        super().__init__(table, labels, next(iter(pixels.values())).shape[:2] if pixels else (0, 0), augment=False)
+        missing = [u for u in set(self.uris) if u not in pixels]
+        if missing:
+            raise DataError(f"{len(missing)} training images are not in the decoded cache, e.g. {missing[0]}")
+        self.pixels = pixels
+
+    def __getitem__(self, index: int) -> dict:
+        row, caption = self.items[index]
+        pid = self.pids[row]
+        return {"pixels": torch.from_numpy(self.pixels[self.uris[row]].copy()), "caption": caption,
+                "person_id": pid, "label": self.labels[pid]}
+
+
 def pair_loader(data: TrainingData, image_size, augment: bool, batch_size: int, *, rank: int, world: int,
-                seed: int, loader_workers: int, pin_memory: bool) -> tuple[DataLoader, DistributedSampler]:
+                seed: int, loader_workers: int, pin_memory: bool,
+                pixels: dict | None = None) -> tuple[DataLoader, DistributedSampler]:
     """This worker's share of every epoch's caption pairs (the global batch is batch_size x world)."""
-    dataset = CaptionPairs(data.train, data.labels, image_size, augment=augment)
+    if pixels is not None:
+        dataset = CachedPairs(data.train, data.labels, pixels)
+    else:
+        dataset = CaptionPairs(data.train, data.labels, image_size, augment=augment)
     if len(dataset) < batch_size * world:
         raise ConfigError(f"{len(dataset)} training pairs cannot fill one global batch of "
                           f"{batch_size} x {world} workers; lower --batch-size")

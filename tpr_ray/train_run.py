@@ -197,3 +197,21 @@ def mlflow_run(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> tuple[st
     params = {key: config[key] for key in ("method", "data", "model", "pretrained", "image_size", "num_workers",
                                            "seed", "init", "start_stage")}
     return uri, open_mlflow_run(uri, run_dir, cfg.run_name(), {**params, "recipe": recipe.to_dict()})
+
+
+def decoded_cache(cfg: TrainConfig, config: dict) -> str:
+    """The decoded-image cache folder of this data and image size, built now (Ray Data) when missing."""
+    from tpr_ray.data import load_manifest, manifest_info, selection_split
+    from tpr_ray.train_cache import build_cache, cache_dir, default_root, is_complete
+
+    manifest = load_manifest(config["data"])
+    version = manifest_info(manifest).get("version") or "unversioned"
+    root = default_root(config["data"]) if cfg.decoded_cache == "auto" else cfg.decoded_cache
+    target = cache_dir(root, version, cfg.image_size)
+    if not is_complete(target):
+        train, val = selection_split(manifest, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed)
+        skip = set(config["exclude_images"])
+        uris = [u for u in train.column("image_uri").to_pylist() if u not in skip]
+        info = build_cache(uris, cfg.image_size, target)
+        log.warning(f"decoded {info['images']} training images into {target}")
+    return target

@@ -42,46 +42,31 @@ def batch_augment(images: torch.Tensor, pad: int = 10, erase_p: float = 0.5, era
     then normalisation. Returns CLIP-normalised float NCHW.
 
     Each image draws its own flip, crop offset and erasing box, with the same distributions as
-    torchvision's per-image transforms (one erasing attempt instead of up to ten)."""
+    torchvision's per-image transforms (one erasing attempt instead of up to ten). The draws are
+    made at once on the CPU; flip and crop then are views of the padded uint8 batch, so the only
+    full-size float work is one conversion and the normalisation."""
     n, h, w, _ = images.shape
-    device = images.device
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-
-    def uniform(n):  # drawn on the generator's device (CPU by default), used on the batch's
-        return torch.rand(n, generator=generator, device=generator.device if generator else "cpu").to(device)
-
-    flip = uniform(n) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-
-    if pad:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        top = (uniform(n) * (2 * pad + 1)).long().clamp_(max=2 * pad)
-        left = (uniform(n) * (2 * pad + 1)).long().clamp_(max=2 * pad)
-        x = _crop(padded, top, left, h, w)
-
+    u = torch.rand(n, 6, generator=generator)  # flip, top, left, erase?, area, ratio
+    flip = (u[:, 0] < 0.5).tolist()
+    top = (u[:, 1] * (2 * pad + 1)).long().clamp_(max=2 * pad).tolist()
+    left = (u[:, 2] * (2 * pad + 1)).long().clamp_(max=2 * pad).tolist()
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad)) if pad else images.permute(0, 3, 1, 2)
+    crops = []
+    for i in range(n):
+        crop = padded[i, :, top[i]:top[i] + h, left[i]:left[i] + w] if pad else padded[i]
+        crops.append(crop.flip(-1) if flip[i] else crop)
+    x = torch.stack(crops).float().div_(255.0)
     if erase_p > 0:
-        area = h * w * (erase_scale[0] + (erase_scale[1] - erase_scale[0]) * uniform(n))
-        log_ratio = torch.log(torch.tensor(erase_ratio, device=device))
-        ratio = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(n))
-        eh = torch.sqrt(area * ratio).round().long()
-        ew = torch.sqrt(area / ratio).round().long()
-        fits = (eh < h) & (ew < w) & (uniform(n) < erase_p)
-        y0 = (uniform(n) * (h - eh + 1).clamp(min=1)).long()
-        x0 = (uniform(n) * (w - ew + 1).clamp(min=1)).long()
-        r = torch.arange(h, device=device).view(1, h, 1)
-        c = torch.arange(w, device=device).view(1, 1, w)
-        box = ((r >= y0.view(n, 1, 1)) & (r < (y0 + eh).view(n, 1, 1)) & (c >= x0.view(n, 1, 1))
-               & (c < (x0 + ew).view(n, 1, 1)) & fits.view(n, 1, 1))
-        mean = CLIP_MEAN.to(device).view(1, 3, 1, 1).expand(n, 3, h, w)
-        x = torch.where(box.unsqueeze(1), mean, x)
+        area = h * w * (erase_scale[0] + (erase_scale[1] - erase_scale[0]) * u[:, 4])
+        lo, hi = torch.log(torch.tensor(erase_ratio[0])), torch.log(torch.tensor(erase_ratio[1]))
+        ratio = torch.exp(lo + (hi - lo) * u[:, 5])
+        eh = torch.sqrt(area * ratio).round().long().tolist()
+        ew = torch.sqrt(area / ratio).round().long().tolist()
+        fill = CLIP_MEAN.view(3, 1, 1).to(x.device)
+        pos = torch.rand(n, 2, generator=generator)
+        for i in range(n):
+            if u[i, 3] < erase_p and eh[i] < h and ew[i] < w:
+                y0 = int(pos[i, 0] * (h - eh[i] + 1))
+                x0 = int(pos[i, 1] * (w - ew[i] + 1))
+                x[i, :, y0:y0 + eh[i], x0:x0 + ew[i]] = fill
     return normalize(x)
-
-
-def _crop(padded: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Per-image crops of size (h, w) at (top, left) from an NCHW batch."""
-    n, c = padded.shape[:2]
-    rows = (top.view(n, 1) + torch.arange(h, device=padded.device)).view(n, 1, h, 1)
-    cols = (left.view(n, 1) + torch.arange(w, device=padded.device)).view(n, 1, 1, w)
-    batch = torch.arange(n, device=padded.device).view(n, 1, 1, 1)
-    channel = torch.arange(c, device=padded.device).view(1, c, 1, 1)
-    return padded[batch, channel, rows, cols]
