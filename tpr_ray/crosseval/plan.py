@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # A random-init tiny CLIP on synthetic data needs a from-scratch learning rate and a few epochs.
 TINY_MODEL = "tpr-tiny"
 SYNTHETIC_EPOCHS = 6
-SCRATCH_RECIPE = {"lr": 1e-3, "batch_size": 32, "warmup_epochs": 1, "weight_decay": 1e-4, "epochs": SYNTHETIC_EPOCHS}
+# The tiny synthetic setup; lr, warm-up and weight decay come from training's rule for a random backbone.
+SYNTHETIC_BASE = {"batch_size": 32, "epochs": SYNTHETIC_EPOCHS}
 TEST_SPLIT = "test"
 # Bump when a change to the evaluation changes the numbers: every cell is then recomputed.
 EVAL_VERSION = 1
@@ -80,7 +81,10 @@ def backbone_choice(cfg: CrossEvalConfig, datasets: Sequence[Dataset]) -> tuple[
         pretrained = None if model == TINY_MODEL else "openai"
     if isinstance(pretrained, str) and pretrained.lower() == "none":
         pretrained = None
-    base = dict(SCRATCH_RECIPE) if model == TINY_MODEL and pretrained is None else {}
+    from tpr_ray.train_run import from_scratch_overrides
+
+    base = dict(SYNTHETIC_BASE) if model == TINY_MODEL and pretrained is None else {}
+    base, _ = from_scratch_overrides(pretrained, None, base)
     return model, pretrained, base
 
 
