@@ -80,6 +80,7 @@ class Settings:
     eval_dim: int = 512
     eval_block: int = 1024
     eval_check: tuple[int, int] = (500, 50_000)  # queries x gallery compared with tpr_ray.metrics
+    eval_shard_rows: int = 250_000  # the library's streaming evaluator sees the gallery in shards
     images_per_person: int = 4
     top_k: int = 10
     budget_s: float = 420.0
@@ -91,7 +92,7 @@ class Settings:
         return cls(model="tpr-tiny", image_size=(128, 64), train_batches=(4, 8), compile_backend="eager",
                    compile_methods=("baseline",), warmup_steps=1, timed_steps=2,
                    embed_batches=(8, 16), text_batch=16, eval_queries=96, eval_gallery=3000, eval_dim=32,
-                   eval_block=40, eval_check=(40, 800), budget_s=300.0, compile_estimate_s=5.0)
+                   eval_block=40, eval_check=(40, 800), eval_shard_rows=700, budget_s=300.0, compile_estimate_s=5.0)
 
 
 # --------------------------------------------------------------------------- exact evaluation
@@ -172,6 +173,31 @@ def exact_eval(queries, gallery, query_pids, gallery_pids, *, top_k: int = 10, b
     metrics = metrics_from_positive_ranks(ranks.cpu().numpy(),
                                           skip_queries_without_positives=skip_queries_without_positives)
     metrics["num_gallery"] = len(gallery)
+    return {"metrics": metrics, "top_scores": top_scores, "top_positions": top_positions}
+
+
+def library_eval(queries, gallery, query_pids, gallery_pids, *, shard_rows: int, top_k: int = 10, block: int = 1024,
+                 device: str = "cpu") -> dict:
+    """The streaming evaluator's kernels, as the library runs them: the positive pass in numpy,
+    the rank pass in torch on ``device`` (tpr_ray.streaming_torch), shard by shard."""
+    from tpr_ray.streaming_kernels import merge_top_k, positive_positions, ranks_from_counts, shard_positive_scores
+    from tpr_ray.streaming_torch import shard_ranks_torch
+
+    targets = positive_positions(query_pids, gallery_pids)
+    firsts = range(0, len(gallery), shard_rows)
+    target_scores = np.full(targets.shape, np.nan, dtype=np.float32)
+    for first in firsts:
+        part = shard_positive_scores(queries, gallery[first:first + shard_rows], first, targets, block)
+        target_scores = np.where(np.isnan(part), target_scores, part)
+    counts, tops = np.zeros(targets.shape, dtype=np.int64), []
+    for first in firsts:
+        out = shard_ranks_torch(queries, gallery[first:first + shard_rows], first, target_scores, targets,
+                                top_k, block, device)
+        counts += out["counts"]
+        tops.append((out["top_scores"], out["top_positions"]))
+    metrics = metrics_from_positive_ranks(ranks_from_counts(counts, targets), skip_queries_without_positives=True)
+    metrics["num_gallery"] = len(gallery)
+    top_scores, top_positions = merge_top_k(tops, top_k)
     return {"metrics": metrics, "top_scores": top_scores, "top_positions": top_positions}
 
 
@@ -371,7 +397,7 @@ def text_cell(method, s: Settings, device) -> dict:
 
 
 def eval_check_cell(s: Settings, device) -> dict:
-    """The blockwise device evaluator against tpr_ray.metrics on the same float32 scores."""
+    """The suite's device evaluator and the library's streaming kernels against tpr_ray.metrics."""
     from tpr_ray.metrics import retrieval_metrics, stable_descending_order
 
     nq, ng = s.eval_check
@@ -382,8 +408,11 @@ def eval_check_cell(s: Settings, device) -> dict:
     scores = block_scores(q, g).cpu().numpy()
     reference = retrieval_metrics(scores, qp.cpu().numpy(), gp.cpu().numpy(), skip_queries_without_positives=True)
     order = stable_descending_order(scores)[:, : s.top_k + 1]
-    same_metrics = all(ours["metrics"][key] == reference[key] for key in reference)
-    same_top = bool(np.array_equal(ours["top_positions"].cpu().numpy(), order[:, : s.top_k]))
+    library = library_eval(q.cpu().numpy(), g.cpu().numpy(), qp.cpu().numpy(), gp.cpu().numpy(),
+                           shard_rows=max(1, ng // 3), top_k=s.top_k, block=s.eval_block, device=device.type)
+    same_metrics = all(ours["metrics"][key] == reference[key] == library["metrics"][key] for key in reference)
+    same_top = bool(np.array_equal(ours["top_positions"].cpu().numpy(), order[:, : s.top_k])
+                    and np.array_equal(library["top_positions"], order[:, : s.top_k]))
     # Queries whose top-k is decided by the tie rule: the k-th and the next item score the same.
     ranked = np.take_along_axis(scores, order, axis=1)
     return {"equal": same_metrics and same_top, "metrics_equal": same_metrics, "top_k_equal": same_top,
@@ -403,7 +432,27 @@ def eval_cell(s: Settings, device, peaks) -> dict:
     return {"seconds": seconds, "samples_per_s": s.eval_queries / seconds, "peak_gib": peak_gib(device),
             "gflop_per_sample": gflop, "ceiling_per_s": ceiling,
             "mfu": gflop * s.eval_queries / seconds / (peaks["fp32"] * 1e3) if peaks["fp32"] else None,
-            "metrics": dict(out["metrics"]), "top_k_shape": list(out["top_positions"].shape)}
+            "metrics": dict(out["metrics"]), "top_k_shape": list(out["top_positions"].shape),
+            "_top": out["top_positions"].cpu().numpy()}
+
+
+def library_eval_cell(s: Settings, device, suite_result: dict | None) -> dict:
+    """The same evaluation through the library's streaming kernels (what `tpr-ray eval` runs)."""
+    q, g, qp, gp = (x.cpu().numpy() for x in synthetic_embeddings(
+        s.eval_queries, s.eval_gallery, s.eval_dim, s.images_per_person, device))
+    reset_memory(device)
+    tick = time.perf_counter()
+    out = library_eval(q, g, qp, gp, shard_rows=s.eval_shard_rows, top_k=s.top_k, block=s.eval_block,
+                       device=device.type)
+    seconds = time.perf_counter() - tick
+    result = {"seconds": seconds, "samples_per_s": s.eval_queries / seconds, "peak_gib": peak_gib(device),
+              "metrics": dict(out["metrics"]), "shards": -(-s.eval_gallery // s.eval_shard_rows)}
+    if suite_result and suite_result.get("status") == "ok":
+        # Two fp32 matmuls of different shapes may round a score differently, so a near-tie can
+        # order differently: agreement is expected, not guaranteed (eval_check is exact).
+        result["same_as_suite"] = result["metrics"] == suite_result["metrics"]
+        result["top_k_rows_same"] = float(np.mean(np.all(out["top_positions"] == suite_result.pop("_top"), axis=1)))
+    return result
 
 
 # --------------------------------------------------------------------------- the run
@@ -472,8 +521,10 @@ class Suite:
         self.report["elapsed_s"] = round(time.monotonic() - STARTED, 1)
         self.report["skipped"] = sum(c["status"] == "skipped" for c in self.cells)
         os.makedirs(os.path.dirname(os.path.abspath(self.out_path)), exist_ok=True)
+        # Keys starting with "_" carry arrays from one cell to the next, not results.
+        cells = [{k: v for k, v in c.items() if not k.startswith("_")} for c in self.cells]
         with open(self.out_path, "w") as f:
-            json.dump(self.report, f, indent=1, default=float)
+            json.dump({**self.report, "cells": cells}, f, indent=1, default=float)
 
     def run(self):
         s, device = self.s, self.device
@@ -489,7 +540,11 @@ class Suite:
                       lambda name=name: text_cell(self.method(name), s, device))
         self.method(None)
         self.cell("eval_check", {"batch": s.eval_check[0], "mode": "eager"}, eager, lambda: eval_check_cell(s, device))
-        self.cell("eval", {"batch": s.eval_queries, "mode": "eager"}, eager, lambda: eval_cell(s, device, self.peaks))
+        suite_eval = self.cell("eval", {"batch": s.eval_queries, "mode": "eager"}, eager,
+                               lambda: eval_cell(s, device, self.peaks))
+        self.cell("eval_library", {"batch": s.eval_queries, "mode": "eager"}, eager,
+                  lambda: library_eval_cell(s, device, suite_eval))
+        suite_eval.pop("_top", None)
         if "compile" in s.modes:
             for name in s.compile_methods or s.methods:
                 compiled_once = False
@@ -546,7 +601,7 @@ def fmt(value, spec):
     return format("-", f">{width}") if value is None else format(value, spec)
 
 
-HEADER = (f"{'what':<10} {'method':<9} {'batch':>6} {'mode':<8} {'rate/s':>10} {'peak GiB':>8} "
+HEADER = (f"{'what':<12} {'method':<9} {'batch':>6} {'mode':<8} {'rate/s':>10} {'peak GiB':>8} "
           f"{'GFLOP':>8} {'ceiling/s':>10} {'MFU %':>6}  note")
 
 
@@ -562,11 +617,15 @@ def row(c: dict) -> str:
         m = c["metrics"]
         note = (f"{c['seconds']:.1f} s; R1 {m['R1']:.2f} R5 {m['R5']:.2f} R10 {m['R10']:.2f} "
                 f"mAP {m['mAP']:.2f} mINP {m['mINP']:.2f}; fp32 ceiling")
+    elif c["what"] == "eval_library" and c["status"] == "ok":
+        note = (f"{c['seconds']:.1f} s; tpr_ray.streaming kernels, {c['shards']} shards; "
+                f"metrics as the suite's: {c.get('same_as_suite', '-')}, top-10 rows alike: "
+                f"{100 * c.get('top_k_rows_same', float('nan')):.2f} %")
     elif c["what"] == "eval_check" and c["status"] == "ok":
-        note = (f"equal to tpr_ray.metrics: {c['equal']} ({c['queries']} x {c['gallery']}, "
+        note = (f"suite and library equal to tpr_ray.metrics: {c['equal']} ({c['queries']} x {c['gallery']}, "
                 f"{c['queries_tied_at_k']} queries tied at k)")
     mfu = c.get("mfu")
-    return (f"{c['what']:<10} {c.get('method', '-'):<9} {c['batch']:>6} {c['mode']:<8} "
+    return (f"{c['what']:<12} {c.get('method', '-'):<9} {c['batch']:>6} {c['mode']:<8} "
             f"{fmt(c.get('samples_per_s'), '10.0f')} {fmt(c.get('peak_gib'), '8.2f')} "
             f"{fmt(c.get('gflop_per_sample'), '8.2f')} {fmt(c.get('ceiling_per_s'), '10.0f')} "
             f"{fmt(None if mfu is None else 100 * mfu, '6.1f')}  {note}").rstrip()

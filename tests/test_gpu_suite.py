@@ -68,6 +68,15 @@ def test_exact_eval_equals_tpr_ray_metrics_with_ties(seed, block):
     np.testing.assert_array_equal(out["top_scores"].numpy(), np.take_along_axis(scores, order, axis=1))
 
 
+@pytest.mark.parametrize("shard_rows", [50, 200])
+def test_library_streaming_kernels_as_the_suite_runs_them_equal_tpr_ray_metrics(shard_rows):
+    queries, gallery, query_pids, gallery_pids = tie_heavy(4)
+    scores = queries @ gallery.T
+    out = suite.library_eval(queries, gallery, query_pids, gallery_pids, shard_rows=shard_rows, top_k=10, block=7)
+    assert out["metrics"] == retrieval_metrics(scores, query_pids, gallery_pids)
+    np.testing.assert_array_equal(out["top_positions"], stable_descending_order(scores)[:, :10])
+
+
 def test_exact_eval_queries_without_positives_follow_tpr_ray_metrics():
     queries, gallery, query_pids, gallery_pids = tie_heavy(3)
     query_pids[:4] = 999  # nobody in the gallery
@@ -172,4 +181,7 @@ def test_smoke_run_without_ray_reports_every_cell(tmp_path):
     assert {"R1", "R5", "R10", "mAP", "mINP"} <= set(evaluation["metrics"])
     assert evaluation["metrics"]["num_queries"] == 96 and evaluation["top_k_shape"] == [96, 10]
     assert evaluation["seconds"] > 0 and evaluation["gflop_per_sample"] > 0
-    assert "equal to tpr_ray.metrics: True" in proc.stdout
+    (library,) = find(what="eval_library")
+    assert library["metrics"]["num_queries"] == 96 and library["shards"] == 5
+    assert isinstance(library["same_as_suite"], bool) and "_top" not in evaluation
+    assert "suite and library equal to tpr_ray.metrics: True" in proc.stdout
