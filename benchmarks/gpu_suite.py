@@ -43,13 +43,7 @@ from tpr_ray.backbone import BackboneConfig  # noqa: E402
 from tpr_ray.inference import autocast  # noqa: E402
 from tpr_ray.methods import METHODS, get_method  # noqa: E402
 from tpr_ray.metrics import metrics_from_positive_ranks  # noqa: E402
-
-try:  # the optimizer training uses, from its torch-only home once training is split up
-    from tpr_ray.optim import build_optimizer  # noqa: E402
-except ModuleNotFoundError as exc:  # before that split: the same function, from tpr_ray.train
-    if exc.name != "tpr_ray.optim":
-        raise
-    from tpr_ray.train import build_optimizer  # noqa: E402
+from tpr_ray.optim import build_optimizer  # noqa: E402  (the optimizer training builds)
 
 # Dense (no sparsity) peaks from the vendors' data sheets, TFLOP/s: (bf16 tensor core, fp32).
 # An 8192^3 bf16 matmul reaches about 790 of the H200's 989 here, so 80 % MFU is the practical top.
