@@ -15,7 +15,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer
+from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer, resolved
 from tpr_ray.errors import ConfigError
 
 
@@ -97,10 +97,10 @@ class Method(nn.Module):
 
     def __init__(self, backbone: BackboneConfig, recipe: Recipe, num_classes: int):
         super().__init__()
-        self.backbone_config = backbone
+        self.backbone_config = resolved(backbone)  # with its activation decided, for checkpoints
         self.recipe = recipe
         self.num_classes = num_classes
-        self.clip = build_clip(backbone)
+        self.clip = build_clip(self.backbone_config)
         self.tokenizer = get_tokenizer(backbone)
 
     # --- inference -------------------------------------------------------
