@@ -49,6 +49,7 @@ from torch import nn
 
 from tpr_ray.errors import ConfigError
 from tpr_ray.losses import cmpc_loss, cmpm_loss, diversity_loss, hardest_negative_triplet_loss
+from tpr_ray.methods import towers
 from tpr_ray.methods.base import Method, Recipe, Stage
 
 
@@ -61,6 +62,7 @@ class CFineRecipe(Recipe):
     fcd_topk: int = 3  # FCD matches each token to the mean of its top-k tokens of the other side
     cfr_temperature: float = 0.07
     fcd_temperature: float = 0.01
+    cmpc_weight: float = 1.0
     global_weight: float = 1.0  # CMPM + CMPC weight of the global feature
     group1_weight: float = 1.0  # ... of the group-1 feature (ranks 1..K)
     group2_weight: float = 0.1  # ... of the group-2 feature (ranks K+1..2K)
@@ -234,19 +236,6 @@ def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None):
-    """Run open_clip's residual blocks; the last one also returns its head-averaged attention."""
-    for block in blocks[:-1]:
-        x = block(x, attn_mask=attn_mask)
-    last = blocks[-1]
-    h = last.ln_1(x)
-    mask = attn_mask.to(h.dtype) if attn_mask is not None else None
-    out, attention = last.attn(h, h, h, need_weights=True, average_attn_weights=True, attn_mask=mask)
-    x = x + last.ls_1(out)
-    x = x + last.ls_2(last.mlp(last.ln_2(x)))
-    return x, attention
-
-
 def _check_towers(clip: nn.Module, model: str) -> None:
     """CFine reads the towers' tokens and attention itself; refuse towers it does not know."""
     visual = getattr(clip, "visual", None)
@@ -279,13 +268,10 @@ class CFine(Method):
         epochs=50, batch_size=32, lr=1e-5, new_module_lr_mult=10.0, bias_lr_mult=1.0,
         weight_decay=4e-5, bias_weight_decay=0.0, optimizer="adam", adam_eps=1e-8,
         schedule="step", step_decay_epochs=10, step_gamma=0.1, warmup_epochs=10, warmup_factor=0.01,
-        id_loss_weight=1.0,
     )
     new_module_prefixes = ("mgf.", "image_necks.", "text_necks.", "cmpc_classifier")
 
     def __init__(self, backbone, recipe, num_classes):
-        if not isinstance(recipe, CFineRecipe):
-            recipe = CFineRecipe(**recipe.to_dict())
         super().__init__(backbone, recipe, num_classes)
         _check_towers(self.clip, backbone.model)
         width = self.clip_dim
@@ -307,23 +293,18 @@ class CFine(Method):
     def _image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected tokens (batch, 1 + patches, dim) with [CLS] first, [CLS] attention over patches)."""
         visual = self.clip.visual
-        x = visual.conv1(images)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.ln_pre(visual.patch_dropout(x))
-        x, attention = _run_blocks(visual.transformer.resblocks, x, None)
-        return visual.ln_post(x) @ visual.proj, attention[:, 0, 1:]
+        x = visual.ln_pre(towers.image_tokens(visual, images))
+        x, attention = towers.run_blocks(visual.transformer.resblocks, x, last_attention=True)
+        return towers.project_image(visual, visual.ln_post(x)), attention[:, 0, 1:]
 
     def _text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected tokens (batch, context, dim), [EOS] attention over all positions)."""
         clip = self.clip
-        cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding.to(cast)
-        x, attention = _run_blocks(clip.transformer.resblocks, x, clip.attn_mask)
-        x = clip.ln_final(x)
-        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
-        eos = tokens.argmax(dim=-1)
+        x = towers.text_tokens(clip, tokens)
+        x, attention = towers.run_blocks(clip.transformer.resblocks, x, towers.text_attention_mask(clip, x.shape[1]),
+                                         last_attention=True)
+        x = towers.project_text(clip, clip.ln_final(x))
+        eos = towers.eos_positions(tokens)
         return x, attention[torch.arange(tokens.shape[0], device=tokens.device), eos]
 
     def _features(self, global_token, tokens, groups, context, context_mask, necks) -> list[torch.Tensor]:
@@ -383,7 +364,7 @@ class CFine(Method):
         diversity = (diversity_loss(torch.stack(image.features[1:], dim=1))
                      + diversity_loss(torch.stack(text.features[1:], dim=1)))
         triplet = hardest_negative_triplet_loss(self.pair_scores(image, text), pids, r.triplet_margin)
-        loss = cmpm + r.id_loss_weight * cmpc + r.diversity_weight * diversity + r.triplet_weight * triplet
+        loss = cmpm + r.cmpc_weight * cmpc + r.diversity_weight * diversity + r.triplet_weight * triplet
         return {"loss": loss, "cmpm": cmpm, "cmpc": cmpc, "diversity": diversity, "triplet": triplet}
 
     def stages(self):
