@@ -39,8 +39,8 @@ def test_run_blocks_hooks_see_every_layer_and_the_last_attention_is_a_distributi
         ran.append(layer)
         return block(x, attn_mask=mask)
 
-    plain = towers.run_blocks(clip.transformer.resblocks, x)
-    hooked, attention = towers.run_blocks(clip.transformer.resblocks, x, before=before, run=run, last_attention=True)
+    plain = towers.run_blocks(clip.transformer, x)
+    hooked, attention = towers.run_blocks(clip.transformer, x, before=before, run=run, last_attention=True)
     layers = len(clip.transformer.resblocks)
     assert seen == list(range(layers)) and ran == list(range(layers - 1))  # the last one is run for its attention
     torch.testing.assert_close(hooked, plain)

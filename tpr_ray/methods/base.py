@@ -140,6 +140,11 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # --- training --------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the towers' block activations in the backward pass (open_clip's switch,
+        honoured by ``towers.run_blocks``): less memory, same gradients, ~30 % more compute."""
+        self.clip.set_grad_checkpointing(enable)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Losses for one batch; ``loss`` is the total to back-propagate.
 

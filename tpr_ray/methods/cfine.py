@@ -321,14 +321,14 @@ class CFine(Method):
         """(projected tokens (batch, 1 + patches, dim) with [CLS] first, [CLS] attention over patches)."""
         visual = self.clip.visual
         x = visual.ln_pre(towers.image_tokens(visual, images))
-        x, attention = towers.run_blocks(visual.transformer.resblocks, x, last_attention=True)
+        x, attention = towers.run_blocks(visual.transformer, x, last_attention=True)
         return towers.project_image(visual, visual.ln_post(x)), attention[:, 0, 1:]
 
     def _text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected tokens (batch, context, dim), [EOS] attention over all positions)."""
         clip = self.clip
         x = towers.text_tokens(clip, tokens)
-        x, attention = towers.run_blocks(clip.transformer.resblocks, x, towers.text_attention_mask(clip, x.shape[1]),
+        x, attention = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
                                          last_attention=True)
         x = towers.project_text(clip, clip.ln_final(x))
         eos = towers.eos_positions(tokens)

@@ -191,7 +191,7 @@ class CSKT(Method):
                 return x
             return torch.cat([x[:, :keep], towers.batch_of(self.prompts.image_tokens(layer), x)], dim=1)
 
-        x = towers.run_blocks(visual.transformer.resblocks, x, before=layer_prompts,
+        x = towers.run_blocks(visual.transformer, x, before=layer_prompts,
                               run=_adapted(self.adapters["image"], self.recipe.image_adapter_scale))
         return towers.project_image(visual, towers.pool_image(visual, x[:, :keep]))
 
@@ -206,7 +206,7 @@ class CSKT(Method):
                 return x
             return torch.cat([x[:, :1], towers.batch_of(self.prompts.text_tokens(layer), x), x[:, 1 + n:]], dim=1)
 
-        x = towers.run_blocks(clip.transformer.resblocks, x, towers.text_attention_mask(clip, x.shape[1]),
+        x = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
                               before=layer_prompts, run=_adapted(self.adapters["text"], self.recipe.text_adapter_scale))
         return towers.project_text(clip, towers.pool_text(clip, x, tokens, offset=n))
 

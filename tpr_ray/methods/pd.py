@@ -148,7 +148,7 @@ class PD(Baseline):
         clip, n = self.clip, self.text_prompts.shape[0]
         tokens = fit_tokens(tokens, clip.context_length - n, self.eos_id)
         x = towers.text_tokens(clip, tokens, self.text_prompts)
-        x = towers.run_blocks(clip.transformer.resblocks, x, towers.text_attention_mask(clip, x.shape[1]),
+        x = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
                               before=self._deep(getattr(self, "deep_text_prompts", None), 1, n))
         return towers.project_text(clip, towers.pool_text(clip, x, tokens, offset=n))
 
@@ -157,7 +157,7 @@ class PD(Baseline):
         x = towers.image_tokens(visual, images)
         keep = x.shape[1]  # [CLS] + patches
         x = visual.ln_pre(torch.cat([x, towers.batch_of(self.image_prompts, x)], dim=1))
-        x = towers.run_blocks(visual.transformer.resblocks, x,
+        x = towers.run_blocks(visual.transformer, x,
                               before=self._deep(getattr(self, "deep_image_prompts", None), keep, n))
         return towers.project_image(visual, towers.pool_image(visual, x[:, :keep]))  # CLIP's own pooling
 

@@ -6,12 +6,17 @@ small functions over an open_clip ``CLIP`` (ViT image tower, CLIP text tower):
 
 - ``image_tokens``: patches + [CLS] + positions (before ``ln_pre``, so prompts can join);
 - ``text_tokens``: token embeddings with optional prompts after [SOS], + positions;
-- ``run_blocks``: the residual blocks, with a per-layer hook (replace prompt tokens, run
-  a block differently) and, optionally, the last block's head-averaged attention;
+- ``run_blocks``: a tower's residual blocks, with a per-layer hook (replace prompt tokens,
+  run a block differently), optionally the last block's head-averaged attention, and
+  open_clip's gradient-checkpointing switch (``clip.set_grad_checkpointing()``) honoured;
 - ``pool_image`` / ``pool_text``: [CLS] (open_clip's own pooling) / [EOS] at an offset;
 - ``project_image`` / ``project_text``: the towers' final projections.
 
 ``encode_image`` / ``encode_text`` compose them and equal open_clip's own encoders.
+
+Attention runs through open_clip's blocks, which call ``nn.MultiheadAttention`` with
+``need_weights=False``: PyTorch then uses its fused ``scaled_dot_product_attention``. Only
+a block asked for its attention weights (CFine's last layer) takes the unfused path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # hook(layer index, block, tokens, attention mask) -> tokens after that layer
 BlockRunner = Callable[[int, nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -65,18 +71,24 @@ def attention_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None
     return x + block.ls_2(block.mlp(block.ln_2(x))), attention
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+def run_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
                before: LayerHook | None = None, run: BlockRunner | None = None, last_attention: bool = False):
-    """Run residual blocks; ``before`` may change the tokens entering each layer and ``run``
-    replaces how a block is applied. With ``last_attention`` returns ``(x, attention)``,
-    the last block's (batch, tokens, tokens) head-averaged attention; else ``x``."""
+    """Run an open_clip ``Transformer``'s blocks; ``before`` may change the tokens entering each
+    layer and ``run`` replaces how a block is applied. With ``last_attention`` returns
+    ``(x, attention)``, the last block's (batch, tokens, tokens) head-averaged attention;
+    else ``x``. With the transformer's ``grad_checkpointing`` on, each block's activations
+    are recomputed in the backward pass instead of stored (same values, less memory)."""
     run = run or _default_block
+    blocks = transformer.resblocks
+    recompute = getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     attention = None
     for layer, block in enumerate(blocks):
         if before is not None:
             x = before(layer, x)
         if last_attention and layer == len(blocks) - 1:
             x, attention = attention_block(block, x, attn_mask)
+        elif recompute:
+            x = checkpoint(run, layer, block, x, attn_mask, use_reentrant=False)
         else:
             x = run(layer, block, x, attn_mask)
     return (x, attention) if last_attention else x
@@ -112,11 +124,11 @@ def project_text(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def encode_image(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:
     visual = clip.visual
-    x = run_blocks(visual.transformer.resblocks, visual.ln_pre(image_tokens(visual, images)))
+    x = run_blocks(visual.transformer, visual.ln_pre(image_tokens(visual, images)))
     return project_image(visual, pool_image(visual, x))
 
 
 def encode_text(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     x = text_tokens(clip, tokens)
-    x = run_blocks(clip.transformer.resblocks, x, text_attention_mask(clip, x.shape[1]))
+    x = run_blocks(clip.transformer, x, text_attention_mask(clip, x.shape[1]))
     return project_text(clip, pool_text(clip, x, tokens))
