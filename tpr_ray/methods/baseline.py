@@ -19,6 +19,23 @@ class BaselineRecipe(Recipe):
     id_loss_weight: float = 1.0
 
 
+def identity_classifier(embed_dim: int, num_classes: int) -> nn.Linear:
+    """IRRA's shared ID classifier: N(0, 0.001) weights, zero bias."""
+    classifier = nn.Linear(embed_dim, num_classes)
+    nn.init.normal_(classifier.weight, std=0.001)
+    nn.init.zeros_(classifier.bias)
+    return classifier
+
+
+def sdm_and_id_losses(classifier: nn.Module, image_feats, text_feats, batch: dict, recipe: BaselineRecipe) -> dict:
+    """SDM, plus the ID loss when the recipe weighs it (for every method built on IRRA's recipe)."""
+    sdm = sdm_loss(image_feats, text_feats, batch["person_ids"], recipe.temperature)
+    if recipe.id_loss_weight == 0:
+        return {"loss": sdm, "sdm": sdm}
+    ident = id_loss(classifier, image_feats, text_feats, batch["labels"])
+    return {"loss": sdm + recipe.id_loss_weight * ident, "sdm": sdm, "id": ident}
+
+
 class Baseline(Method):
     """Full CLIP fine-tune with SDM + ID losses (IRRA's recipe, no MLM head)."""
 
@@ -31,9 +48,7 @@ class Baseline(Method):
 
     def __init__(self, backbone, recipe, num_classes):
         super().__init__(backbone, recipe, num_classes)
-        self.classifier = nn.Linear(self.embed_dim, num_classes)
-        nn.init.normal_(self.classifier.weight, std=0.001)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = identity_classifier(self.embed_dim, num_classes)
 
     def encode_image(self, images):
         return towers.encode_image(self.clip, images)
@@ -41,17 +56,9 @@ class Baseline(Method):
     def encode_text(self, tokens):
         return towers.encode_text(self.clip, tokens)
 
-    def sdm_and_id_losses(self, image_feats, text_feats, batch, recipe: BaselineRecipe) -> dict:
-        """SDM, plus the ID loss when the recipe weighs it (shared by the methods built on IRRA's)."""
-        sdm = sdm_loss(image_feats, text_feats, batch["person_ids"], recipe.temperature)
-        if recipe.id_loss_weight == 0:
-            return {"loss": sdm, "sdm": sdm}
-        ident = id_loss(self.classifier, image_feats, text_feats, batch["labels"])
-        return {"loss": sdm + recipe.id_loss_weight * ident, "sdm": sdm, "id": ident}
-
     def forward(self, batch):
-        return self.sdm_and_id_losses(self.encode_image(batch["images"]), self.encode_text(batch["tokens"]),
-                                      batch, self.recipe)
+        return sdm_and_id_losses(self.classifier, self.encode_image(batch["images"]),
+                                 self.encode_text(batch["tokens"]), batch, self.recipe)
 
     def stages(self):
         # The temperature is fixed by the recipe, so CLIP's learnable logit scale stays frozen.

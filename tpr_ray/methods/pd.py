@@ -34,8 +34,8 @@ from torch import nn
 
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import towers
-from tpr_ray.methods.base import Stage
-from tpr_ray.methods.baseline import Baseline, BaselineRecipe
+from tpr_ray.methods.base import Method, Stage
+from tpr_ray.methods.baseline import Baseline, BaselineRecipe, identity_classifier, sdm_and_id_losses
 
 PROMPT_PARAMETERS = ("text_prompts", "image_prompts", "deep_text_prompts", "deep_image_prompts")
 PROMPT_DEPTHS = ("shallow", "deep")
@@ -87,11 +87,12 @@ def is_finetuned(name: str) -> bool:
     return (name.startswith("clip.") and name != "clip.logit_scale") or name.startswith("classifier.")
 
 
-class PD(Baseline):
+class PD(Method):
     """CLIP with learnable text and image prompts, trained in two decoupled stages."""
 
     name = "pd"
     default_recipe = PDRecipe(**dataclasses.asdict(Baseline.default_recipe))
+    new_module_prefixes = Baseline.new_module_prefixes
 
     def __init__(self, backbone, recipe, num_classes):
         super().__init__(backbone, recipe, num_classes)
@@ -114,6 +115,7 @@ class PD(Baseline):
             self.deep_text_prompts = nn.Parameter(torch.randn(text_layers - 1, recipe.n_text_prompts, text_width) * 0.02)
             self.deep_image_prompts = nn.Parameter(
                 torch.randn(image_layers - 1, recipe.n_image_prompts, image_width) * 0.02)
+        self.classifier = identity_classifier(self.embed_dim, num_classes)  # stage 2's ID loss
         self._active = recipe  # the recipe of the stage being trained (its losses)
 
     def _initial_text_prompts(self, recipe: PDRecipe) -> torch.Tensor:
@@ -173,5 +175,5 @@ class PD(Baseline):
         self._active = stage.recipe
 
     def forward(self, batch):
-        return self.sdm_and_id_losses(self.encode_image(batch["images"]), self.encode_text(batch["tokens"]),
-                                      batch, self._active)
+        return sdm_and_id_losses(self.classifier, self.encode_image(batch["images"]),
+                                 self.encode_text(batch["tokens"]), batch, self._active)
