@@ -9,6 +9,7 @@ import click
 from cli.crosseval import crosseval
 from cli.data import data
 from cli.evaluate import eval_command
+from cli.reproduce import reproduce
 from cli.options import clean_errors, parse_overrides, parse_size
 from tpr_ray.errors import TprRayError
 
@@ -24,6 +25,7 @@ def cli(verbose):
 cli.add_command(data)
 cli.add_command(eval_command)
 cli.add_command(crosseval)
+cli.add_command(reproduce)
 
 
 @cli.command()
