@@ -41,7 +41,8 @@ class Recipe:
     optimizer: str = "adam"
     adam_eps: float = 1e-3
     schedule: str = "cosine"  # cosine | step | constant, after the linear warm-up
-    step_decay_epochs: int = 20  # step schedule: multiply the lr by step_gamma every N epochs
+    step_decay_epochs: int = 20  # step schedule: multiply the lr by step_gamma every N epochs ...
+    step_milestones: tuple[int, ...] = ()  # ... or at these epochs (absolute, warm-up included), when given
     step_gamma: float = 0.1
     warmup_epochs: int = 5
     warmup_factor: float = 0.1
@@ -68,6 +69,12 @@ class Recipe:
 
 
 def _coerce(key: str, value, kind: type):
+    if kind is tuple:  # a list of epochs: "20,25,35" on the command line, a list in JSON
+        try:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(int(v) for v in items if str(v).strip())
+        except (TypeError, ValueError):
+            raise ConfigError(f"recipe option {key!r} expects comma-separated integers, got {value!r}") from None
     if isinstance(value, kind):
         return value
     if isinstance(value, str):

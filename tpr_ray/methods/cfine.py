@@ -287,13 +287,12 @@ class CFine(Method):
 
     name = "cfine"
     # Official code: Adam (eps 1e-8); towers lr 1e-5 (image wd 4e-5, text wd 0), new modules and
-    # the CMPC weights lr 1e-4, wd 0; 10 warm-up epochs from 1 %, then x0.1 steps; 50 epochs,
-    # batch 32; the schedule moves once per epoch. (Official decays at epochs 20, 25, 35; the
-    # trainer's step schedule decays every 10 epochs after the warm-up: 20, 30, 40.)
+    # the CMPC weights lr 1e-4, wd 0; 10 warm-up epochs from 1 %, then x0.1 at epochs 20, 25
+    # and 35 (WarmupMultiStepLR); 50 epochs, batch 32; the schedule moves once per epoch.
     default_recipe = CFineRecipe(
         epochs=50, batch_size=32, lr=1e-5, new_module_lr_mult=10.0, bias_lr_mult=1.0,
         weight_decay=4e-5, bias_weight_decay=4e-5, optimizer="adam", adam_eps=1e-8,
-        schedule="step", step_decay_epochs=10, step_gamma=0.1, warmup_epochs=10, warmup_factor=0.01,
+        schedule="step", step_milestones=(20, 25, 35), step_gamma=0.1, warmup_epochs=10, warmup_factor=0.01,
     )
     new_module_prefixes = ("mgf.", "image_neck.", "text_neck.", "cmpc_classifier")
 
