@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 import time
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from tpr_ray import storage
 from tpr_ray.checkpoint import read_config, resolve_checkpoint
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
-from tpr_ray.images import decode_batch
+from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,19 @@ class EmbedConfig:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 0.5  # fractional, so decode tasks still get CPUs on small nodes
     decode_cpus: float = 0.5
-    # Logical memory reserved per decode task (a batch of decoded source images plus the
-    # resized uint8 output), per the Ray Data advice to declare memory for heavy stages. It
-    # also keeps decoding a stage of its own: Ray Data fuses maps whose resources are equal.
-    decode_memory: int = 512 * 1024 * 1024
+    # Logical memory reserved per decode task, per the Ray Data advice to declare memory for
+    # heavy stages. None: sized from the pixel limit (an image at the limit being decoded plus
+    # the batch's output; see images.decode_memory_bytes). It also keeps decoding a stage of
+    # its own: Ray Data fuses maps whose resources are equal.
+    decode_memory: int | None = None
     rows_per_shard: int = 10_000
     block_rows: int = 256
     queries: bool = True
+    # The job stops once more than this fraction of its inputs are rejected as unreadable:
+    # many rejects mean a wrong --images, a broken export or a decoder problem, not bad crops.
+    max_reject_rate: float = 0.01
+    # Ray retries of a decode task whose fetches kept failing (each after in-task backoff).
+    read_retries: int = 3
 
 
 # --- pure pieces ---------------------------------------------------------------
@@ -141,12 +148,31 @@ class ShardCommitter:
     """
 
     def __init__(self, out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
-                 committed: dict[int, dict]):
+                 committed: dict[int, dict], max_reject_rate: float = 1.0):
         self.out, self.kind, self.rows, self.plan, self.header = out, kind, rows, plan, header
         self.committed = dict(committed)
         self.pending: dict[int, dict[int, dict]] = {}
         self.tick = time.perf_counter()
         self.rows_done = 0
+        # A budget on the whole job's inputs, not on the rows seen so far: crossing it means the
+        # final rate is over the limit whatever the rest holds, so stopping early is never wrong.
+        self.max_reject_rate = max_reject_rate
+        self.max_rejects = int(max_reject_rate * rows.num_rows)
+        self.check_reject_budget()
+
+    def start(self) -> None:
+        """Write the job manifest (``complete: false``) before the first shard, so that a kill
+        right after the first shard file leaves an output the next run recognises as its own."""
+        if not storage.exists(storage.join(self.out, SIDECAR)):
+            self._write_manifest(complete=False)
+
+    def check_reject_budget(self) -> None:
+        rejected = sum(s["rejects"] for s in self.committed.values())
+        if rejected > self.max_rejects:
+            raise DataError(f"{self.kind}: {rejected} of {self.rows.num_rows} inputs were rejected as unreadable, "
+                            f"over --max-reject-rate {self.max_reject_rate:g}; the job stopped. See the reasons in "
+                            f"{rejects_dir(self.out)}/; if they are expected, re-run with a higher --max-reject-rate "
+                            f"to continue", file=self.out)
 
     def add(self, batch: dict) -> None:
         reasons = batch.get("reject_reason")
@@ -167,6 +193,7 @@ class ShardCommitter:
         kept = [r for r in order if not results[r][1]]
         rejected = [r for r in order if results[r][1]]
         name = SHARD_FORMAT.format(shard)
+        self._check_finite(name, kept, results)
         if rejected:
             bad = self.rows.take(pa.array(rejected, pa.int64()))
             _write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
@@ -179,6 +206,18 @@ class ShardCommitter:
         rate = self.rows_done / max(time.perf_counter() - self.tick, 1e-9)
         log.info("%s: committed %s (%d rows, %d rejects); %d/%d shards, %.1f rows/s", self.kind, name, len(kept),
                  len(rejected), len(self.committed), len(self.plan), rate)
+        self.check_reject_budget()
+
+    def _check_finite(self, name: str, kept: list[int], results: dict[int, tuple]) -> None:
+        """NaN or inf features (bf16 overflow, a broken checkpoint) stop the job before the commit:
+        they are the model's fault, not the input's, and a committed shard is never redone."""
+        bad = [r for r in kept if not np.isfinite(results[r][0]).all()]
+        if bad:
+            key = "query_id" if self.kind == "queries" else "image_id"
+            ids = self.rows.column(key).take(pa.array(bad[:5], pa.int64())).to_pylist()
+            raise DataError(f"{self.kind}: the model gave non-finite embeddings for {len(bad)} row(s) of shard {name} "
+                            f"(first {key}s: {ids}); nothing of that shard was committed. Check the checkpoint "
+                            f"(and bf16 overflow on GPU)", file=self.header["checkpoint"])
 
     def _table(self, row_numbers: list[int], embeddings: list[np.ndarray]) -> pa.Table:
         dim = self.header["dim"]
@@ -270,7 +309,9 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     header = {**identity, "dtype": "float32", "fingerprint": fingerprint, "settings": settings,
               "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
               "inputs": rows.num_rows}
-    committer = ShardCommitter(out, kind, rows, plan, header, done)
+    committer = ShardCommitter(out, kind, rows, plan, header, done,
+                               max_reject_rate=cfg.max_reject_rate if kind == "gallery" else 1.0)
+    committer.start()
     pending = [s for s in range(len(plan)) if s not in done]
     log.info("%s: %d rows in %d shards; %d already committed", kind, rows.num_rows, len(plan), len(done))
     tick = time.perf_counter()
@@ -284,16 +325,26 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
         blocks = [todo.slice(i, cfg.block_rows) for i in range(0, todo.num_rows, cfg.block_rows)]
         ds = ray.data.from_arrow(blocks)
         if kind == "gallery":
+            memory = cfg.decode_memory or decode_memory_bytes(cfg.batch_size, image_size)
             ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": list(image_size)}, num_cpus=cfg.decode_cpus,
-                                memory=cfg.decode_memory, batch_size=cfg.batch_size, batch_format="numpy")
+                                memory=memory, batch_size=cfg.batch_size, batch_format="numpy")
         gpus = cfg.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind),
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
                             num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            committer.add(batch)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                committer.add(batch)
+        except Exception as exc:
+            failure = _read_failure(exc)
+            if failure is None:
+                raise
+            raise DataError(f"could not read it now ({failure.reason}), still failing after {cfg.read_retries + 1} "
+                            f"tries. The images of its "
+                            f"shard were not committed (nothing was recorded as rejected); fix access to the "
+                            f"storage and re-run the same command to continue", file=failure.uri) from None
     info = committer.finish()
     if kind == "gallery" and info["rows"] == 0:
         raise DataError(f"every one of the {info['rejected']} images was rejected (see {rejects_dir(out)}/); "
@@ -303,6 +354,27 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     return info
 
 
+def _read_failure(exc: BaseException) -> ImageReadError | None:
+    """The ImageReadError behind an error that Ray Data raised at the driver, if any.
+
+    Ray Data wraps a task's error in a UserCodeException whose cause does not survive the trip
+    to the driver; only its traceback text does, so the error is recognised by its message.
+    """
+    todo, seen = [exc], set()
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, ImageReadError):
+            return exc
+        found = re.search(rf"ImageReadError: {READ_ERROR_PATTERN} (.+?): ([^\n]*)", str(exc))
+        if found:
+            return ImageReadError(*found.groups())
+        todo += [getattr(exc, "cause", None), exc.__cause__, exc.__context__]
+    return None
+
+
 def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     """Embed a gallery (and, for dataset splits, its captions) into ``<out>/gallery`` (``<out>/queries``)."""
     import ray
@@ -310,6 +382,8 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
 
+    if not 0.0 <= cfg.max_reject_rate <= 1.0:
+        raise ConfigError(f"--max-reject-rate must be between 0 and 1, got {cfg.max_reject_rate}")
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     ckpt_config = read_config(checkpoint)
     identity = {"method": ckpt_config["method"], "model": ckpt_config["backbone"]["model"],
@@ -322,7 +396,12 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
 
     init_ray(address)
     require_shared_storage(cfg.out, "--out")
-    ray.data.DataContext.get_current().execution_options.preserve_order = False
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = False
+    # Ray Data retries a decode block that could not be fetched (with exponential backoff);
+    # matched on ImageReadError's message, so a bug in the code is not retried.
+    context.retried_map_errors = [READ_ERROR_PATTERN]
+    context.max_map_retries = cfg.read_retries
     if cfg.batch_size is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
         cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
