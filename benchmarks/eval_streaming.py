@@ -80,7 +80,8 @@ def generate(args) -> dict:
 def stream(args) -> dict:
     import numpy as np
 
-    from tpr_ray.streaming_eval import evaluate_sharded, list_shards
+    from tpr_ray.streaming_eval import evaluate_sharded
+    from tpr_ray.tables import list_shards
 
     queries = np.load(os.path.join(args.workdir, "queries.npy"))
     query_pids = np.load(os.path.join(args.workdir, "query_pids.npy"))
@@ -99,8 +100,7 @@ def faiss_search(args) -> dict:
     import faiss
     import numpy as np
 
-    from tpr_ray.evaluate import embedding_matrix
-    from tpr_ray.streaming_eval import list_shards
+    from tpr_ray.tables import embedding_matrix, list_shards
 
     import pyarrow.parquet as pq
 

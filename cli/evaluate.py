@@ -8,6 +8,10 @@ from tpr_ray import storage
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.evaluate import evaluate_embeddings, format_metrics_table, write_metrics_json
 
+# Above this many gallery rows `eval` streams the gallery shard by shard (bounded memory)
+# unless told otherwise; the in-memory evaluator holds the gallery and a chunk x gallery matrix.
+STREAMING_ABOVE_ROWS = 500_000
+
 
 def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
     try:
@@ -31,10 +35,16 @@ def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
               help="Evaluate even if gallery and queries come from different models or checkpoints.")
 @click.option("--skip-queries-without-positives", is_flag=True,
               help="Leave out queries whose person has no gallery image (otherwise an error).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Evaluate tables whose embedding job has not finished (only the shards done so far).")
 @click.option("--chunk-size", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Queries scored at a time; memory grows with chunk size x gallery size.")
+@click.option("--streaming/--in-memory", default=None,
+              help=f"Stream the gallery shard by shard in bounded memory (default: above {STREAMING_ABOVE_ROWS:,} "
+                   "gallery rows); same metrics.")
+@click.option("--address", help="With --streaming: run the shard tasks on this Ray cluster ('auto': RAY_ADDRESS).")
 def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mismatch,
-                 skip_queries_without_positives, chunk_size):
+                 skip_queries_without_positives, allow_incomplete, chunk_size, streaming, address):
     """Text-to-image R@K, mAP and mINP of an embedding run (IRRA protocol)."""
     if embeddings_dir is None and (gallery_uri is None or queries_uri is None):
         raise click.UsageError("give --embeddings DIR, or both --gallery and --queries")
@@ -42,9 +52,15 @@ def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mi
     queries_uri = queries_uri or storage.join(embeddings_dir, "queries")
 
     try:
-        metrics = evaluate_embeddings(gallery_uri, queries_uri, ks, allow_mismatch=allow_mismatch,
-                                      skip_queries_without_positives=skip_queries_without_positives,
-                                      chunk_size=chunk_size)
+        if streaming is None:
+            streaming = _gallery_rows(gallery_uri) > STREAMING_ABOVE_ROWS
+        if streaming:
+            metrics = _evaluate_streaming(gallery_uri, queries_uri, ks, allow_mismatch, skip_queries_without_positives,
+                                          allow_incomplete, chunk_size, address)
+        else:
+            metrics = evaluate_embeddings(gallery_uri, queries_uri, ks, allow_mismatch=allow_mismatch,
+                                          skip_queries_without_positives=skip_queries_without_positives,
+                                          chunk_size=chunk_size, allow_incomplete=allow_incomplete)
     except (DataError, ConfigError) as error:
         raise click.ClickException(str(error)) from error
 
@@ -57,3 +73,24 @@ def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mi
     if out_uri:
         write_metrics_json(metrics, out_uri)
         click.echo(f"wrote {out_uri}")
+
+
+def _gallery_rows(gallery_uri: str) -> int:
+    from tpr_ray.tables import check_row_count, list_shards, read_sidecar
+
+    info = read_sidecar(gallery_uri)
+    return info["rows"] if "rows" in info else check_row_count({"uri": gallery_uri}, list_shards(gallery_uri))
+
+
+def _evaluate_streaming(gallery_uri, queries_uri, ks, allow_mismatch, skip, allow_incomplete, block_size,
+                        address) -> dict:
+    from tpr_ray.streaming_eval import StreamingSettings, evaluate_tables
+
+    if address:
+        from tpr_ray.ray_utils import init_ray
+
+        init_ray(None if address == "auto" else address)
+    settings = StreamingSettings(ks=ks, block_size=block_size, use_ray=bool(address),
+                                 skip_queries_without_positives=skip)
+    return evaluate_tables(gallery_uri, queries_uri, settings=settings, allow_mismatch=allow_mismatch,
+                           allow_incomplete=allow_incomplete).metrics

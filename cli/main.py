@@ -125,38 +125,53 @@ def index():
               help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
 @click.option("--nlist", type=int, help="IVF cells (default about 4 sqrt(N)).")
 @click.option("--nprobe", default=32, show_default=True, help="IVF cells searched per query.")
+@click.option("--allow-incomplete", is_flag=True, help="Index a gallery whose embedding job has not finished.")
+@click.option("--overwrite", is_flag=True, help="Replace the index already in OUT (the switch is atomic).")
 @clean_errors
-def index_build(embeddings, out, kind, nlist, nprobe):
+def index_build(embeddings, out, kind, nlist, nprobe, allow_incomplete, overwrite):
     """Index a gallery embedding table."""
-    from tpr_ray import storage
-    from tpr_ray.embed import SIDECAR
     from tpr_ray.index import build_index
+    from tpr_ray.tables import table_dir
 
-    if storage.exists(storage.join(embeddings, "gallery", SIDECAR)):
-        embeddings = storage.join(embeddings, "gallery")
-    info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe)
+    embeddings = table_dir(embeddings, "gallery")
+    info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe, allow_incomplete=allow_incomplete,
+                       overwrite=overwrite)
     recall = {k: v for k, v in info.items() if k.startswith("recall")}
     click.echo(f"{kind} index of {info['ntotal']:,} x {info['dim']} vectors -> {out} in {info['seconds']:.1f}s"
                + "".join(f"; {k} {v:.4f}" for k, v in recall.items()))
 
 
 @cli.command("search")
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1)
 @click.option("--index", "index_dir", required=True, help="Folder written by `tpr-ray index build`.")
-@click.option("--k", default=10, show_default=True)
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--checkpoint", help="Default: the checkpoint that produced the indexed embeddings.")
+@click.option("--allow-other-checkpoint", is_flag=True, help="Embed queries with a checkpoint other than the index's.")
+@click.option("--interactive", "-i", is_flag=True, help="Read one query per line from stdin (model loaded once).")
 @click.option("--json", "json_out", help="Also write the results as JSON here.")
 @clean_errors
-def search_command(texts, index_dir, k, checkpoint, json_out):
-    """Rank the indexed gallery for each text description."""
-    from tpr_ray import storage
-    from tpr_ray.index import search
+def search_command(texts, index_dir, k, checkpoint, allow_other_checkpoint, interactive, json_out):
+    """Rank the indexed gallery for each text description (given, or one per line on stdin)."""
+    import sys
 
-    results = search(index_dir, list(texts), k=k, checkpoint=checkpoint)
-    for text, hits in zip(texts, results):
-        click.echo(f"query: {text}")
-        for hit in hits:
-            click.echo(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit.get('image_uri') or hit.get('image_id')}")
+    from tpr_ray import storage
+    from tpr_ray.index import Searcher
+
+    if texts and interactive:
+        raise click.UsageError("give query texts or --interactive, not both")
+    if not texts and not interactive and sys.stdin.isatty():
+        raise click.UsageError("give one or more query texts, or --interactive (queries read from stdin)")
+    searcher = Searcher(index_dir, checkpoint, allow_other_checkpoint)
+    # Without texts, queries come from stdin one per line, each answered as it arrives.
+    batches = [list(texts)] if texts else ([line.strip()] for line in click.get_text_stream("stdin") if line.strip())
+    texts, results = [], []
+    for batch in batches:
+        for text, hits in zip(batch, searcher.search(batch, k)):
+            texts.append(text)
+            results.append(hits)
+            click.echo(f"query: {text}")
+            for hit in hits:
+                click.echo(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit.get('image_uri') or hit.get('image_id')}")
     if json_out:
         storage.write_json(json_out, [{"query": t, "results": h} for t, h in zip(texts, results)])
         click.echo(f"wrote {json_out}")

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tpr_ray import streaming_eval
+from tpr_ray import streaming_kernels
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.evaluate import evaluate_embeddings
 from tpr_ray.metrics import (
@@ -14,15 +14,8 @@ from tpr_ray.metrics import (
     retrieval_metrics_from_embeddings,
     stable_descending_order,
 )
-from tpr_ray.streaming_eval import (
-    ShardArrays,
-    count_ahead,
-    evaluate_sharded,
-    evaluate_tables,
-    merge_top_k,
-    positive_positions,
-    top_k_of_block,
-)
+from tpr_ray.streaming_eval import ShardArrays, StreamingSettings, evaluate_sharded, evaluate_tables
+from tpr_ray.streaming_kernels import count_ahead, merge_top_k, positive_positions, top_k_of_block
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_queries_skipped", "num_gallery")
 
@@ -127,7 +120,7 @@ def test_negative_zero_ties_with_positive_zero():
 def test_count_ahead_matches_count_ranked_ahead_for_targets_anywhere(monkeypatch):
     """Targets inside and outside the shard, ties included, with a tiny candidate budget so
     the row groups are exercised."""
-    monkeypatch.setattr(streaming_eval, "CANDIDATE_BUDGET", 7)
+    monkeypatch.setattr(streaming_kernels, "CANDIDATE_BUDGET", 7)
     rng = np.random.default_rng(3)
     scores = rng.integers(-4, 5, (13, 30)).astype(np.float32) / 4
     first = 100
@@ -139,7 +132,7 @@ def test_count_ahead_matches_count_ranked_ahead_for_targets_anywhere(monkeypatch
 
 
 def test_deep_positives_are_counted_with_bounded_groups(monkeypatch):
-    monkeypatch.setattr(streaming_eval, "CANDIDATE_BUDGET", 50)
+    monkeypatch.setattr(streaming_kernels, "CANDIDATE_BUDGET", 50)
     rng = np.random.default_rng(5)
     gallery, queries = unit_rows(rng, 300), unit_rows(rng, 40)
     gallery_pids = rng.integers(0, 3, 300)  # ~100 positives per query: many rank deep
@@ -239,3 +232,17 @@ def test_ray_tasks_give_the_same_result(ray_cluster, tables):
     assert_same_metrics(distributed.metrics, local.metrics)
     np.testing.assert_array_equal(distributed.top_positions, local.top_positions)
     np.testing.assert_array_equal(distributed.positive_ranks, local.positive_ranks)
+
+
+def test_one_settings_object_or_keywords_give_the_same_run(tables):
+    gallery_uri, queries_uri = tables
+    settings = StreamingSettings(ks=(1, 3), top_k=4, block_size=7, use_ray=False, local_threads=2)
+    by_settings = evaluate_tables(gallery_uri, queries_uri, settings=settings)
+    by_keywords = evaluate_tables(gallery_uri, queries_uri, (1, 3), top_k=4, block_size=7, use_ray=False)
+    for key in ("R1", "R3", "mAP", "mINP", "num_queries", "num_gallery"):
+        assert by_settings.metrics[key] == by_keywords.metrics[key], key
+    assert by_settings.top_positions.shape == (40, 4) and "R3" in by_settings.metrics
+    np.testing.assert_array_equal(by_settings.top_positions, by_keywords.top_positions)
+    for bad in ({"top_k": 0}, {"local_threads": 0}, {"cpus_per_task": 0}, {"ks": (0,)}):
+        with pytest.raises(ConfigError):
+            StreamingSettings(**bad)

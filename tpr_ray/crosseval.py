@@ -416,7 +416,7 @@ def _file_sha256(uri: str) -> str:
 
 def query_samples(result, gallery_uri: str, queries_uri: str, count: int) -> list[dict]:
     """``count`` queries spread over the query table, each with its top-K gallery items."""
-    from tpr_ray.streaming_eval import list_shards
+    from tpr_ray.tables import list_shards
 
     num_queries = len(result.top_positions)
     if count <= 0 or num_queries == 0:
@@ -655,7 +655,7 @@ def _submit_eval(cell: CellPlan, cfg: CrossEvalConfig, runner: Runner, started: 
 
 
 def _embedding_complete(embed_dir: str, checkpoint: str) -> bool:
-    from tpr_ray.embed import SIDECAR
+    from tpr_ray.tables import SIDECAR
 
     for kind in ("gallery", "queries"):
         sidecar = storage.join(embed_dir, kind, SIDECAR)
