@@ -32,10 +32,56 @@ def test_shard_plan_covers_every_row_once():
 
 
 def test_fingerprint_depends_on_order_and_settings():
-    a = plan_fingerprint(["x", "y"], {"rows_per_shard": 2})
-    assert a == plan_fingerprint(["x", "y"], {"rows_per_shard": 2})
-    assert a != plan_fingerprint(["y", "x"], {"rows_per_shard": 2})
-    assert a != plan_fingerprint(["x", "y"], {"rows_per_shard": 3})
+    import pyarrow as pa
+
+    def fp(keys, rows_per_shard):
+        return plan_fingerprint(pa.table({"image_uri": keys}), {"rows_per_shard": rows_per_shard})
+
+    a = fp(["x", "y"], 2)
+    assert a == fp(["x", "y"], 2)
+    assert a != fp(["y", "x"], 2)
+    assert a != fp(["x", "y"], 3)
+
+
+def test_fingerprint_covers_every_column_and_values_cannot_join_into_a_collision():
+    import pyarrow as pa
+
+    base = {"image_id": ["a", "b"], "person_id": pa.array([1, 2], pa.int64()), "image_uri": ["u1", "u2"]}
+
+    def fp(**changed):
+        return plan_fingerprint(pa.table({**base, **changed}), {})
+
+    assert fp() == fp()
+    assert fp() != fp(person_id=pa.array([1, 3], pa.int64()))  # corrected annotations, same images
+    assert fp() != fp(image_id=["a", "c"])
+    assert fp() != fp(person_id=pa.array([1, None], pa.int64()))
+    assert fp(image_id=["a\nb", "c"]) != fp(image_id=["a", "b\nc"])  # a separator inside a value
+    assert fp(image_id=["ab", ""]) != fp(image_id=["a", "b"])
+    assert fp(image_id=["", "b"]) != fp(image_id=pa.array([None, "b"], pa.string()))
+    chunked = pa.table({**base, "image_id": pa.chunked_array([["a"], ["b"]])})
+    assert plan_fingerprint(chunked, {}) == fp()  # how Arrow happens to chunk the input does not matter
+    sliced = pa.table(
+        {k: (v if k != "image_id" else pa.array(["z", "a", "b"]).slice(1)) for k, v in base.items()})
+    assert plan_fingerprint(sliced, {}) == fp()
+
+
+def test_job_fingerprint_changes_with_the_checkpoint_content_and_the_manifest_version(tmp_path):
+    import pyarrow as pa
+
+    from tpr_ray.embed import job_fingerprint
+
+    cls = get_method("baseline")
+    path = str(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), path, {})
+    rows = pa.table({"image_id": ["a"], "person_id": pa.array([1], pa.int64()), "image_uri": ["u"]})
+    first, settings = job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")
+    assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")[0] == first
+    assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v2")[0] != first
+    torch.manual_seed(1)  # other weights written at the same path
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), path, {})
+    assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")[0] != first
+    assert settings["manifest_version"] == "v1" and settings["checkpoint_digest"]
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tpr_ray import storage
-from tpr_ray.checkpoint import read_config, resolve_checkpoint
+from tpr_ray.checkpoint import checkpoint_digest, read_config, resolve_checkpoint
+from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
 from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes
@@ -81,12 +83,33 @@ def plan_shards(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows_per_shard, num_rows)) for start in range(0, num_rows, rows_per_shard)]
 
 
-def plan_fingerprint(keys: list[str], settings: dict) -> str:
-    """Identifies a job: the ordered input and every setting that changes the output."""
+# The input columns each table carries (the embedding and provenance columns are added).
+DATA_COLUMNS = {"gallery": ["image_id", "person_id", "image_uri"],
+                "queries": ["query_id", "image_id", "person_id", "caption"]}
+
+
+def plan_fingerprint(columns: pa.Table, settings: dict) -> str:
+    """Identifies a job: every input column that ends up in the table, in order, and every
+    setting that changes the output.
+
+    Computed from the Arrow buffers: each column's name, type and validity, then for strings
+    every value's length followed by all their bytes (so that no two inputs can join into the
+    same stream), for numbers their values.
+    """
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for key in keys:
-        h.update(key.encode())
-        h.update(b"\n")
+    for name in columns.column_names:
+        array = columns.column(name).combine_chunks()
+        h.update(f"\n{name}:{array.type}:{len(array)}\n".encode())
+        h.update(np.packbits(array.is_valid().to_numpy(zero_copy_only=False)).tobytes())
+        if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) or pa.types.is_binary(array.type):
+            array = array.cast(pa.large_binary())
+            offsets_buffer, data_buffer = array.buffers()[1:3]
+            offsets = np.frombuffer(offsets_buffer, np.int64)[array.offset:array.offset + len(array) + 1]
+            h.update(np.diff(offsets).tobytes())
+            if len(array) and data_buffer is not None:
+                h.update(memoryview(data_buffer)[offsets[0]:offsets[-1]])
+        else:
+            h.update(pc.fill_null(array, 0).to_numpy(zero_copy_only=False).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -203,10 +226,8 @@ class ShardCommitter:
 
     def _table(self, row_numbers: list[int], embeddings: list[np.ndarray]) -> pa.Table:
         dim = self.header["dim"]
-        data_columns = ["query_id", "image_id", "person_id", "caption"] if self.kind == "queries" \
-            else ["image_id", "person_id", "image_uri"]
         source = self.rows.take(pa.array(row_numbers, pa.int64()))
-        table = {c: source.column(c) for c in data_columns}
+        table = {c: source.column(c) for c in DATA_COLUMNS[self.kind]}
         emb = np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)
         table["embedding"] = embedding_array(emb.reshape(-1, dim))
         for key in ("method", "model", "checkpoint"):
@@ -257,43 +278,88 @@ def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) ->
             continue
         if shard >= len(plan):
             raise DataError("shard number beyond the job's plan", file=storage.join(out, name))
-        with fs.open(entry, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+        rows = _parquet_rows(storage.join(out, name))
         rejects_uri = storage.join(rejects_dir(out), name)
-        rejects = 0
-        if storage.exists(rejects_uri):
-            fs_r, p_r = storage.filesystem(rejects_uri)
-            with fs_r.open(p_r, "rb") as f:
-                rejects = pq.ParquetFile(f).metadata.num_rows
+        rejects = _parquet_rows(rejects_uri) if storage.exists(rejects_uri) else 0
+        if rows is None or rejects is None:
+            # What a power loss can leave of a local write that was not yet on disk; the
+            # shard's inputs are all still there, so it is simply done again.
+            log.warning("%s: committed shard %s (or its rejects) is unreadable; removing it to redo it", out, name)
+            for uri in (storage.join(out, name), rejects_uri):
+                if storage.exists(uri):
+                    storage.remove(uri)
+            continue
         start, stop = plan[shard]
         if rows + rejects != stop - start:
             raise DataError(f"committed shard has {rows} rows + {rejects} rejects, the plan says {stop - start}",
                             file=storage.join(out, name))
         done[shard] = {"file": name, "rows": rows, "rejects": rejects}
+    _remove_orphan_rejects(out, done)
     if done and not storage.exists(sidecar):
         raise ConfigError(f"{out} has shards but no {SIDECAR}; it was not written by this job")
     return done
 
 
+def _parquet_rows(uri: str) -> int | None:
+    """Rows of a Parquet file from its footer; None when it is not readable Parquet (a fetch
+    that fails is an error, not "unreadable": it says nothing about the file)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except pa.ArrowInvalid:
+            return None
+
+
+def _remove_orphan_rejects(out: str, done: dict[int, dict]) -> None:
+    """A shard's rejects file is written just before its shard file (the commit point): one
+    without its shard is left by a run killed in between, and is not this run's to count."""
+    fs, path = storage.filesystem(rejects_dir(out))
+    if not fs.exists(path):
+        return
+    committed = {entry["file"] for entry in done.values()}
+    for entry in fs.ls(path, detail=False):
+        name = posixpath.basename(entry)
+        if shard_number(name) is not None and name not in committed:
+            log.info("%s: removing the rejects of uncommitted shard %s", out, name)
+            storage.remove(storage.join(rejects_dir(out), name))
+
+
+def job_fingerprint(kind: str, rows: pa.Table, checkpoint: str, rows_per_shard: int, image_size,
+                    manifest_version: str | None) -> tuple[str, dict]:
+    """(fingerprint, settings) of a job: a resumed job must have the same inputs, model and plan."""
+    settings = {"kind": kind, "checkpoint": checkpoint, "checkpoint_digest": checkpoint_digest(checkpoint),
+                "manifest_version": manifest_version, "rows_per_shard": rows_per_shard,
+                "image_size": list(image_size)}
+    return plan_fingerprint(rows.select(DATA_COLUMNS[kind]), settings), settings
+
+
+def open_job(out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
+             max_reject_rate: float = 1.0) -> ShardCommitter:
+    """Clean up after an interrupted run, find what is committed, and record the job (sidecar
+    with ``complete: false``) before any shard is written."""
+    done = committed_shards(out, plan, header["fingerprint"])
+    committer = ShardCommitter(out, kind, rows, plan, header, done, max_reject_rate=max_reject_rate)
+    committer.start()
+    return committer
+
+
 # --- the driver ----------------------------------------------------------------------
 
-def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size) -> dict:
+def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size,
+               manifest_version: str | None) -> dict:
     import ray
     import ray.data
 
     out = storage.join(cfg.out, kind)
     plan = plan_shards(rows.num_rows, cfg.rows_per_shard)
-    keys = rows.column("image_uri" if kind == "gallery" else "caption").to_pylist()
-    settings = {"kind": kind, "checkpoint": checkpoint, "rows_per_shard": cfg.rows_per_shard,
-                "image_size": list(image_size)}
-    fingerprint = plan_fingerprint(keys, settings)
-    done = committed_shards(out, plan, fingerprint)
+    fingerprint, settings = job_fingerprint(kind, rows, checkpoint, cfg.rows_per_shard, image_size,
+                                            manifest_version)
     header = {**identity, "dtype": "float32", "fingerprint": fingerprint, "settings": settings,
               "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
               "inputs": rows.num_rows}
-    committer = ShardCommitter(out, kind, rows, plan, header, done,
-                               max_reject_rate=cfg.max_reject_rate if kind == "gallery" else 1.0)
-    committer.start()
+    committer = open_job(out, kind, rows, plan, header, cfg.max_reject_rate if kind == "gallery" else 1.0)
+    done = dict(committer.committed)
     pending = [s for s in range(len(plan)) if s not in done]
     log.info("%s: %d rows in %d shards; %d already committed", kind, rows.num_rows, len(plan), len(done))
     tick = time.perf_counter()
@@ -387,5 +453,6 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     if cfg.batch_size is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
         cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
-    return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size) for kind, rows in jobs}
+    version = manifest_info(gallery).get("version") if cfg.data is not None else None
+    return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size, version) for kind, rows in jobs}
 
