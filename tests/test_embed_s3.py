@@ -260,3 +260,18 @@ def test_credentials_revoked_mid_job_stop_it_and_the_rerun_rejects_nothing(ray_c
     assert info["rows_this_run"] == 40 - 5 * len(sidecar["shards"])
     ids = pq.read_table(f"{out}/gallery").column("image_id").to_pylist()
     assert sorted(ids) == names
+
+
+def test_the_output_lease_works_on_s3(s3_bucket):
+    from tpr_ray.lease import LEASE_FILE, Lease, LeaseHeld
+
+    out = f"{s3_bucket}/leased"
+    with Lease(out, settle_s=0.1) as first:
+        with pytest.raises(LeaseHeld, match="being written by another job"):
+            Lease(out, settle_s=0.1).acquire()
+        record = storage.read_json(f"{out}/{LEASE_FILE}")
+        assert record["owner"] == first.owner and record["pid"] == os.getpid() and record["expires"] > time.time()
+        first.check()
+    assert not storage.exists(f"{out}/{LEASE_FILE}")
+    with Lease(out, settle_s=0.1):
+        pass

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -232,3 +233,88 @@ def test_local_writes_are_fsynced_before_the_rename_and_the_folder_after(tmp_pat
     assert events[0][1] == events[1][1] and os.path.basename(events[0][1]).startswith(storage.TEMP_PREFIX)
     assert events[2][1] == "dir"
     assert (tmp_path / "part-00000.parquet").read_bytes() == b"data"
+
+
+# --- one writer per output: the lease ------------------------------------------------------
+
+from tpr_ray.lease import LEASE_FILE, Lease, LeaseHeld  # noqa: E402
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lease(tmp_path):
+    out = str(tmp_path / "out")
+    with Lease(out, settle_s=0):
+        with pytest.raises(LeaseHeld, match=rf"being written by another job \(pid {os.getpid()} on "):
+            Lease(out, settle_s=0).acquire()
+    with Lease(out, settle_s=0):  # given back: free again
+        pass
+    assert not os.path.exists(os.path.join(out, LEASE_FILE))
+
+
+def test_an_expired_lease_or_one_of_a_dead_process_is_taken_over(tmp_path):
+    out = str(tmp_path / "out")
+    storage.write_json(os.path.join(out, LEASE_FILE), {"owner": "x", "host": "elsewhere", "pid": 1,
+                                                        "expires": time.time() - 1})
+    with Lease(out, settle_s=0):
+        pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    import socket
+    storage.write_json(os.path.join(out, LEASE_FILE), {"owner": "y", "host": socket.gethostname(), "pid": int(dead),
+                                                        "expires": time.time() + 600})
+    with Lease(out, settle_s=0):
+        pass
+
+
+def test_a_writer_whose_lease_was_taken_over_stops_before_its_next_commit(tmp_path, monkeypatch):
+    out = str(tmp_path / "gallery")
+    rows = _rows()
+    plan = plan_shards(N_ROWS, PER_SHARD)
+    first = Lease(str(tmp_path), ttl_s=0.3, settle_s=0)
+    monkeypatch.setattr(first, "_renew_loop", lambda: None)  # a driver paused (GC, partition) past its lease
+    first.acquire()
+    committer = open_job(out, "gallery", rows, plan, _header(rows), guard=first.check)
+    time.sleep(0.4)
+    second = Lease(str(tmp_path), settle_s=0).acquire()  # expired: taken over
+    with pytest.raises(LeaseHeld, match="lost its lease"):
+        committer.add({"row": np.arange(3), "shard": np.zeros(3), "embedding": np.ones((3, 2), np.float32),
+                       "reject_reason": np.array(["", "", ""], dtype=object)})
+    assert not os.path.exists(os.path.join(out, "part-00000.parquet"))
+    second.release()
+
+
+def test_two_concurrent_jobs_on_one_output_give_every_row_once(tmp_path, monkeypatch):
+    """Job A commits slowly; job B starts meanwhile and is refused; A's output is whole."""
+    import threading
+
+    out = str(tmp_path / "gallery")
+    started, box = threading.Event(), {}
+    write = storage.write_bytes_atomic
+
+    def slow_write(uri, data):
+        time.sleep(0.05)
+        write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", slow_write)
+
+    def job_a():
+        with Lease(str(tmp_path), settle_s=0.05) as lease:
+            started.set()
+            rows = _rows()
+            plan = plan_shards(N_ROWS, PER_SHARD)
+            committer = open_job(out, "gallery", rows, plan, _header(rows), guard=lease.check)
+            for shard, (start, stop) in enumerate(plan):
+                ids = np.arange(start, stop)
+                committer.add({"row": ids, "shard": np.full(len(ids), shard),
+                               "embedding": np.stack([np.cos(ids), np.sin(ids)], axis=1).astype(np.float32),
+                               "reject_reason": np.array([""] * len(ids), dtype=object)})
+            box["a"] = committer.finish()
+
+    thread = threading.Thread(target=job_a)
+    thread.start()
+    started.wait(5)
+    with pytest.raises(LeaseHeld, match="being written by another job"):
+        with Lease(str(tmp_path), settle_s=0.05):
+            run_job(out)
+    thread.join(10)
+    assert box["a"]["complete"]
+    _check_exactly_once(out)

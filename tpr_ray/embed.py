@@ -41,6 +41,7 @@ from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
 from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes
+from tpr_ray.lease import Lease
 from tpr_ray.tables import SIDECAR, SHARD_FORMAT, embedding_array, rejects_dir, shard_number, write_sidecar
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,9 @@ class ShardCommitter:
     """
 
     def __init__(self, out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
-                 committed: dict[int, dict], max_reject_rate: float = 1.0):
+                 committed: dict[int, dict], max_reject_rate: float = 1.0, guard=None):
         self.out, self.kind, self.rows, self.plan, self.header = out, kind, rows, plan, header
+        self.guard = guard or (lambda: None)
         self.committed = dict(committed)
         self.pending: dict[int, dict[int, dict]] = {}
         self.tick = time.perf_counter()
@@ -199,6 +201,7 @@ class ShardCommitter:
         rejected = [r for r in order if results[r][1]]
         name = SHARD_FORMAT.format(shard)
         self._check_finite(name, kept, results)
+        self.guard()
         if rejected:
             bad = self.rows.take(pa.array(rejected, pa.int64()))
             _write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
@@ -246,6 +249,7 @@ class ShardCommitter:
         if len(self.committed) != len(self.plan):
             missing = sorted(set(range(len(self.plan))) - set(self.committed))
             raise DataError(f"{self.kind}: {len(missing)} shard(s) never completed (first: {missing[:5]})", file=self.out)
+        self.guard()
         return self._write_manifest(complete=True)
 
 
@@ -335,11 +339,14 @@ def job_fingerprint(kind: str, rows: pa.Table, checkpoint: str, rows_per_shard: 
 
 
 def open_job(out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
-             max_reject_rate: float = 1.0) -> ShardCommitter:
+             max_reject_rate: float = 1.0, guard=None) -> ShardCommitter:
     """Clean up after an interrupted run, find what is committed, and record the job (sidecar
-    with ``complete: false``) before any shard is written."""
+    with ``complete: false``) before any shard is written. ``guard`` (the lease's check) is
+    called before every write."""
+    if guard is not None:
+        guard()
     done = committed_shards(out, plan, header["fingerprint"])
-    committer = ShardCommitter(out, kind, rows, plan, header, done, max_reject_rate=max_reject_rate)
+    committer = ShardCommitter(out, kind, rows, plan, header, done, max_reject_rate=max_reject_rate, guard=guard)
     committer.start()
     return committer
 
@@ -347,7 +354,7 @@ def open_job(out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], h
 # --- the driver ----------------------------------------------------------------------
 
 def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size,
-               manifest_version: str | None) -> dict:
+               manifest_version: str | None, guard=None) -> dict:
     import ray
     import ray.data
 
@@ -358,7 +365,7 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     header = {**identity, "dtype": "float32", "fingerprint": fingerprint, "settings": settings,
               "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
               "inputs": rows.num_rows}
-    committer = open_job(out, kind, rows, plan, header, cfg.max_reject_rate if kind == "gallery" else 1.0)
+    committer = open_job(out, kind, rows, plan, header, cfg.max_reject_rate if kind == "gallery" else 1.0, guard)
     done = dict(committer.committed)
     pending = [s for s in range(len(plan)) if s not in done]
     log.info("%s: %d rows in %d shards; %d already committed", kind, rows.num_rows, len(plan), len(done))
@@ -454,5 +461,7 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
         cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
     version = manifest_info(gallery).get("version") if cfg.data is not None else None
-    return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size, version) for kind, rows in jobs}
+    with Lease(cfg.out, ttl_s=cfg.lease_ttl_s) as lease:
+        return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size, version, lease.check)
+                for kind, rows in jobs}
 
