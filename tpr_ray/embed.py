@@ -73,6 +73,9 @@ class EmbedConfig:
     max_reject_rate: float = 0.01
     # Ray retries of a decode task whose fetches kept failing (each after in-task backoff).
     read_retries: int = 3
+    # The lease on `out` (one writer at a time) is renewed every quarter of this; a job that
+    # died on another machine blocks the output for at most this long.
+    lease_ttl_s: float = 60.0
 
 
 # --- pure pieces ---------------------------------------------------------------
