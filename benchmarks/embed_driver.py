@@ -37,7 +37,8 @@ def one_size(rows: int, dim: int, batch: int, rows_per_shard: int, out: str) -> 
     import numpy as np
     import pyarrow as pa
 
-    from tpr_ray.embed import open_job, plan_fingerprint, plan_shards
+    from tpr_ray.commit import open_job
+    from tpr_ray.embed import plan_fingerprint, plan_shards
 
     start_rss = vm_hwm()
     ids = pa.array([f"cam{i % 8}/{i:09d}.jpg" for i in range(rows)], pa.string())

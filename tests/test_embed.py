@@ -84,7 +84,8 @@ def _batch(rows, shard, emb, reasons=None):
 
 
 def test_non_finite_embeddings_stop_the_job_before_the_shard_is_committed(tmp_path):
-    from tpr_ray.embed import ShardCommitter, plan_shards
+    from tpr_ray.commit import ShardCommitter
+    from tpr_ray.embed import plan_shards
     from tpr_ray.errors import DataError
 
     out = str(tmp_path / "gallery")
@@ -97,7 +98,8 @@ def test_non_finite_embeddings_stop_the_job_before_the_shard_is_committed(tmp_pa
 
 
 def test_a_reject_rate_over_the_limit_stops_the_job_and_says_so(tmp_path):
-    from tpr_ray.embed import ShardCommitter, plan_shards
+    from tpr_ray.commit import ShardCommitter
+    from tpr_ray.embed import plan_shards
     from tpr_ray.errors import DataError
 
     out = str(tmp_path / "gallery")

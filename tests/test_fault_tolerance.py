@@ -85,7 +85,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from tpr_ray import storage  # noqa: E402
-from tpr_ray.embed import open_job, plan_fingerprint, plan_shards  # noqa: E402
+from tpr_ray.commit import open_job  # noqa: E402
+from tpr_ray.embed import plan_fingerprint, plan_shards  # noqa: E402
 from tpr_ray.tables import SIDECAR, rejects_dir  # noqa: E402
 
 N_ROWS, PER_SHARD = 9, 3
@@ -207,7 +208,7 @@ def test_a_committed_shard_that_came_back_empty_is_redone_and_logged(tmp_path, c
     out = str(tmp_path / "gallery")
     run_job(out, rejected=(4,))
     open(os.path.join(out, "part-00001.parquet"), "wb").close()
-    with caplog.at_level("WARNING", logger="tpr_ray.embed"):
+    with caplog.at_level("WARNING", logger="tpr_ray.commit"):
         info = run_job(out, rejected=(4,))
     assert "part-00001.parquet" in caplog.text and "redo" in caplog.text
     assert info["complete"]
