@@ -96,16 +96,21 @@ def plan_fingerprint(columns: pa.Table, settings: dict) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in columns.column_names:
         array = columns.column(name).combine_chunks()
-        h.update(f"\n{name}:{array.type}:{len(array)}\n".encode())
+        kind = array.type
+        wide = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
+        texts = wide or pa.types.is_string(kind) or pa.types.is_binary(kind)
+        if texts:  # the offsets' width is Arrow's choice, not the data's
+            kind = "string" if pa.types.is_string(kind) or pa.types.is_large_string(kind) else "binary"
+        h.update(f"\n{name}:{kind}:{len(array)}\n".encode())
         h.update(np.packbits(array.is_valid().to_numpy(zero_copy_only=False)).tobytes())
-        if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) or pa.types.is_binary(array.type):
-            array = array.cast(pa.large_binary())
+        if texts and len(array):
             offsets_buffer, data_buffer = array.buffers()[1:3]
-            offsets = np.frombuffer(offsets_buffer, np.int64)[array.offset:array.offset + len(array) + 1]
-            h.update(np.diff(offsets).tobytes())
-            if len(array) and data_buffer is not None:
+            offsets = np.frombuffer(offsets_buffer, np.int64 if wide else np.int32)
+            offsets = offsets[array.offset:array.offset + len(array) + 1].astype(np.int64)
+            h.update(np.diff(offsets).tobytes())  # the same lengths whatever the offset width
+            if data_buffer is not None:
                 h.update(memoryview(data_buffer)[offsets[0]:offsets[-1]])
-        else:
+        elif not texts:
             h.update(pc.fill_null(array, 0).to_numpy(zero_copy_only=False).tobytes())
     return h.hexdigest()[:32]
 
