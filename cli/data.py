@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import posixpath
 
 import click
 
+from cli.options import cli_errors
 from tpr_ray.data import STYLES, load_manifest, manifest_info, read_dataset, split_stats, synthesize, write_manifest
-from tpr_ray.errors import ConfigError, DataError
-
-
-def _clean_errors(command):
-    """Bad data or options end the command with one readable line instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (DataError, ConfigError) as error:
-            raise click.ClickException(str(error)) from error
-
-    return wrapper
 
 
 def format_stats(stats: dict) -> str:
@@ -46,7 +32,7 @@ def data():
 @click.option("--ids", "n_ids", type=click.IntRange(min=1), required=True, help="Number of identities.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="New or empty folder (path or URI).")
-@_clean_errors
+@cli_errors
 def synth_command(style, n_ids, seed, out_dir):
     """Write a synthetic dataset in a real dataset's on-disk format."""
     synthesize(style, n_ids, seed, out_dir)
@@ -60,7 +46,7 @@ def synth_command(style, n_ids, seed, out_dir):
 @click.option("--skip-bad", is_flag=True, help="Leave out bad entries (listed in the rejects file) instead of failing.")
 @click.option("--rejects", "rejects_uri", metavar="FILE",
               help="Where --skip-bad lists the bad entries (.parquet or JSON lines) [default: next to --out].")
-@_clean_errors
+@cli_errors
 def prepare_command(data_uri, out_uri, skip_bad, rejects_uri):
     """Read the dataset folder DATA (format auto-detected) and write its manifest."""
     if rejects_uri and not skip_bad:
@@ -79,7 +65,7 @@ def prepare_command(data_uri, out_uri, skip_bad, rejects_uri):
 @data.command("stats")
 @click.argument("data_uri", metavar="DATA")
 @click.option("--skip-bad", is_flag=True, help="Count only good entries of a dataset folder instead of failing.")
-@_clean_errors
+@cli_errors
 def stats_command(data_uri, skip_bad):
     """Identities, images and captions per split of a dataset folder or manifest DATA."""
     table = load_manifest(data_uri, on_error="skip" if skip_bad else "raise")

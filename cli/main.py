@@ -6,19 +6,30 @@ import logging
 
 import click
 
+import tpr_ray
 from cli.crosseval import crosseval
 from cli.data import data
 from cli.evaluate import eval_command
-from cli.options import clean_errors, parse_overrides, parse_size
+from cli.options import (CONTEXT_SETTINGS, OneLineGroup, address_option, cli_errors, collect_overrides,
+                         method_names, parse_size, recipe_options, set_verbose, top_option,
+                         train_resource_options)
 from tpr_ray.errors import TprRayError
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.group(cls=OneLineGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(tpr_ray.__version__, "--version", prog_name="tpr-ray")
+@click.option("-v", "--verbose", is_flag=True, help="Show everything: the project's debug lines, Ray's logs, tracebacks.")
 def cli(verbose):
-    """Text-based person retrieval on Ray: train, embed, evaluate."""
+    """Text-based person retrieval on Ray: train, embed, index, search and evaluate.
+
+    \b
+    Try it:  tpr-ray demo        (synthetic data, tiny model, a few minutes on CPU)
+    Then:    tpr-ray COMMAND -h  (every command's options, with an example)
+    """
+    set_verbose(verbose)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tpr_ray").setLevel(logging.INFO)  # shard commits and progress lines
+    # The project's own progress lines are INFO; -v adds its DEBUG lines.
+    logging.getLogger("tpr_ray").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 cli.add_command(data)
@@ -27,38 +38,30 @@ cli.add_command(crosseval)
 
 
 @cli.command()
-@click.option("--method", required=True, help="baseline, cskt, pd or cfine (see `tpr-ray methods`).")
+@click.option("--method", required=True, help=f"One of: {', '.join(method_names())} (see `tpr-ray methods`).")
 @click.option("--data", "data_uri", required=True, help="Dataset root (CUHK-PEDES, ICFG-PEDES, RSTPReid layout) or manifest .parquet; local path or URI.")
 @click.option("--out", required=True, help="Ray Train storage: local folder or s3://bucket/prefix.")
 @click.option("--name", help="Run name (default METHOD-DATASET); the run lives in OUT/NAME.")
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip architecture (tpr-tiny for tests).")
 @click.option("--pretrained", default="openai", show_default=True, help="open_clip pretrained tag, local checkpoint file, or 'none'.")
 @click.option("--image-size", default="384x128", show_default=True, help="Input H x W.")
-@click.option("--epochs", type=int, help="Override the recipe's epochs.")
-@click.option("--batch-size", type=int, help="Override the recipe's per-worker batch size.")
-@click.option("--lr", type=float, help="Override the recipe's base learning rate.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe option, e.g. --set warmup_epochs=1.")
-@click.option("--workers", default=1, show_default=True, help="Ray Train workers (one GPU each when GPUs are used).")
-@click.option("--gpu/--no-gpu", default=None, help="Use GPUs (default: when the cluster has them).")
-@click.option("--cpus-per-worker", default=1.0, show_default=True)
-@click.option("--loader-workers", default=2, show_default=True, help="DataLoader processes per worker.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (smoke runs).")
+@recipe_options
+@train_resource_options
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps (smoke runs).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run OUT/NAME from its latest checkpoint.")
 @click.option("--init", "init_from", help="Start from this checkpoint's weights (same method), e.g. a PD stage-1 run.")
 @click.option("--stage", type=int, default=1, show_default=True, help="Stage to begin with (PD: --stage 2 --init STAGE1).")
-@click.option("--max-failures", default=0, show_default=True, help="Worker failures Ray Train recovers from.")
-@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
-@clean_errors
-def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers, gpu,
-          cpus_per_worker, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, address):
+@click.option("--max-failures", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Worker failures Ray Train recovers from.")
+@address_option
+@cli_errors
+def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers,
+          cpus_per_worker, gpu, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, address):
     """Train a method with Ray Train; prints the best checkpoint (selected on val)."""
     from tpr_ray.train import TrainConfig, train as run_training
 
-    overrides = parse_overrides(sets)
-    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
-        if value is not None:
-            overrides[key] = value
+    overrides = collect_overrides(sets, epochs, batch_size, lr)
     cfg = TrainConfig(method=method, data=data_uri, out=out, name=name, model=model,
                       pretrained=None if pretrained.lower() == "none" else pretrained,
                       image_size=parse_size(image_size), overrides=overrides, num_workers=workers, use_gpu=gpu,
@@ -77,15 +80,16 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--out", required=True, help="Output folder or URI; gets gallery/ (and queries/).")
 @click.option("--batch-size", type=int, help="Rows per model call (default 256 on GPU, 64 on CPU).")
-@click.option("--actors", default=1, show_default=True, help="Model actors (one GPU each when GPUs are used).")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model actors (one GPU each when GPUs are used).")
 @click.option("--gpus-per-actor", type=float, help="Default: 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-actor", default=0.5, show_default=True)
 @click.option("--decode-cpus", default=0.5, show_default=True, help="CPUs reserved per decode task.")
 @click.option("--rows-per-shard", default=10_000, show_default=True)
 @click.option("--queries/--no-queries", default=True, show_default=True, help="Also embed the split's captions.")
 @click.option("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph); same as AWS_ENDPOINT_URL.")
-@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
-@clean_errors
+@address_option
+@cli_errors
 def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
           rows_per_shard, queries, endpoint_url, address):
     """Embed a gallery (and captions) into sharded Parquet tables with Ray Data; re-run to resume."""
@@ -110,7 +114,7 @@ def set_endpoint(endpoint_url: str | None) -> None:
         os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 
 
-@cli.group()
+@cli.group(cls=OneLineGroup)
 def index():
     """Build faiss indexes over embedding shards."""
 
@@ -122,7 +126,7 @@ def index():
               help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
 @click.option("--nlist", type=int, help="IVF cells (default about 4 sqrt(N)).")
 @click.option("--nprobe", default=32, show_default=True, help="IVF cells searched per query.")
-@clean_errors
+@cli_errors
 def index_build(embeddings, out, kind, nlist, nprobe):
     """Index a gallery embedding table."""
     from tpr_ray import storage
@@ -140,16 +144,16 @@ def index_build(embeddings, out, kind, nlist, nprobe):
 @cli.command("search")
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--index", "index_dir", required=True, help="Folder written by `tpr-ray index build`.")
-@click.option("--k", default=10, show_default=True)
+@top_option
 @click.option("--checkpoint", help="Default: the checkpoint that produced the indexed embeddings.")
 @click.option("--json", "json_out", help="Also write the results as JSON here.")
-@clean_errors
-def search_command(texts, index_dir, k, checkpoint, json_out):
+@cli_errors
+def search_command(texts, index_dir, top, checkpoint, json_out):
     """Rank the indexed gallery for each text description."""
     from tpr_ray import storage
     from tpr_ray.index import search
 
-    results = search(index_dir, list(texts), k=k, checkpoint=checkpoint)
+    results = search(index_dir, list(texts), k=top, checkpoint=checkpoint)
     for text, hits in zip(texts, results):
         click.echo(f"query: {text}")
         for hit in hits:
@@ -161,10 +165,10 @@ def search_command(texts, index_dir, k, checkpoint, json_out):
 
 @cli.command()
 @click.option("--out", default="demo_out", show_default=True, help="Working folder for data, run and embeddings.")
-@click.option("--ids", default=200, show_default=True, help="Synthetic identities.")
-@click.option("--epochs", default=20, show_default=True)
+@click.option("--ids", type=click.IntRange(min=2), default=200, show_default=True, help="Synthetic identities.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@clean_errors
+@cli_errors
 def demo(out, ids, epochs, seed):
     """Synthesize data, train the baseline (tiny CLIP), embed and evaluate, on CPU in minutes."""
     from tpr_ray.demo import run_demo
@@ -175,9 +179,9 @@ def demo(out, ids, epochs, seed):
 @cli.command()
 def methods():
     """List the available methods and their default recipes."""
-    from tpr_ray.methods import METHODS, get_method
+    from tpr_ray.methods import get_method
 
-    for name in METHODS:
+    for name in method_names():
         try:
             cls = get_method(name)
         except TprRayError as error:
@@ -186,6 +190,34 @@ def methods():
         click.echo(f"{name}: {cls.__doc__.strip().splitlines()[0]}")
         click.echo("    " + ", ".join(f"{k}={v}" for k, v in cls.default_recipe.to_dict().items()))
 
+
+EXAMPLES = {
+    "train": "tpr-ray train --method pd --data /data/CUHK-PEDES --out runs --epochs 60 --gpu",
+    "embed": "tpr-ray embed --checkpoint runs/pd-CUHK-PEDES --data /data/CUHK-PEDES --out emb/cuhk",
+    "eval": "tpr-ray eval --embeddings emb/cuhk --k 1,5,10 --out emb/cuhk/metrics.json",
+    "index": "tpr-ray index build --embeddings emb/cuhk --out idx/cuhk",
+    "index build": "tpr-ray index build --embeddings emb/cuhk --out idx/cuhk --kind hnsw",
+    "search": 'tpr-ray search --index idx/cuhk --top 5 "a woman in a red coat with a black backpack"',
+    "crosseval": "tpr-ray crosseval --methods baseline,pd --train cuhk,icfg --test cuhk,icfg,rstp --out xeval",
+    "demo": "tpr-ray demo --out demo_out",
+    "methods": "tpr-ray methods",
+    "data": "tpr-ray data synth --style cuhk --ids 50 --out data/cuhk-synth",
+    "data synth": "tpr-ray data synth --style icfg --ids 100 --seed 1 --out data/icfg-synth",
+    "data prepare": "tpr-ray data prepare /data/CUHK-PEDES --out /data/cuhk.parquet --skip-bad",
+    "data stats": "tpr-ray data stats /data/cuhk.parquet",
+}
+
+
+def _polish(command: click.Command, path: str = "") -> None:
+    """-h and an example for every command, including those defined in other modules."""
+    command.context_settings = {**CONTEXT_SETTINGS, **command.context_settings}
+    if path in EXAMPLES and not command.epilog:
+        command.epilog = f"\b\nExample:\n  {EXAMPLES[path]}"
+    for name, sub in getattr(command, "commands", {}).items():
+        _polish(sub, f"{path} {name}".strip())
+
+
+_polish(cli)
 
 if __name__ == "__main__":
     cli()

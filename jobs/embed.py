@@ -4,6 +4,7 @@ Takes exactly the options of `tpr-ray embed`.
 """
 
 from cli.main import embed
+from cli.options import run_command
 
 if __name__ == "__main__":
-    embed.main(prog_name="python -m jobs.embed")
+    run_command(embed, "python -m jobs.embed")

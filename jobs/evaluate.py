@@ -3,7 +3,8 @@
 Takes exactly the options of `tpr-ray eval`.
 """
 
-from cli.evaluate import eval_command
+from cli.main import eval_command
+from cli.options import run_command
 
 if __name__ == "__main__":
-    eval_command.main(prog_name="python -m jobs.evaluate")
+    run_command(eval_command, "python -m jobs.evaluate")

@@ -4,6 +4,7 @@ Takes exactly the options of `tpr-ray train`; inside a Ray job RAY_ADDRESS point
 """
 
 from cli.main import train
+from cli.options import run_command
 
 if __name__ == "__main__":
-    train.main(prog_name="python -m jobs.train")
+    run_command(train, "python -m jobs.train")

@@ -81,7 +81,7 @@ def test_search_embeds_text_with_the_indexed_checkpoint(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["search", "a man in a blue jacket", "--index", str(tmp_path / "idx"), "--k", "3",
+    result = runner.invoke(cli, ["search", "a man in a blue jacket", "--index", str(tmp_path / "idx"), "--top", "3",
                                  "--json", str(tmp_path / "hits.json")])
     assert result.exit_code == 0, result.output
     hits = json.loads((tmp_path / "hits.json").read_text())[0]["results"]
