@@ -95,12 +95,11 @@ def test_method_help_lists_the_registry():
 def test_verbose_changes_the_project_log_level(monkeypatch):
     import logging
 
-    monkeypatch.delenv("TPR_RAY_VERBOSE", raising=False)
+    monkeypatch.setenv("TPR_RAY_VERBOSE", "0")  # and removed again after the test
     run(["methods"])
     assert logging.getLogger("tpr_ray").getEffectiveLevel() == logging.INFO
     run(["-v", "methods"])
     assert logging.getLogger("tpr_ray").getEffectiveLevel() == logging.DEBUG
-    monkeypatch.delenv("TPR_RAY_VERBOSE", raising=False)
 
 
 def test_errors_inside_ray_tasks_are_unwrapped():
