@@ -7,6 +7,7 @@ import logging
 import click
 
 import tpr_ray
+from cli.checks import ExistingUri, init_matches, model_and_weights
 from cli.crosseval import crosseval
 from cli.data import data
 from cli.evaluate import eval_command
@@ -39,7 +40,7 @@ cli.add_command(crosseval)
 
 @cli.command()
 @click.option("--method", required=True, help=f"One of: {', '.join(method_names())} (see `tpr-ray methods`).")
-@click.option("--data", "data_uri", required=True, help="Dataset root (CUHK-PEDES, ICFG-PEDES, RSTPReid layout) or manifest .parquet; local path or URI.")
+@click.option("--data", "data_uri", required=True, type=ExistingUri(), help="Dataset root (CUHK-PEDES, ICFG-PEDES, RSTPReid layout) or manifest .parquet; local path or URI.")
 @click.option("--out", required=True, help="Ray Train storage: local folder or s3://bucket/prefix.")
 @click.option("--name", help="Run name (default METHOD-DATASET); the run lives in OUT/NAME.")
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip architecture (tpr-tiny for tests).")
@@ -59,11 +60,17 @@ cli.add_command(crosseval)
 def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers,
           cpus_per_worker, gpu, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, address):
     """Train a method with Ray Train; prints the best checkpoint (selected on val)."""
+    from tpr_ray.methods import get_method
     from tpr_ray.train import TrainConfig, train as run_training
 
+    get_method(method)
+    pretrained = None if pretrained.lower() == "none" else pretrained
+    model_and_weights(model, pretrained)
+    if init_from:
+        init_matches(init_from, method)
     overrides = collect_overrides(sets, epochs, batch_size, lr)
     cfg = TrainConfig(method=method, data=data_uri, out=out, name=name, model=model,
-                      pretrained=None if pretrained.lower() == "none" else pretrained,
+                      pretrained=pretrained,
                       image_size=parse_size(image_size), overrides=overrides, num_workers=workers, use_gpu=gpu,
                       cpus_per_worker=cpus_per_worker, loader_workers=loader_workers, max_steps=max_steps,
                       seed=seed, resume=resume, init=init_from, start_stage=stage - 1,
@@ -74,8 +81,9 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, help="Checkpoint directory, or a training run directory (uses its best).")
-@click.option("--data", "data_uri", help="Dataset root or manifest .parquet (embeds --split and its captions).")
+@click.option("--checkpoint", required=True, type=ExistingUri(),
+              help="Checkpoint directory, or a training run directory (uses its best).")
+@click.option("--data", "data_uri", type=ExistingUri(), help="Dataset root or manifest .parquet (embeds --split and its captions).")
 @click.option("--images", help="Or: a prefix or glob of image files, e.g. 's3://bucket/crops/**/*.jpg'.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--out", required=True, help="Output folder or URI; gets gallery/ (and queries/).")
@@ -87,7 +95,8 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 @click.option("--decode-cpus", default=0.5, show_default=True, help="CPUs reserved per decode task.")
 @click.option("--rows-per-shard", default=10_000, show_default=True)
 @click.option("--queries/--no-queries", default=True, show_default=True, help="Also embed the split's captions.")
-@click.option("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph); same as AWS_ENDPOINT_URL.")
+@click.option("--endpoint-url", is_eager=True, callback=lambda ctx, param, value: set_endpoint(value),
+              help="S3-compatible endpoint (MinIO, Ceph); same as AWS_ENDPOINT_URL.")
 @address_option
 @cli_errors
 def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
@@ -95,7 +104,6 @@ def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per
     """Embed a gallery (and captions) into sharded Parquet tables with Ray Data; re-run to resume."""
     from tpr_ray.embed import EmbedConfig, embed as run_embed
 
-    set_endpoint(endpoint_url)
     summary = run_embed(EmbedConfig(checkpoint=checkpoint, data=data_uri, images=images, out=out, split=split,
                                     batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                                     cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus,
@@ -120,7 +128,7 @@ def index():
 
 
 @index.command("build")
-@click.option("--embeddings", required=True, help="Output of `tpr-ray embed` (or its gallery/ folder).")
+@click.option("--embeddings", required=True, type=ExistingUri(), help="Output of `tpr-ray embed` (or its gallery/ folder).")
 @click.option("--out", required=True, help="Index folder (local or URI).")
 @click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
               help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
@@ -143,7 +151,7 @@ def index_build(embeddings, out, kind, nlist, nprobe):
 
 @cli.command("search")
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--index", "index_dir", required=True, help="Folder written by `tpr-ray index build`.")
+@click.option("--index", "index_dir", required=True, type=ExistingUri(), help="Folder written by `tpr-ray index build`.")
 @top_option
 @click.option("--checkpoint", help="Default: the checkpoint that produced the indexed embeddings.")
 @click.option("--json", "json_out", help="Also write the results as JSON here.")
