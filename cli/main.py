@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 import click
 
@@ -12,7 +14,7 @@ from cli.crosseval import crosseval
 from cli.data import data
 from cli.evaluate import eval_command
 from cli.options import (CONTEXT_SETTINGS, OneLineGroup, address_option, cli_errors, collect_overrides,
-                         method_names, parse_size, recipe_options, set_verbose, top_option,
+                         is_verbose, method_names, parse_size, recipe_options, set_verbose, top_option,
                          train_resource_options)
 from tpr_ray.errors import TprRayError
 
@@ -216,12 +218,48 @@ EXAMPLES = {
 }
 
 
+# Commands whose --out is a folder of their own get their log file there; the others (whose
+# --out may have to be new, or is a file) log to a folder in the system's temp directory.
+LOG_IN_OUT = {"train", "embed", "demo", "crosseval"}
+
+
+def _log_file(path: str, params: dict) -> str:
+    import getpass
+    import tempfile
+
+    from tpr_ray import storage
+
+    name = "tpr-ray-" + path.replace(" ", "-") + ".log"
+    out = params.get("out")
+    if path in LOG_IN_OUT and out and not storage.is_remote(out):
+        return os.path.join(os.path.abspath(out), name)
+    return os.path.join(tempfile.gettempdir(), f"tpr-ray-{getpass.getuser()}", name)
+
+
+def _quiet(callback, path: str):
+    """Unless -v: Ray's, Ray Train's, Ray Data's and open_clip's lines go to a log file."""
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        if not is_verbose():
+            from tpr_ray.ray_utils import quiet_console
+
+            quiet_console(_log_file(path, kwargs))
+        return callback(*args, **kwargs)
+
+    return run
+
+
 def _polish(command: click.Command, path: str = "") -> None:
-    """-h and an example for every command, including those defined in other modules."""
+    """-h and an example for every command, including those defined in other modules; a quiet
+    console for every command that does work."""
     command.context_settings = {**CONTEXT_SETTINGS, **command.context_settings}
     if path in EXAMPLES and not command.epilog:
         command.epilog = f"\b\nExample:\n  {EXAMPLES[path]}"
-    for name, sub in getattr(command, "commands", {}).items():
+    subcommands = getattr(command, "commands", None)
+    if subcommands is None and command.callback is not None and path != "methods":
+        command.callback = _quiet(command.callback, path)
+    for name, sub in (subcommands or {}).items():
         _polish(sub, f"{path} {name}".strip())
 
 
