@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.options import (address_option, block_size_option, cli_errors, collect_overrides, ks_option, method_names,
+from .options import (address_option, block_size_option, cli_errors, collect_overrides, ks_option, method_names,
                          parse_size, recipe_options, train_resource_options)
 
 

@@ -6,7 +6,7 @@ import posixpath
 
 import click
 
-from cli.options import cli_errors
+from .options import cli_errors
 from tpr_ray.data import STYLES, load_manifest, manifest_info, read_dataset, split_stats, synthesize, write_manifest
 
 

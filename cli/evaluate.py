@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.options import block_size_option, cli_errors, ks_option
+from .options import block_size_option, cli_errors, ks_option
 from tpr_ray import storage
 from tpr_ray.evaluate import evaluate_embeddings, format_metrics_table, write_metrics_json
 

@@ -9,11 +9,11 @@ import os
 import click
 
 import tpr_ray
-from cli.checks import ExistingUri, init_matches, model_and_weights
-from cli.crosseval import crosseval
-from cli.data import data
-from cli.evaluate import eval_command
-from cli.options import (CONTEXT_SETTINGS, OneLineGroup, address_option, cli_errors, collect_overrides,
+from .checks import ExistingUri, init_matches, model_and_weights
+from .crosseval import crosseval
+from .data import data
+from .evaluate import eval_command
+from .options import (CONTEXT_SETTINGS, OneLineGroup, address_option, cli_errors, collect_overrides,
                          is_verbose, method_names, parse_size, recipe_options, set_verbose, top_option,
                          train_resource_options)
 from tpr_ray.errors import TprRayError
