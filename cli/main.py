@@ -21,7 +21,8 @@ from tpr_ray.errors import TprRayError
 
 @click.group(cls=OneLineGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(tpr_ray.__version__, "--version", prog_name="tpr-ray")
-@click.option("-v", "--verbose", is_flag=True, help="Show everything: the project's debug lines, Ray's logs, tracebacks.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show everything: the project's debug lines, Ray's logs, tracebacks.")
 def cli(verbose):
     """Text-based person retrieval on Ray: train, embed, index, search and evaluate.
 
@@ -30,7 +31,8 @@ def cli(verbose):
     Then:    tpr-ray COMMAND -h  (every command's options, with an example)
     """
     set_verbose(verbose)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     # The project's own progress lines are INFO; -v adds its DEBUG lines.
     logging.getLogger("tpr_ray").setLevel(logging.DEBUG if verbose else logging.INFO)
 
@@ -42,11 +44,13 @@ cli.add_command(crosseval)
 
 @cli.command()
 @click.option("--method", required=True, help=f"One of: {', '.join(method_names())} (see `tpr-ray methods`).")
-@click.option("--data", "data_uri", required=True, type=ExistingUri(), help="Dataset root (CUHK-PEDES, ICFG-PEDES, RSTPReid layout) or manifest .parquet; local path or URI.")
+@click.option("--data", "data_uri", required=True, type=ExistingUri(),
+              help="Dataset root (CUHK-PEDES, ICFG-PEDES, RSTPReid layout) or manifest .parquet; local path or URI.")
 @click.option("--out", required=True, help="Ray Train storage: local folder or s3://bucket/prefix.")
 @click.option("--name", help="Run name (default METHOD-DATASET); the run lives in OUT/NAME.")
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip architecture (tpr-tiny for tests).")
-@click.option("--pretrained", default="openai", show_default=True, help="open_clip pretrained tag, local checkpoint file, or 'none'.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="open_clip pretrained tag, local checkpoint file, or 'none'.")
 @click.option("--image-size", default="384x128", show_default=True, help="Input H x W.")
 @recipe_options
 @train_resource_options
@@ -54,7 +58,8 @@ cli.add_command(crosseval)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run OUT/NAME from its latest checkpoint.")
 @click.option("--init", "init_from", help="Start from this checkpoint's weights (same method), e.g. a PD stage-1 run.")
-@click.option("--stage", type=int, default=1, show_default=True, help="Stage to begin with (PD: --stage 2 --init STAGE1).")
+@click.option("--stage", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Stage to begin with (PD: --stage 2 --init STAGE1).")
 @click.option("--max-failures", type=click.IntRange(min=0), default=0, show_default=True,
               help="Worker failures Ray Train recovers from.")
 @address_option
@@ -79,13 +84,15 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
                       max_failures=max_failures)
     result = run_training(cfg, address=address)
     click.echo(f"run: {result.run_dir}")
-    click.echo(f"best checkpoint (val R1 {result.best_metrics.get('val_R1', float('nan')):.2f}): {result.best_checkpoint}")
+    val_r1 = result.best_metrics.get("val_R1", float("nan"))
+    click.echo(f"best checkpoint (val R1 {val_r1:.2f}): {result.best_checkpoint}")
 
 
 @cli.command()
 @click.option("--checkpoint", required=True, type=ExistingUri(),
               help="Checkpoint directory, or a training run directory (uses its best).")
-@click.option("--data", "data_uri", type=ExistingUri(), help="Dataset root or manifest .parquet (embeds --split and its captions).")
+@click.option("--data", "data_uri", type=ExistingUri(),
+              help="Dataset root or manifest .parquet (embeds --split and its captions).")
 @click.option("--images", help="Or: a prefix or glob of image files, e.g. 's3://bucket/crops/**/*.jpg'.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--out", required=True, help="Output folder or URI; gets gallery/ (and queries/).")
@@ -130,7 +137,8 @@ def index():
 
 
 @index.command("build")
-@click.option("--embeddings", required=True, type=ExistingUri(), help="Output of `tpr-ray embed` (or its gallery/ folder).")
+@click.option("--embeddings", required=True, type=ExistingUri(),
+              help="Output of `tpr-ray embed` (or its gallery/ folder).")
 @click.option("--out", required=True, help="Index folder (local or URI).")
 @click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
               help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
@@ -153,7 +161,8 @@ def index_build(embeddings, out, kind, nlist, nprobe):
 
 @cli.command("search")
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--index", "index_dir", required=True, type=ExistingUri(), help="Folder written by `tpr-ray index build`.")
+@click.option("--index", "index_dir", required=True, type=ExistingUri(),
+              help="Folder written by `tpr-ray index build`.")
 @top_option
 @click.option("--checkpoint", help="Default: the checkpoint that produced the indexed embeddings.")
 @click.option("--json", "json_out", help="Also write the results as JSON here.")

@@ -124,3 +124,9 @@ def test_errors_inside_ray_tasks_are_unwrapped():
     train_error.worker_failures = {0: wrapped}
     assert describe(train_error) == str(original)
     assert "\n" not in describe(RuntimeError("first\nsecond"))
+
+
+def test_fake_aws_credentials_only_where_s3_is_used():
+    from tests.helpers import S3_ENV
+
+    assert all(os.environ.get(key) != value for key, value in S3_ENV.items())

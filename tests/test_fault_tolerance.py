@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from tests.conftest import S3_BUCKET
+from tests.helpers import S3_BUCKET, S3_ENV
 
-SECRETS = (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"])
+SECRETS = (S3_ENV["AWS_SECRET_ACCESS_KEY"], S3_ENV["AWS_ACCESS_KEY_ID"])
 
 
 def run_scenario(name: str, work) -> dict:
     proc = subprocess.run([sys.executable, "-m", "tests.fault_scenarios", name, str(work)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "TPR_TEST_BUCKET": f"s3://{S3_BUCKET}"})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("FINDINGS ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("FINDINGS ")]
     assert proc.returncode == 0 and lines, f"scenario {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     findings = json.loads(lines[-1][len("FINDINGS "):])
     print(name, {k: v for k, v in findings.items() if k != "driver_log"})

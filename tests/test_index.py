@@ -15,7 +15,7 @@ from tpr_ray.errors import ConfigError
 from tpr_ray.index import build_index, fill_index, load_index, make_index, measure_recall, recall_at_k
 from tpr_ray.inference import encode_captions
 from tpr_ray.methods import get_method
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def unit(rng, n, dim):
