@@ -80,18 +80,19 @@ def generate(args) -> dict:
 def stream(args) -> dict:
     import numpy as np
 
-    from tpr_ray.streaming_eval import evaluate_sharded, list_shards
+    from tpr_ray.streaming_eval import StreamingSettings, evaluate_sharded
+    from tpr_ray.tables import list_shards
 
     queries = np.load(os.path.join(args.workdir, "queries.npy"))
     query_pids = np.load(os.path.join(args.workdir, "query_pids.npy"))
     shards = list_shards(os.path.join(args.workdir, "gallery"))
     tick = time.perf_counter()
     result = evaluate_sharded(queries, query_pids, shards, ks=(1, 5, 10), top_k=10, block_size=args.block_size,
-                              use_ray=False, local_threads=args.threads)
+                              use_ray=False, local_threads=args.threads, settings=StreamingSettings(device=args.device))
     seconds = time.perf_counter() - tick
     np.save(os.path.join(args.workdir, "stream_top10.npy"), result.top_positions)
     return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "metrics": result.metrics,
-            "timings": {k: v for k, v in result.timings.items() if k != "rank_task_s"},
+            "timings": {k: v for k, v in result.timings.items() if k not in ("rank_task_s", "rank_devices")},
             "slowest_shard_s": max(result.timings["rank_task_s"])}
 
 
@@ -99,8 +100,7 @@ def faiss_search(args) -> dict:
     import faiss
     import numpy as np
 
-    from tpr_ray.evaluate import embedding_matrix
-    from tpr_ray.streaming_eval import list_shards
+    from tpr_ray.tables import embedding_matrix, list_shards
 
     import pyarrow.parquet as pq
 
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=50_000)
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2, help="Shards scored at a time by the streaming evaluator.")
+    parser.add_argument("--device", default="auto",
+                        help="Rank pass: numpy, cpu / cuda (torch), or auto (cuda when present, else numpy).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="Where the shards go (default: a temporary folder, removed after).")
     parser.add_argument("--skip-faiss", action="store_true")

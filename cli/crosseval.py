@@ -47,18 +47,22 @@ def _names(value: str) -> tuple[str, ...]:
               help="Embedding shard size.")
 @click.option("--max-parallel", type=click.IntRange(min=1),
               help="Jobs at a time (default: as many as the cluster's CPUs/GPUs fit).")
+@click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
+              help="Also read manifest images under PREFIX (by default only the dataset's own imgs/ folder).")
 @address_option
 @cli_errors
 def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, image_size, epochs, batch_size, lr,
               sets, max_steps, workers, cpus_per_worker, gpu, loader_workers, ids, seed, ks, top_k, samples,
-              block_size, rows_per_shard, max_parallel, address):
+              block_size, rows_per_shard, max_parallel, allow_uri_prefixes, address):
     """Train every method on every training set, test on every test set, report the matrix.
 
     Finished cells are skipped on a re-run, checkpoints and embeddings of the same
     configuration are reused, and a failing cell is reported with its error while the
-    others go on. With no dataset options the three built-in synthetic styles are used
+    others go on; the exit status is 1 when any cell failed (after the report is written).
+    With no dataset options the three built-in synthetic styles are used
     with the tiny model, which finishes on 2 CPU cores in a few minutes.
     """
+    from tpr_ray import storage
     from tpr_ray.crosseval import CrossEvalConfig, crosseval as run_matrix
 
     overrides = collect_overrides(sets, epochs, batch_size, lr)
@@ -67,7 +71,7 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
                           max_steps=max_steps, num_workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=gpu,
                           loader_workers=loader_workers, seed=seed, synthetic_ids=ids, ks=ks, top_k=top_k,
                           samples=samples, block_size=block_size, rows_per_shard=rows_per_shard,
-                          max_parallel=max_parallel)
+                          max_parallel=max_parallel, allow_uri_prefixes=allow_uri_prefixes)
     result = run_matrix(cfg, address=address)
 
     counts = result.counts
@@ -81,6 +85,11 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
             click.echo(f"FAILED {cell['method']} {cell['train']} -> {cell['test']} in {error['stage']}: "
                        f"{error['type']}: {error['message']}")
     click.echo(f"report: {result.report['html']}")
+    if counts["failed"]:
+        # After the report, so the cells that did finish are there; scripts and CI see the failure.
+        click.echo(f"{counts['failed']} of {len(result.cells)} cells failed; their errors are in "
+                   f"{storage.join(out, 'cells')} and the report", err=True)
+        click.get_current_context().exit(1)
 
 
 def open_text(uri: str) -> str:

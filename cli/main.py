@@ -62,11 +62,26 @@ cli.add_command(crosseval)
               help="Stage to begin with (PD: --stage 2 --init STAGE1).")
 @click.option("--max-failures", type=click.IntRange(min=0), default=0, show_default=True,
               help="Worker failures Ray Train recovers from.")
+@click.option("--bad-images", type=click.Choice(["fail", "skip", "off"]), default="fail", show_default=True,
+              help="Images that cannot be decoded (checked before training): stop and list them, leave them out, "
+                   "or do not check.")
+@click.option("--mlflow", "mlflow_uri", metavar="URI",
+              help="Also log params, metrics and the best checkpoint to this MLflow tracking URI (default: "
+                   "MLFLOW_TRACKING_URI; needs `pip install mlflow`). TensorBoard files are always in "
+                   "OUT/NAME/tensorboard.")
+@click.option("--decoded-cache", metavar="auto|DIR",
+              help="Decode the training images once (Ray Data) into uint8 files, in DIR or next to the data with "
+                   "'auto', and augment whole batches on the training device.")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="Recompute activations in backward: less GPU memory for large batches.")
 @address_option
 @cli_errors
 def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers,
-          cpus_per_worker, gpu, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, address):
-    """Train a method with Ray Train; prints the best checkpoint (selected on val)."""
+          cpus_per_worker, gpu, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, bad_images,
+          mlflow_uri, decoded_cache, grad_checkpointing, address):
+    """Train a method with Ray Train; prints the best checkpoint (selected on val).
+
+    Watch it with `tensorboard --logdir OUT` (event files in OUT/NAME/tensorboard)."""
     from tpr_ray.methods import get_method
     from tpr_ray.train import TrainConfig, train as run_training
 
@@ -81,7 +96,8 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
                       image_size=parse_size(image_size), overrides=overrides, num_workers=workers, use_gpu=gpu,
                       cpus_per_worker=cpus_per_worker, loader_workers=loader_workers, max_steps=max_steps,
                       seed=seed, resume=resume, init=init_from, start_stage=stage - 1,
-                      max_failures=max_failures)
+                      max_failures=max_failures, bad_images=bad_images, mlflow=mlflow_uri,
+                      grad_checkpointing=grad_checkpointing, decoded_cache=decoded_cache)
     result = run_training(cfg, address=address)
     click.echo(f"run: {result.run_dir}")
     val_r1 = result.best_metrics.get("val_R1", float("nan"))
@@ -144,39 +160,54 @@ def index():
               help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
 @click.option("--nlist", type=int, help="IVF cells (default about 4 sqrt(N)).")
 @click.option("--nprobe", default=32, show_default=True, help="IVF cells searched per query.")
+@click.option("--allow-incomplete", is_flag=True, help="Index a gallery whose embedding job has not finished.")
+@click.option("--overwrite", is_flag=True, help="Replace the index already in OUT (the switch is atomic).")
 @cli_errors
-def index_build(embeddings, out, kind, nlist, nprobe):
+def index_build(embeddings, out, kind, nlist, nprobe, allow_incomplete, overwrite):
     """Index a gallery embedding table."""
-    from tpr_ray import storage
-    from tpr_ray.embed import SIDECAR
     from tpr_ray.index import build_index
+    from tpr_ray.tables import table_dir
 
-    if storage.exists(storage.join(embeddings, "gallery", SIDECAR)):
-        embeddings = storage.join(embeddings, "gallery")
-    info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe)
+    embeddings = table_dir(embeddings, "gallery")
+    info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe, allow_incomplete=allow_incomplete,
+                       overwrite=overwrite)
     recall = {k: v for k, v in info.items() if k.startswith("recall")}
     click.echo(f"{kind} index of {info['ntotal']:,} x {info['dim']} vectors -> {out} in {info['seconds']:.1f}s"
                + "".join(f"; {k} {v:.4f}" for k, v in recall.items()))
 
 
 @cli.command("search")
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1)
 @click.option("--index", "index_dir", required=True, type=ExistingUri(),
               help="Folder written by `tpr-ray index build`.")
 @top_option
 @click.option("--checkpoint", help="Default: the checkpoint that produced the indexed embeddings.")
+@click.option("--allow-other-checkpoint", is_flag=True, help="Embed queries with a checkpoint other than the index's.")
+@click.option("--interactive", "-i", is_flag=True, help="Read one query per line from stdin (model loaded once).")
 @click.option("--json", "json_out", help="Also write the results as JSON here.")
 @cli_errors
-def search_command(texts, index_dir, top, checkpoint, json_out):
-    """Rank the indexed gallery for each text description."""
-    from tpr_ray import storage
-    from tpr_ray.index import search
+def search_command(texts, index_dir, top, checkpoint, allow_other_checkpoint, interactive, json_out):
+    """Rank the indexed gallery for each text description (given, or one per line on stdin)."""
+    import sys
 
-    results = search(index_dir, list(texts), k=top, checkpoint=checkpoint)
-    for text, hits in zip(texts, results):
-        click.echo(f"query: {text}")
-        for hit in hits:
-            click.echo(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit.get('image_uri') or hit.get('image_id')}")
+    from tpr_ray import storage
+    from tpr_ray.index import Searcher
+
+    if texts and interactive:
+        raise click.UsageError("give query texts or --interactive, not both")
+    if not texts and not interactive and sys.stdin.isatty():
+        raise click.UsageError("give one or more query texts, or --interactive (queries read from stdin)")
+    searcher = Searcher(index_dir, checkpoint, allow_other_checkpoint)
+    # Without texts, queries come from stdin one per line, each answered as it arrives.
+    batches = [list(texts)] if texts else ([line.strip()] for line in click.get_text_stream("stdin") if line.strip())
+    texts, results = [], []
+    for batch in batches:
+        for text, hits in zip(batch, searcher.search(batch, top)):
+            texts.append(text)
+            results.append(hits)
+            click.echo(f"query: {text}")
+            for hit in hits:
+                click.echo(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit.get('image_uri') or hit.get('image_id')}")
     if json_out:
         storage.write_json(json_out, [{"query": t, "results": h} for t, h in zip(texts, results)])
         click.echo(f"wrote {json_out}")

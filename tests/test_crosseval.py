@@ -8,8 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from cli.crosseval import crosseval as crosseval_command
-from tpr_ray import crosseval as ce
-from tpr_ray.crosseval import CrossEvalConfig, config_key, crosseval, load_registry, resolve_dataset
+from tpr_ray.crosseval import CrossEvalConfig, backbone_choice, cells, config_key, crosseval
+from tpr_ray.crosseval.scheduler import Job, Runner
+from tpr_ray.data import registry as data_registry
+from tpr_ray.data.registry import Dataset, load_registry, resolve_dataset
 from tpr_ray.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- datasets
@@ -59,10 +61,10 @@ def test_config_key_ignores_key_order():
 
 def test_synthetic_data_gets_the_tiny_model_and_real_data_vit():
     synthetic = [resolve_dataset("cuhk", {})]
-    model, pretrained, base = ce.backbone_choice(CrossEvalConfig(out="x"), synthetic)
+    model, pretrained, base = backbone_choice(CrossEvalConfig(out="x"), synthetic)
     assert (model, pretrained, base["lr"]) == ("tpr-tiny", None, 1e-3)
-    real = [ce.Dataset("cuhk", root="/data/CUHK-PEDES")]
-    assert ce.backbone_choice(CrossEvalConfig(out="x"), real) == ("ViT-B-16", "openai", {})
+    real = [Dataset("cuhk", root="/data/CUHK-PEDES")]
+    assert backbone_choice(CrossEvalConfig(out="x"), real) == ("ViT-B-16", "openai", {})
 
 
 # --------------------------------------------------------------------------- orchestration, jobs faked
@@ -76,31 +78,29 @@ class FakeJobs:
         self.calls = []
         self.fail_train, self.fail_eval = fail_train, fail_eval
 
-    def train(self, payload):
-        config = payload["train_config"]
-        self.calls.append(("train", config["name"]))
-        if any(config["name"].startswith(f"baseline-{name}-") for name in self.fail_train):
-            raise RuntimeError(f"CUDA out of memory while training {config['name']}")
-        run_dir = os.path.join(config["out"], config["name"])
+    def train(self, config, address):
+        self.calls.append(("train", config.name))
+        if any(config.name.startswith(f"baseline-{name}-") for name in self.fail_train):
+            raise RuntimeError(f"CUDA out of memory while training {config.name}")
+        run_dir = os.path.join(config.out, config.name)
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "best.json"), "w") as f:
             json.dump({"checkpoint": run_dir + "/ckpt"}, f)
         return fake_identity(run_dir) | {"seconds": 1.0, "reused": False}
 
-    def embed(self, payload):
-        config = payload["embed_config"]
-        self.calls.append(("embed", config["out"]))
+    def embed(self, config, address):
+        self.calls.append(("embed", config.out))
         for kind in ("gallery", "queries"):
-            os.makedirs(os.path.join(config["out"], kind), exist_ok=True)
-            with open(os.path.join(config["out"], kind, "_tpr_ray.json"), "w") as f:
-                json.dump({"complete": True, "checkpoint": config["checkpoint"]}, f)
-        return {"dir": config["out"], "seconds": 2.0, "reused": False}
+            os.makedirs(os.path.join(config.out, kind), exist_ok=True)
+            with open(os.path.join(config.out, kind, "_tpr_ray.json"), "w") as f:
+                json.dump({"complete": True, "checkpoint": config.checkpoint}, f)
+        return {"dir": config.out, "seconds": 2.0, "reused": False}
 
-    def eval(self, payload):
-        self.calls.append(("eval", payload["embed_dir"]))
-        if any(f"/{name}-" in payload["embed_dir"] for name in self.fail_eval):
+    def eval(self, config, address):
+        self.calls.append(("eval", config.embed_dir))
+        if any(f"/{name}-" in config.embed_dir for name in self.fail_eval):
             raise DataError("person id 3 has no image in the gallery")
-        r1 = float(len(payload["embed_dir"]) % 50)
+        r1 = float(len(config.embed_dir) % 50)
         return {"metrics": {"R1": r1, "R5": r1 + 1, "R10": r1 + 2, "mAP": r1 / 2, "mINP": r1 / 4, "num_queries": 8,
                             "num_gallery": 4}, "chance": {"R1": 25.0}, "samples": [], "seconds": 0.5}
 
@@ -112,9 +112,9 @@ def fake_identity(run_dir):
 @pytest.fixture()
 def fake(monkeypatch, tmp_path):
     jobs = FakeJobs(fail_train=("icfg",), fail_eval=("rstp",))
-    monkeypatch.setattr(ce, "JOBS", {"train": jobs.train, "embed": jobs.embed, "eval": jobs.eval})
-    monkeypatch.setattr(ce, "checkpoint_identity", fake_identity)
-    monkeypatch.setattr(ce, "dataset_version", lambda d: {**d.describe(), "version": "v-" + d.name})
+    monkeypatch.setattr(cells, "JOBS", {"train": jobs.train, "embed": jobs.embed, "eval": jobs.eval})
+    monkeypatch.setattr(cells, "checkpoint_identity", fake_identity)
+    monkeypatch.setattr(data_registry, "dataset_version", lambda d: {**d.describe(), "version": "v-" + d.name})
     registry = tmp_path / "datasets.json"
     registry.write_text(json.dumps({"datasets": {name: {"root": f"/data/{name}"} for name in ("cuhk", "icfg", "rstp")}}))
     return jobs, str(registry)
@@ -178,19 +178,154 @@ def test_rerun_skips_finished_cells_and_reuses_checkpoints_and_embeddings(fake, 
 
 def test_jobs_larger_than_the_cluster_fail_their_cells(fake, tmp_path):
     jobs, registry = fake
-    runner = ce.Runner(False, cpus=2, gpus=0, max_parallel=None)
+    runner = Runner(cells.run_job, False, cpus=2, gpus=0, max_parallel=None)
     answers = []
-    runner.submit(ce.Job("train", {}, cpus=4, gpus=0, done=answers.append))
+    runner.submit(Job("train", None, cpus=4, gpus=0, done=answers.append))
     assert not answers[0]["ok"] and "needs 4 CPU" in answers[0]["error"]["message"]
 
 
 def test_runner_admits_jobs_by_declared_cpus():
-    runner = ce.Runner(False, cpus=2, gpus=0, max_parallel=None)
-    runner.use_ray = False
+    runner = Runner(cells.run_job, False, cpus=2, gpus=0, max_parallel=None)
     for cpus in (1, 1, 1):
-        runner.queue.append(ce.Job("eval", {}, cpus=cpus, gpus=0, done=lambda a: None))
+        runner.queue.append(Job("eval", None, cpus=cpus, gpus=0, done=lambda a: None))
     runner._admit()
     assert len(runner.in_flight) == 2 and len(runner.queue) == 1
+
+
+def test_jobs_receive_their_config_objects_and_declare_what_those_ask_for(fake, tmp_path, monkeypatch):
+    from tpr_ray.embed import EmbedConfig
+    from tpr_ray.train import TrainConfig
+
+    jobs, registry = fake
+    submitted = []
+    submit = Runner.submit
+    monkeypatch.setattr(Runner, "submit", lambda self, job: (submitted.append(job), submit(self, job))[1])
+    result = crosseval(matrix_config(tmp_path, registry, methods=["baseline"], train=["cuhk"], test=["cuhk"],
+                                     num_workers=2, cpus_per_worker=1.5, loader_workers=3))
+    assert result.counts["ok"] == 1
+    by_kind = {job.kind: job for job in submitted}
+    train = by_kind["train"]
+    assert isinstance(train.config, TrainConfig)
+    assert (train.config.num_workers, train.config.cpus_per_worker, train.config.loader_workers) == (2, 1.5, 3)
+    # Run inline there are no cluster resources to look at: the jobs decide about GPUs themselves.
+    assert (train.cpus, train.gpus) == (3.0, 0.0) and train.config.use_gpu is None
+    embed = by_kind["embed"]
+    assert isinstance(embed.config, EmbedConfig) and embed.config.checkpoint.endswith("/ckpt")
+    assert (embed.cpus, embed.gpus) == (embed.config.cpus_per_actor + embed.config.decode_cpus, 0.0)
+    assert isinstance(by_kind["eval"].config, cells.EvalJob)
+    assert by_kind["eval"].config.settings.ks == (1, 5, 10)
+
+
+def test_declared_resources_follow_the_config():
+    from tpr_ray.embed import EmbedConfig
+    from tpr_ray.train import TrainConfig
+
+    embed = EmbedConfig(checkpoint="c", out="o", actors=3, cpus_per_actor=2.0, decode_cpus=1.0, gpus_per_actor=1.0)
+    assert cells.embed_resources(embed) == (7.0, 3.0)
+    train = TrainConfig(method="baseline", data="d", out="o", num_workers=4, cpus_per_worker=2.0, use_gpu=True)
+    assert cells.train_resources(train) == (8.0, 4.0)
+    from tpr_ray.streaming_eval import StreamingSettings
+
+    streaming = StreamingSettings(ks=(1,), cpus_per_task=2.0, gpus_per_task=0.5)
+    assert cells.eval_resources(cells.EvalJob("e", streaming)) == (2.0, 0.5)
+
+
+def files_under(folder):
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.mark.parametrize("method", ["../../x", "..", "a/b", "/tmp/x", "x\0y"])
+def test_method_names_that_are_paths_are_refused(fake, tmp_path, method):
+    jobs, registry = fake
+    with pytest.raises(ConfigError, match="not a plain name"):
+        crosseval(matrix_config(tmp_path, registry, methods=["baseline", method]))
+    assert jobs.calls == [] and files_under(tmp_path) == {"datasets.json"}
+
+
+def test_cli_refuses_a_method_name_that_is_a_path(fake, tmp_path):
+    jobs, registry = fake
+    result = CliRunner().invoke(crosseval_command, ["--methods", "../../x", "--train", "cuhk", "--test", "cuhk",
+                                                    "--registry", registry, "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "'../../x' is not a plain name" in result.output
+    assert files_under(tmp_path) == {"datasets.json"}
+
+
+def test_dataset_names_stay_inside_the_output(fake, tmp_path):
+    jobs, registry = fake
+    names = {"..": "/data/a", "../../evil": "/data/b", ".hidden/../x": "/data/c", "ok": "/data/d"}
+    with open(registry, "w") as f:
+        json.dump({"datasets": {name: {"root": root} for name, root in names.items()}}, f)
+    result = crosseval(matrix_config(tmp_path, registry, methods=["baseline"], train=list(names), test=[".."]))
+    assert result.counts["ok"] == 4
+    written = files_under(tmp_path)
+    assert all(path == "datasets.json" or path.startswith("out" + os.sep) for path in written), written
+    assert all(".." not in path.split(os.sep) for path in written)
+    assert {c["train"] for c in result.cells} == {"data", "evil", "hidden_.._x", "ok"}
+
+
+def test_safe_names_are_single_path_components():
+    for name in ("..", ".", "", "../x", "a/../b", "x\0", "C:\\evil", ".bashrc"):
+        cleaned = data_registry.safe_name(name)
+        assert cleaned not in ("", ".", "..") and not cleaned.startswith(".") and "/" not in cleaned, (name, cleaned)
+        assert data_registry.child_path("/out", cleaned) == os.path.join("/out", cleaned)
+    for bad in ("..", ".", "", "a/b", "a\\b", "a\0b"):
+        with pytest.raises(ConfigError, match="cannot be used as a file or folder name"):
+            data_registry.child_path("/out", bad)
+
+
+@pytest.fixture()
+def inline(monkeypatch):
+    """The CLI's matrix run in this process, one job at a time (no Ray)."""
+    from tpr_ray.crosseval import matrix
+
+    monkeypatch.setattr(matrix, "_make_runner", lambda cfg, address: Runner(cells.run_job, False, float("inf"),
+                                                                             float("inf"), 1))
+
+
+def test_cli_exits_non_zero_after_writing_the_report_when_a_cell_failed(fake, inline, tmp_path):
+    jobs, registry = fake
+    out = tmp_path / "out"
+    args = ["--methods", "baseline", "--train", "cuhk,icfg", "--test", "cuhk", "--registry", registry,
+            "--out", str(out)]
+    result = CliRunner().invoke(crosseval_command, args)
+    assert result.exit_code == 1, result.output
+    assert "FAILED baseline icfg -> cuhk in train: RuntimeError: CUDA out of memory" in result.output
+    assert "1 of 2 cells failed" in result.output and "report: " in result.output
+    assert (out / "report" / "index.html").stat().st_size > 0 and len(os.listdir(out / "cells")) == 2
+
+    # Without failures the exit code is 0 (the finished cell is skipped on the re-run).
+    ok = CliRunner().invoke(crosseval_command, [*args[:2], "--train", "cuhk", *args[4:]])
+    assert ok.exit_code == 0, ok.output
+    assert "1 cells: 0 evaluated, 1 already done, 0 failed" in ok.output
+
+
+def test_every_progress_line_names_its_cell_or_run(fake, tmp_path, caplog):
+    jobs, registry = fake
+    caplog.set_level("INFO", logger="tpr_ray.crosseval")
+    result = crosseval(matrix_config(tmp_path, registry, train=["cuhk", "icfg"], test=["cuhk", "rstp"]))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("tpr_ray.crosseval")]
+    run_names = [os.path.basename(c["checkpoint"]["run_dir"]) for c in result.cells if c["checkpoint"]]
+    for line in lines:
+        names_a_run = any(name in line for name in run_names) or "baseline-icfg-" in line
+        names_a_cell = re.search(r"(baseline|nope):? (cuhk|icfg) -> (cuhk|rstp)", line)
+        assert names_a_run or names_a_cell, line
+    done = [line for line in lines if line.startswith("cell ")]
+    assert len(done) == 8 and done[-1].startswith("cell 8/8 ")
+    assert any(re.match(r"cell \d/8 baseline cuhk -> cuhk: ok, R1 \d", line) for line in done)
+    assert any("baseline icfg -> rstp: FAILED in train: RuntimeError: CUDA out of memory" in line for line in done)
+
+
+def test_allowed_uri_prefixes_reach_the_jobs_and_only_them(fake, tmp_path, monkeypatch):
+    from tpr_ray.data.uris import ENV_ALLOW
+
+    jobs, registry = fake
+    monkeypatch.delenv(ENV_ALLOW, raising=False)
+    seen = []
+    monkeypatch.setitem(cells.JOBS, "train", lambda config, address: (
+        seen.append(os.environ.get(ENV_ALLOW)), jobs.train(config, address))[1])
+    crosseval(matrix_config(tmp_path, registry, methods=["baseline"], train=["cuhk"], test=["cuhk"],
+                            allow_uri_prefixes=("s3://mirror/cuhk",)))
+    assert seen == ["s3://mirror/cuhk"] and ENV_ALLOW not in os.environ
 
 
 # --------------------------------------------------------------------------- end to end on Ray

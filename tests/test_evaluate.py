@@ -13,9 +13,9 @@ from tpr_ray.evaluate import (
     chance_level,
     evaluate_embeddings,
     format_metrics_table,
-    read_embeddings,
     write_metrics_json,
 )
+from tpr_ray.tables import read_embeddings
 from tpr_ray.metrics import retrieval_metrics
 
 PROVENANCE = {"method": "cskt", "model": "ViT-B-16", "checkpoint": "runs/cskt/epoch_60.pt"}
@@ -261,3 +261,23 @@ def test_cli_needs_an_embedding_location():
     assert "--embeddings DIR" in result.output
     result = CliRunner().invoke(eval_command, ["--embeddings", "x", "--k", "1,five"])
     assert result.exit_code == 2
+
+
+def test_cli_streaming_gives_the_in_memory_metrics(run_dir, tmp_path, monkeypatch):
+    import cli.evaluate
+
+    run, expected = run_dir
+    outputs = {}
+    for mode in ("--in-memory", "--streaming", None):
+        if mode is None:  # auto: streams because the gallery is above the (lowered) threshold
+            monkeypatch.setattr(cli.evaluate, "STREAMING_ABOVE_ROWS", 11)
+        out = tmp_path / f"{mode}.json"
+        args = ["--embeddings", str(run), "--k", "1,2,5", "--out", str(out)] + ([mode] if mode else [])
+        result = CliRunner().invoke(eval_command, args)
+        assert result.exit_code == 0, result.output
+        outputs[mode] = json.loads(out.read_text())
+    assert "num_shards" not in outputs["--in-memory"]
+    assert outputs["--streaming"]["num_shards"] == outputs[None]["num_shards"] == 3
+    for key in ("R1", "R2", "R5", "mAP", "mINP", "num_queries", "num_gallery", "chance", "checkpoint"):
+        assert outputs["--streaming"][key] == pytest.approx(outputs["--in-memory"][key]), key
+    assert outputs["--in-memory"]["R1"] == pytest.approx(expected["R1"])

@@ -178,3 +178,26 @@ def test_report_opens_in_chromium_with_every_image_loaded(records, tmp_path):
     colours = {tuple(p) for p in np.unique(pixels, axis=0)}
     assert CORRECT_FRAME in colours and WRONG_FRAME in colours
     assert colour(62.5) in colours
+
+
+def test_report_columns_follow_the_cut_offs_of_the_results(records, tmp_path):
+    """crosseval --k 1,5,20: no R10 anywhere, R20 in every table (R10 used to be hard-coded)."""
+    for record in records:
+        if record["status"] == "ok":
+            metrics = record["metrics"]
+            metrics["R20"] = metrics.pop("R10") + 1
+    paths = write_report(records, str(tmp_path / "report"))
+    header = open(paths["markdown"]).read().splitlines()[0]
+    assert header == "| method | train → test | R1 | R5 | R20 | mAP | mINP | chance R1 |"
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert "R20" in rows[0] and "R10" not in rows[0]
+    assert float(rows[0]["R20"]) == records[0]["metrics"]["R20"]
+    page = open(paths["html"]).read()
+    assert "<th>R20</th>" in page and "R10" not in page and f"R20 {records[0]['metrics']['R20']:.2f}" in page
+    for record in records:  # --k 5,20: no R1 to colour the heatmaps by either
+        if record["status"] == "ok":
+            del record["metrics"]["R1"]
+            record["chance"] = {"R5": 25.0}
+    paths = write_report(records, str(tmp_path / "report2"))
+    assert open(paths["markdown"]).read().splitlines()[0].startswith("| method | train → test | R5 | R20 |")
+    assert os.path.getsize(paths["heatmap-baseline"]) > 0

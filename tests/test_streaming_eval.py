@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tpr_ray import streaming_eval
+from tpr_ray import streaming_kernels
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.evaluate import evaluate_embeddings
 from tpr_ray.metrics import (
@@ -14,15 +14,16 @@ from tpr_ray.metrics import (
     retrieval_metrics_from_embeddings,
     stable_descending_order,
 )
-from tpr_ray.streaming_eval import (
-    ShardArrays,
+from tpr_ray.streaming_eval import ShardArrays, StreamingSettings, evaluate_sharded, evaluate_tables
+from tpr_ray.streaming_kernels import (
     count_ahead,
-    evaluate_sharded,
-    evaluate_tables,
     merge_top_k,
     positive_positions,
+    shard_positive_scores,
+    shard_ranks,
     top_k_of_block,
 )
+from tpr_ray.streaming_torch import shard_ranks_torch
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_queries_skipped", "num_gallery")
 
@@ -60,8 +61,9 @@ def assert_same_metrics(actual, expected):
         assert actual[key] == pytest.approx(expected[key], abs=1e-9), key
 
 
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
 @pytest.mark.parametrize("seed", range(12))
-def test_equals_in_memory_with_ties_and_uneven_shards(seed):
+def test_equals_in_memory_with_ties_and_uneven_shards(seed, device):
     rng = np.random.default_rng(seed)
     num_gallery, num_queries = int(rng.integers(1, 70)), int(rng.integers(1, 50))
     gallery, queries = tie_vectors(rng, num_gallery), tie_vectors(rng, num_queries)
@@ -72,7 +74,9 @@ def test_equals_in_memory_with_ties_and_uneven_shards(seed):
     top_k = int(rng.integers(1, 12))
 
     result = evaluate_sharded(queries, query_pids, shards, ks=(1, 5, 10), top_k=top_k,
-                              block_size=int(rng.integers(1, 9)), use_ray=False)
+                              block_size=int(rng.integers(1, 9)), use_ray=False,
+                              settings=StreamingSettings(device=device))
+    assert result.timings["rank_devices"] == [device]
 
     similarity = queries @ gallery.T
     assert_same_metrics(result.metrics, retrieval_metrics(similarity, query_pids, gallery_pids))
@@ -80,8 +84,9 @@ def test_equals_in_memory_with_ties_and_uneven_shards(seed):
     assert result.metrics["num_shards"] == len(shards)
 
 
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
 @pytest.mark.parametrize("seed", range(4))
-def test_equals_in_memory_on_random_embeddings(seed):
+def test_equals_in_memory_on_random_embeddings(seed, device):
     rng = np.random.default_rng(100 + seed)
     gallery, queries = unit_rows(rng, 400), unit_rows(rng, 150)
     gallery_pids = rng.integers(0, 60, 400)
@@ -89,7 +94,7 @@ def test_equals_in_memory_on_random_embeddings(seed):
     shards = uneven_shards(rng, gallery, gallery_pids, 5)
 
     result = evaluate_sharded(queries, query_pids, shards, ks=(1, 5, 10, 20), top_k=10, block_size=64,
-                              use_ray=False)
+                              use_ray=False, settings=StreamingSettings(device=device))
 
     assert_same_metrics(result.metrics, retrieval_metrics_from_embeddings(queries, gallery, query_pids,
                                                                           gallery_pids, ks=(1, 5, 10, 20)))
@@ -127,7 +132,7 @@ def test_negative_zero_ties_with_positive_zero():
 def test_count_ahead_matches_count_ranked_ahead_for_targets_anywhere(monkeypatch):
     """Targets inside and outside the shard, ties included, with a tiny candidate budget so
     the row groups are exercised."""
-    monkeypatch.setattr(streaming_eval, "CANDIDATE_BUDGET", 7)
+    monkeypatch.setattr(streaming_kernels, "CANDIDATE_BUDGET", 7)
     rng = np.random.default_rng(3)
     scores = rng.integers(-4, 5, (13, 30)).astype(np.float32) / 4
     first = 100
@@ -139,7 +144,7 @@ def test_count_ahead_matches_count_ranked_ahead_for_targets_anywhere(monkeypatch
 
 
 def test_deep_positives_are_counted_with_bounded_groups(monkeypatch):
-    monkeypatch.setattr(streaming_eval, "CANDIDATE_BUDGET", 50)
+    monkeypatch.setattr(streaming_kernels, "CANDIDATE_BUDGET", 50)
     rng = np.random.default_rng(5)
     gallery, queries = unit_rows(rng, 300), unit_rows(rng, 40)
     gallery_pids = rng.integers(0, 3, 300)  # ~100 positives per query: many rank deep
@@ -239,3 +244,41 @@ def test_ray_tasks_give_the_same_result(ray_cluster, tables):
     assert_same_metrics(distributed.metrics, local.metrics)
     np.testing.assert_array_equal(distributed.top_positions, local.top_positions)
     np.testing.assert_array_equal(distributed.positive_ranks, local.positive_ranks)
+
+
+def test_one_settings_object_or_keywords_give_the_same_run(tables):
+    gallery_uri, queries_uri = tables
+    settings = StreamingSettings(ks=(1, 3), top_k=4, block_size=7, use_ray=False, local_threads=2)
+    by_settings = evaluate_tables(gallery_uri, queries_uri, settings=settings)
+    by_keywords = evaluate_tables(gallery_uri, queries_uri, (1, 3), top_k=4, block_size=7, use_ray=False)
+    for key in ("R1", "R3", "mAP", "mINP", "num_queries", "num_gallery"):
+        assert by_settings.metrics[key] == by_keywords.metrics[key], key
+    assert by_settings.top_positions.shape == (40, 4) and "R3" in by_settings.metrics
+    np.testing.assert_array_equal(by_settings.top_positions, by_keywords.top_positions)
+    for bad in ({"top_k": 0}, {"local_threads": 0}, {"cpus_per_task": 0}, {"ks": (0,)}):
+        with pytest.raises(ConfigError):
+            StreamingSettings(**bad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_torch_rank_pass_equals_the_numpy_kernel_output_for_output(seed):
+    """Counts, top scores and top positions, for targets before, inside and after the shard."""
+    rng = np.random.default_rng(200 + seed)
+    gallery = tie_vectors(rng, 60)
+    gallery[rng.integers(0, 60, 15)] = gallery[3]
+    gallery[7] = -0.0 * gallery[7]  # -0.0 scores tie with +0.0
+    pids = rng.integers(0, 5, 60)
+    queries = tie_vectors(rng, 25)
+    targets = positive_positions(rng.choice(pids, 25), pids)
+    first, stop = 20, 45  # this shard holds positions 20..44 of the gallery
+    target_scores = shard_positive_scores(queries, gallery, 0, targets)
+    shard = gallery[first:stop]
+    expected = shard_ranks(queries, shard, first, target_scores, targets, top_k=7, block_size=4)
+    actual = shard_ranks_torch(queries, shard, first, target_scores, targets, top_k=7, block_size=6)
+    for key in ("counts", "top_scores", "top_positions"):
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def test_a_bad_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="device must be one of"):
+        StreamingSettings(device="tpu")

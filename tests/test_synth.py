@@ -10,7 +10,6 @@ from PIL import Image
 
 from tpr_ray.data import read_dataset, split_stats
 from tpr_ray.data.synth import (
-    PALETTES,
     SPECS,
     STYLES,
     Pose,
@@ -29,6 +28,7 @@ EXPECTED_SHARES = {
     "rstp": {"train": 0.90, "val": 0.05, "test": 0.05},
 }
 CAPTIONS_PER_IMAGE = {"cuhk": 2, "icfg": 1, "rstp": 2}
+PALETTES = {style: SPECS[style].palette for style in STYLES}
 N_IDS = 100
 
 
@@ -177,3 +177,44 @@ def test_out_dir_must_be_new_or_empty(tmp_path):
         synthesize("cuhk", 6, 0, str(tmp_path))
     with pytest.raises(ConfigError, match="unknown synthetic style"):
         synthesize("market", 6, 0, str(tmp_path / "new"))
+
+
+def test_a_fourth_style_is_one_record(tmp_path, monkeypatch):
+    """A night-time CUHK-format domain: only a StyleSpec, written and read back by the usual code."""
+    import dataclasses
+
+    from tpr_ray.data.synth import render, styles
+
+    dark = {name: tuple(v // 3 for v in rgb) for name, rgb in SPECS["cuhk"].palette.items()}
+    night = dataclasses.replace(SPECS["cuhk"], name="night", stream=3, palette=dark, background=render.outdoor,
+                                brightness=(0.5, 0.6), images_per_id=(2, 2), captions_per_image=1,
+                                caption=SPECS["rstp"].caption)
+    monkeypatch.setitem(styles.SPECS, "night", night)
+    synthesize("night", 8, 0, str(tmp_path / "night"))
+    table = read_dataset(str(tmp_path / "night"))
+    assert (tmp_path / "night" / "reid_raw.json").exists() and table.column("dataset")[0].as_py() == "cuhk"
+    assert table.num_rows == 16 and {len(c) for c in table.column("captions").to_pylist()} == {1}
+    cuhk = read_dataset(str(datasets_cuhk(tmp_path)))
+    night_pixels = np.asarray(Image.open(tmp_path / "night" / "imgs" / table.column("image_id")[0].as_py()))
+    day_pixels = np.asarray(Image.open(tmp_path / "cuhk" / "imgs" / cuhk.column("image_id")[0].as_py()))
+    assert night_pixels.mean() < day_pixels.mean() - 30
+
+
+def datasets_cuhk(tmp_path):
+    synthesize("cuhk", 8, 0, str(tmp_path / "cuhk"))
+    return tmp_path / "cuhk"
+
+
+def test_the_writer_uses_the_readers_format_descriptions(tmp_path, monkeypatch):
+    """Rename RSTPReid's annotation file and path field in its format description: the writer follows."""
+    import dataclasses
+
+    from tpr_ray.data import formats
+
+    changed = dataclasses.replace(formats.FORMATS["rstp"], annotation_files=("captions_v2.json",),
+                                  path_field="image_path")
+    monkeypatch.setitem(formats.FORMATS, "rstp", changed)
+    synthesize("rstp", 6, 0, str(tmp_path / "r"))
+    entries = __import__("json").loads((tmp_path / "r" / "captions_v2.json").read_text())
+    assert list(entries[0]) == ["id", "image_path", "captions", "split"]
+    assert read_dataset(str(tmp_path / "r")).num_rows == 30

@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -85,6 +86,9 @@ def test_stopped_run_resumes_from_its_latest_checkpoint(ray_cluster, cuhk_small,
     assert read_config(first.latest_checkpoint)["global_step"] == 3
     with pytest.raises(ConfigError, match="--resume"):
         train(TrainConfig(**base))
+    assert read_config(first.latest_checkpoint)["data_version"]  # recorded for the resume check
+    with pytest.raises(ConfigError, match="recipe lr: the run has 0.001, this command 0.01"):
+        train(TrainConfig(**{**base, "overrides": {**base["overrides"], "lr": 1e-2}}, resume=True))
     second = train(TrainConfig(**base, resume=True))
     final = read_config(second.latest_checkpoint)
     assert final["stage"] == 1 and final["epoch"] == 0  # past the last epoch of the only stage
@@ -92,6 +96,54 @@ def test_stopped_run_resumes_from_its_latest_checkpoint(ray_cluster, cuhk_small,
     per_epoch = (final["global_step"] - 3) // 2
     assert final["global_step"] == 3 + 2 * per_epoch
     assert os.path.exists(os.path.join(tmp_path, "resume", "best.json"))
+    from tests.test_tracking import read_scalars
+
+    scalars = read_scalars(os.path.join(tmp_path, "resume", "tensorboard"))  # both invocations logged
+    assert {"train/loss", "train/sdm", "train/id", "lr", "samples_per_s", "val/R1", "val/mAP"} <= set(scalars)
+    assert [step for step, _ in scalars["val/R1"]] == [3, 3 + per_epoch, final["global_step"]]
     method, config = load_method(os.path.join(tmp_path, "resume"))
     assert config["checkpoint"] == second.best_checkpoint
     assert method.embed_dim == 64
+
+
+def _lrs_seen(recipe, steps_per_epoch):
+    """The lr of every optimizer step of a stage, driven the way the training loop drives it."""
+    from types import SimpleNamespace
+
+    from tpr_ray.optim import advance, build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, SimpleNamespace(**recipe), steps_per_epoch)
+    seen = []
+    for _ in range(recipe["epochs"]):
+        for _ in range(steps_per_epoch):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            advance(scheduler, SimpleNamespace(**recipe), "step")
+        advance(scheduler, SimpleNamespace(**recipe), "epoch")
+    return seen
+
+
+SCHEDULE = {"epochs": 4, "warmup_epochs": 1, "warmup_factor": 0.1, "schedule": "cosine", "step_decay_epochs": 20,
+            "step_gamma": 0.1}
+
+
+def test_schedule_stepped_per_epoch_holds_the_lr_within_each_epoch():
+    # warm-up epoch at 0.1, then cosine over the 3 remaining epochs: 1, (1 + cos(pi/3))/2, (1 + cos(2pi/3))/2
+    per_epoch = [0.1, 1.0, 0.75, 0.25]
+    seen = _lrs_seen({**SCHEDULE, "schedule_unit": "epoch"}, steps_per_epoch=3)
+    assert seen == pytest.approx([lr for lr in per_epoch for _ in range(3)])
+
+
+def test_schedule_stepped_per_iteration_warms_up_and_decays_within_epochs():
+    seen = _lrs_seen({**SCHEDULE, "schedule_unit": "step"}, steps_per_epoch=3)
+    warmup = [0.1, 0.1 * 2 / 3 + 1 / 3, 0.1 / 3 + 2 / 3]
+    cosine = [0.5 * (1 + math.cos(math.pi * i / 9)) for i in range(9)]
+    assert seen == pytest.approx(warmup + cosine)
+    assert _lrs_seen(SCHEDULE, 3) == seen  # a recipe without the field keeps the per-iteration schedule
+
+
+def test_unknown_schedule_unit_is_a_config_error():
+    with pytest.raises(ConfigError, match="schedule_unit 'batch'"):
+        _lrs_seen({**SCHEDULE, "schedule_unit": "batch"}, 3)

@@ -14,15 +14,8 @@ up in exactly one committed shard. Images that cannot be read are recorded per s
 ``<out>/gallery-rejects/`` (beside the table, so readers of the table never pick them up)
 with the reason, and counted.
 
-Table schemas (one directory each, ``<out>/gallery`` and ``<out>/queries``):
-
-gallery: image_id string, person_id int64 (null for bare image folders), image_uri string,
-         embedding fixed_size_list<float32>[dim] (L2-normalised),
-         method string, model string, checkpoint string
-queries: query_id int64, image_id string, person_id int64, caption string,
-         embedding fixed_size_list<float32>[dim] (L2-normalised),
-         method string, model string, checkpoint string
-rejects: image_id string, image_uri string, reason string
+The tables (``<out>/gallery`` and ``<out>/queries``), their sidecar and shard names are
+described in :mod:`tpr_ray.tables`, which this module writes through.
 """
 
 from __future__ import annotations
@@ -45,16 +38,10 @@ from tpr_ray.checkpoint import read_config, resolve_checkpoint
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
 from tpr_ray.images import decode_batch
+from tpr_ray.tables import SIDECAR, SHARD_FORMAT, embedding_array, rejects_dir, shard_number, write_sidecar
 
 log = logging.getLogger(__name__)
 
-SIDECAR = "_tpr_ray.json"
-REJECTS_SUFFIX = "-rejects"
-
-
-def rejects_dir(table_dir: str) -> str:
-    return table_dir.rstrip("/") + REJECTS_SUFFIX
-SHARD_FORMAT = "part-{:05d}.parquet"
 
 
 @dataclass
@@ -122,11 +109,6 @@ class Embedder:
             embedding[ok] = encode_images(self.method, batch["pixels"][ok], self.device)
         out["embedding"] = embedding
         return out
-
-
-def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeListArray:
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1])
 
 
 # --- committing shards -------------------------------------------------------------
@@ -197,7 +179,7 @@ class ShardCommitter:
         info = {**self.header, "kind": self.kind, "complete": complete, "num_shards": len(self.plan),
                 "rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejects"] for s in shards),
                 "shards": shards}
-        storage.write_json(storage.join(self.out, SIDECAR), info)
+        write_sidecar(self.out, info)
         return info
 
     def finish(self) -> dict:
@@ -231,9 +213,9 @@ def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) ->
     done = {}
     for entry in fs.ls(path, detail=False):
         name = posixpath.basename(entry)
-        if not (name.startswith("part-") and name.endswith(".parquet")):
+        shard = shard_number(name)
+        if shard is None:
             continue
-        shard = int(name[len("part-"):-len(".parquet")])
         if shard >= len(plan):
             raise DataError("shard number beyond the job's plan", file=storage.join(out, name))
         with fs.open(entry, "rb") as f:

@@ -7,16 +7,22 @@
             for large galleries. Its recall@k against exact search is measured when it is built.
 - ``hnsw``: a graph index (``M`` = 32, ``efSearch`` = 128); no training, fast queries, more memory.
 
-An index directory holds ``index.faiss``, ``ids.parquet`` (row -> image_id, image_uri,
-person_id) and ``index.json`` (kind, parameters, size, the checkpoint that made the
-embeddings, measured recall). ``search`` embeds query text with that same checkpoint.
+An index directory holds one folder per build, ``builds/<id>/`` with ``index.faiss``,
+``ids.parquet`` (row -> image_id, image_uri, person_id) and ``index.json`` (kind,
+parameters, size, the checkpoint that made the embeddings, measured recall, and the content
+hashes of the two files), and a top-level ``index.json``: a copy of the current build's,
+which is the pointer to it and is written last. ``search`` embeds query text with that same
+checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import tempfile
+import posixpath
 import time
+import uuid
 
 import faiss
 import numpy as np
@@ -25,11 +31,12 @@ import pyarrow.parquet as pq
 
 from tpr_ray import storage
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.evaluate import embedding_matrix, read_embeddings
+from tpr_ray.tables import check_kind, embedding_matrix, read_embeddings
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 INFO_FILE = "index.json"
+BUILDS_DIR = "builds"
 KINDS = ("flat", "ivf", "hnsw")
 
 
@@ -89,12 +96,20 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10, num_que
 
 
 def build_index(embeddings: str, out: str, kind: str = "flat", nlist: int | None = None, nprobe: int = 32,
-                recall_k: int = 10) -> dict:
-    """Index a gallery embedding table (a folder written by `tpr-ray embed`) into ``out``."""
+                recall_k: int = 10, allow_incomplete: bool = False, overwrite: bool = False) -> dict:
+    """Index a gallery embedding table (a folder written by `tpr-ray embed`) into ``out``.
+
+    The build goes to a folder of its own under ``out/builds/``; ``out/index.json`` (the
+    pointer) is switched to it last, so a build that dies midway leaves the previous index
+    whole. An existing index is replaced only with ``overwrite``.
+    """
     tick = time.perf_counter()
-    table, info = read_embeddings(embeddings)
-    if info.get("kind") not in (None, "gallery"):
-        raise DataError(f"expected a gallery table, found kind {info.get('kind')!r}", file=embeddings)
+    pointer_uri = storage.join(out, INFO_FILE)
+    if storage.exists(pointer_uri) and not overwrite:
+        raise ConfigError(f"{out} already holds an index; pass --overwrite (overwrite=True) to replace it, "
+                          "or choose another --out")
+    table, info = read_embeddings(embeddings, allow_incomplete=allow_incomplete)
+    check_kind(info, "gallery", hint="index the gallery/ table of an embedding run")
     vectors = embedding_matrix(table)
     index = make_index(kind, vectors.shape[1], len(vectors), nlist)
     fill_index(index, vectors)
@@ -107,56 +122,134 @@ def build_index(embeddings: str, out: str, kind: str = "flat", nlist: int | None
         details.update(M=32, ef_search=int(index.hnsw.efSearch))
     if kind != "flat":
         details[f"recall_at_{recall_k}_vs_exact"] = measure_recall(index, vectors, recall_k)
-    storage.makedirs(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        faiss.write_index(index, os.path.join(tmp, INDEX_FILE))
-        with open(os.path.join(tmp, INDEX_FILE), "rb") as f:
-            storage.write_bytes_atomic(storage.join(out, INDEX_FILE), f.read())
+
+    index_bytes = faiss.serialize_index(index).tobytes()
     ids = table.select([c for c in ("image_id", "image_uri", "person_id") if c in table.column_names])
-    fs, path = storage.filesystem(storage.join(out, IDS_FILE))
-    with fs.open(path, "wb") as f:
-        pq.write_table(ids, f)
+    buffer = io.BytesIO()
+    pq.write_table(ids, buffer)
+    ids_bytes = buffer.getvalue()
+    build = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    build_dir = storage.join(out, BUILDS_DIR, build)
+    details.update(build=build, ids_rows=ids.num_rows, index_sha256=_sha256(index_bytes),
+                   ids_sha256=_sha256(ids_bytes))
+    previous = storage.read_json(pointer_uri).get("build") if storage.exists(pointer_uri) else None
+    storage.write_bytes_atomic(storage.join(build_dir, INDEX_FILE), index_bytes)
+    storage.write_bytes_atomic(storage.join(build_dir, IDS_FILE), ids_bytes)
+    storage.write_json(storage.join(build_dir, INFO_FILE), details)
     details["seconds"] = time.perf_counter() - tick
-    storage.write_json(storage.join(out, INFO_FILE), details)
+    storage.write_json(pointer_uri, details)  # the switch: readers see the old build or the new one, whole
+    _remove_old_builds(out, keep={build, previous})
     return details
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _remove_old_builds(out: str, keep: set) -> None:
+    """Delete builds other than the current and the previous one (a search may still be reading that)."""
+    fs, path = storage.filesystem(storage.join(out, BUILDS_DIR))
+    for entry in fs.ls(path, detail=False):
+        if posixpath.basename(entry.rstrip("/")) not in keep:
+            fs.rm(entry, recursive=True)
+    # Files of the layout before builds had folders would be paired with nothing now.
+    for name in (INDEX_FILE, IDS_FILE):
+        if storage.exists(storage.join(out, name)):
+            fs_top, top = storage.filesystem(storage.join(out, name))
+            fs_top.rm(top)
+
+
 def load_index(index_dir: str) -> tuple[faiss.Index, pa.Table, dict]:
-    info_uri = storage.join(index_dir, INFO_FILE)
-    if not storage.exists(info_uri):
-        raise ConfigError(f"{index_dir} is not an index directory (no {INFO_FILE}); build one with `tpr-ray index build`")
-    info = storage.read_json(info_uri)
-    with tempfile.NamedTemporaryFile(suffix=".faiss") as tmp:
-        tmp.write(storage.read_bytes(storage.join(index_dir, INDEX_FILE)))
-        tmp.flush()
-        index = faiss.read_index(tmp.name)
-    fs, path = storage.filesystem(storage.join(index_dir, IDS_FILE))
-    with fs.open(path, "rb") as f:
-        ids = pq.read_table(f)
+    """The current build of an index folder: (faiss index, ids table, its index.json).
+
+    Vectors and ids are checked to belong together: the same count, and the content hashes
+    recorded when they were built.
+    """
+    pointer_uri = storage.join(index_dir, INFO_FILE)
+    if not storage.exists(pointer_uri):
+        raise ConfigError(f"{index_dir} is not an index directory (no {INFO_FILE}); "
+                          "build one with `tpr-ray index build`")
+    info = storage.read_json(pointer_uri)
+    # Folders built before builds had folders of their own hold the files at the top.
+    folder = storage.join(index_dir, BUILDS_DIR, info["build"]) if info.get("build") else index_dir
+    index_uri, ids_uri = storage.join(folder, INDEX_FILE), storage.join(folder, IDS_FILE)
+    for uri in (index_uri, ids_uri):
+        if not storage.exists(uri):
+            raise DataError(f"the index's current build has no {posixpath.basename(uri)}; rebuild it with "
+                            "`tpr-ray index build --overwrite`", file=uri)
+    index_bytes, ids_bytes = storage.read_bytes(index_uri), storage.read_bytes(ids_uri)
+    for name, data, uri in (("index_sha256", index_bytes, index_uri), ("ids_sha256", ids_bytes, ids_uri)):
+        if name in info and _sha256(data) != info[name]:
+            raise DataError(f"file differs from the one this build recorded ({name}); vectors and ids may not "
+                            "belong together, rebuild with `tpr-ray index build --overwrite`", file=uri)
+    index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+    ids = pq.read_table(io.BytesIO(ids_bytes))
+    if index.ntotal != ids.num_rows:
+        raise DataError(f"the index holds {index.ntotal} vectors but its ids table {ids.num_rows} rows; they come "
+                        "from different builds, rebuild with `tpr-ray index build --overwrite`", file=ids_uri)
     return index, ids, info
 
 
-def search(index_dir: str, texts: list[str], k: int = 10, checkpoint: str | None = None) -> list[list[dict]]:
-    """Top-k gallery images for each text, embedded by the checkpoint that made the index."""
-    import torch
+def same_checkpoint(a: str, b: str) -> bool:
+    """Whether two checkpoint locations name one checkpoint (local paths compared absolute)."""
+    def norm(uri: str) -> str:
+        return uri.rstrip("/") if "://" in uri else os.path.normpath(os.path.abspath(uri))
+    return norm(a) == norm(b)
 
-    from tpr_ray.checkpoint import load_method
-    from tpr_ray.inference import encode_captions
 
-    index, ids, info = load_index(index_dir)
-    checkpoint = checkpoint or info.get("checkpoint")
-    if not checkpoint:
-        raise ConfigError(f"index {index_dir} does not name the checkpoint of its embeddings; pass --checkpoint")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    method, _ = load_method(checkpoint)
-    queries = encode_captions(method.to(device), texts, device)
-    if queries.shape[1] != info["dim"]:
-        raise ConfigError(f"checkpoint {checkpoint} embeds to dim {queries.shape[1]}, the index holds dim {info['dim']}")
-    scores, rows = index.search(np.ascontiguousarray(queries), min(k, index.ntotal))
-    columns = {name: ids.column(name).to_pylist() for name in ids.column_names}
-    results = []
-    for text, score_row, id_row in zip(texts, scores, rows):
-        hits = [{"rank": rank + 1, "score": float(s), **{name: columns[name][r] for name in columns}}
-                for rank, (s, r) in enumerate(zip(score_row, id_row)) if r >= 0]
-        results.append(hits)
-    return results
+class Searcher:
+    """An index with its text encoder loaded once, for many queries (see :func:`search`)."""
+
+    def __init__(self, index_dir: str, checkpoint: str | None = None, allow_other_checkpoint: bool = False):
+        import torch
+
+        from tpr_ray.checkpoint import load_method, resolve_checkpoint
+
+        self.index, ids, self.info = load_index(index_dir)
+        built_with = self.info.get("checkpoint")
+        if checkpoint is None:
+            if not built_with:
+                raise ConfigError(f"index {index_dir} does not name the checkpoint of its embeddings; "
+                                  "pass --checkpoint")
+            checkpoint = built_with
+        else:
+            checkpoint = resolve_checkpoint(checkpoint)
+            if built_with and not same_checkpoint(checkpoint, built_with) and not allow_other_checkpoint:
+                raise ConfigError(f"checkpoint {checkpoint} is not the one that embedded this index ({built_with}); "
+                                  "its text embeddings would not match the gallery's. Leave out --checkpoint, or pass "
+                                  "--allow-other-checkpoint (allow_other_checkpoint=True) on purpose")
+        self.checkpoint = checkpoint
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.method, _ = load_method(checkpoint)
+        self.method.to(self.device)
+        self.columns = {name: ids.column(name).to_pylist() for name in ids.column_names}
+
+    def search(self, texts: list[str], k: int = 10) -> list[list[dict]]:
+        from tpr_ray.inference import encode_captions
+
+        if k < 1:
+            raise ConfigError(f"the number of results must be at least 1, got {k}")
+        if not texts:
+            return []
+        queries = encode_captions(self.method, list(texts), self.device)
+        if queries.shape[1] != self.info["dim"]:
+            raise ConfigError(f"checkpoint {self.checkpoint} embeds to dim {queries.shape[1]}, the index holds dim "
+                              f"{self.info['dim']}")
+        scores, rows = self.index.search(np.ascontiguousarray(queries), min(k, self.index.ntotal))
+        results = []
+        for score_row, id_row in zip(scores, rows):
+            hits = [{"rank": rank + 1, "score": float(s), **{name: values[r] for name, values in self.columns.items()}}
+                    for rank, (s, r) in enumerate(zip(score_row, id_row)) if r >= 0]
+            results.append(hits)
+        return results
+
+
+def search(index_dir: str, texts: list[str], k: int = 10, checkpoint: str | None = None,
+           allow_other_checkpoint: bool = False) -> list[list[dict]]:
+    """Top-k gallery images for each text, embedded by the checkpoint that made the index.
+
+    Each hit is ``{"rank", "score", "image_id", "image_uri", "person_id"}``. Another
+    ``checkpoint`` is refused unless ``allow_other_checkpoint``. To search many times with
+    the model loaded once, use :class:`Searcher`.
+    """
+    return Searcher(index_dir, checkpoint, allow_other_checkpoint).search(texts, k)

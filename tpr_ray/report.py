@@ -22,10 +22,11 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 from tpr_ray import storage
-from tpr_ray.evaluate import write_metrics_json
+from tpr_ray.evaluate import metric_names, write_metrics_json
 
 log = logging.getLogger(__name__)
 
+# The protocol's metrics; a report shows whichever R@K the cells were evaluated with (see metric_columns).
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 THUMB_HEIGHT = 128
 # Anchors of the viridis colour map (0 % -> 100 %): perceptually even and readable in grey.
@@ -48,8 +49,18 @@ def read_cells(cells_dir: str) -> list[dict]:
 # --------------------------------------------------------------------------- tables
 
 
+def metric_columns(records: list[dict]) -> list[str]:
+    """The metrics the evaluated cells hold (``R{k}`` by k, then mAP and mINP); the protocol's if none."""
+    present = {}
+    for r in records:
+        if r.get("status") == "ok":
+            present.update(dict.fromkeys(r.get("metrics") or {}))
+    return metric_names(present) or list(METRICS)
+
+
 def matrix_rows(records: list[dict]) -> list[dict]:
-    """One flat row per cell: names, status, the five metrics, sizes, chance R1, identity."""
+    """One flat row per cell: names, status, the metrics, sizes, chance R1, identity."""
+    columns = metric_columns(records)
     rows = []
     for r in records:
         metrics = r.get("metrics") or {}
@@ -58,7 +69,7 @@ def matrix_rows(records: list[dict]) -> list[dict]:
         error = r.get("error") or {}
         rows.append({
             "method": r["method"], "train": r["train"], "test": r["test"], "in_domain": r["train"] == r["test"],
-            "status": r["status"], **{m: metrics.get(m) for m in METRICS},
+            "status": r["status"], **{m: metrics.get(m) for m in columns},
             "num_queries": metrics.get("num_queries"), "num_gallery": metrics.get("num_gallery"),
             "chance_R1": (r.get("chance") or {}).get("R1"),
             "checkpoint": checkpoint.get("uri"), "checkpoint_sha256": checkpoint.get("sha256"),
@@ -82,19 +93,24 @@ def write_csv(records: list[dict], uri: str) -> None:
 def markdown_table(records: list[dict]) -> str:
     """The matrix as a Markdown table, one row per cell (in-domain cells marked *), with the
     R1 of a random ranking of the same test set for scale."""
-    lines = ["| method | train → test | R1 | R5 | R10 | mAP | mINP | chance R1 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    columns = metric_columns(records)
+    lines = ["| method | train → test | " + " | ".join(columns) + " | chance R1 |",
+             "|---|---|" + "---:|" * (len(columns) + 1)]
     for row in matrix_rows(records):
         pair = f"{row['train']} → {row['test']}" + (" *" if row["in_domain"] else "")
         if row["status"] == "ok":
-            values = " | ".join(f"{row[m]:.2f}" for m in METRICS)
+            values = " | ".join(_number(row[m]) for m in columns)
             values += f" | {row['chance_R1']:.2f}" if row["chance_R1"] is not None else " |"
         else:
-            values = f"failed ({_escape_md(row['error'][:120])}) | | | | |"
+            values = f"failed ({_escape_md(row['error'][:120])})" + " |" * len(columns)
         lines.append(f"| {row['method']} | {pair} | {values} |")
     lines.append("")
     lines.append("\\* in-domain (trained and tested on the same dataset); text-to-image, percent.")
     return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def _escape_md(text: str) -> str:
@@ -246,12 +262,13 @@ def write_html(records: list[dict], report_dir: str, heatmaps: dict[str, str]) -
                  "percent; rows in bold are in-domain. Thumbnails: green frame = same person as the query "
                  "(correct), red = another person.</p>")
 
+    columns = metric_columns(records)
     parts.append('<table class="matrix"><tr><th>method</th><th>train</th><th>test</th>'
-                 + "".join(f"<th>{m}</th>" for m in METRICS) + "<th>chance R1</th></tr>")
+                 + "".join(f"<th>{m}</th>" for m in columns) + "<th>chance R1</th></tr>")
     for row in matrix_rows(records):
         classes = " ".join(c for c, on in (("in-domain", row["in_domain"]), ("failed", row["status"] != "ok")) if on)
-        cells = "".join(f"<td>{row[m]:.2f}</td>" for m in METRICS) if row["status"] == "ok" else \
-            f'<td colspan="{len(METRICS)}" class="name">failed: {e(row["error"][:200])}</td>'
+        cells = "".join(f"<td>{_number(row[m])}</td>" for m in columns) if row["status"] == "ok" else \
+            f'<td colspan="{len(columns)}" class="name">failed: {e(row["error"][:200])}</td>'
         chance = f"{row['chance_R1']:.2f}" if row["chance_R1"] is not None else ""
         parts.append(f'<tr class="{classes}"><td class="name">{e(row["method"])}</td><td class="name">'
                      f'{e(row["train"])}</td><td class="name">{e(row["test"])}</td>{cells}<td>{chance}</td></tr>')
@@ -273,8 +290,8 @@ def write_html(records: list[dict], report_dir: str, heatmaps: dict[str, str]) -
                          f'{e(str(error.get("message")))}</p></section>')
             continue
         m = record["metrics"]
-        parts.append(f'<p class="meta">R1 {m["R1"]:.2f} · R5 {m["R5"]:.2f} · R10 {m["R10"]:.2f} · mAP {m["mAP"]:.2f}'
-                     f' · mINP {m["mINP"]:.2f} · {m.get("num_queries")} queries, {m.get("num_gallery")} images</p>')
+        values = " · ".join(f"{name} {m[name]:.2f}" for name in metric_names(m))
+        parts.append(f'<p class="meta">{values} · {m.get("num_queries")} queries, {m.get("num_gallery")} images</p>')
         for sample in record.get("samples") or []:
             parts.append(_query_html(sample, report_dir))
         parts.append("</section>")
@@ -312,6 +329,8 @@ def write_report(records: list[dict], report_dir: str, metric: str = "R1") -> di
     """Write matrix.csv, matrix.md, heatmap-<method>.png and index.html; returns their paths."""
     storage.makedirs(report_dir)
     records = sorted(records, key=lambda r: (r["method"], r["train"], r["test"]))
+    if metric not in metric_columns(records):  # e.g. --k 5,10: colour by the first metric there is
+        metric = metric_columns(records)[0]
     paths = {"csv": storage.join(report_dir, "matrix.csv"), "markdown": storage.join(report_dir, "matrix.md")}
     write_csv(records, paths["csv"])
     storage.write_bytes_atomic(paths["markdown"], markdown_table(records).encode())

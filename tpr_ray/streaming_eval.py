@@ -18,6 +18,11 @@ never held at once:
 Memory per task is one shard plus ``block_size x shard_rows`` scores; the driver holds the
 queries and ``[Q, P]`` / ``[Q, K]`` tables.
 
+Layout: the kernels of steps 1-4 are pure functions in :mod:`tpr_ray.streaming_kernels`;
+shards are read through :mod:`tpr_ray.tables`; :mod:`tpr_ray.streaming_executors` runs the
+per-shard tasks in this process or on Ray; this module plans and merges, configured by one
+:class:`StreamingSettings`.
+
 Exactness. BLAS rounds a dot product differently depending on the shape of the product
 it belongs to (a row of ``q @ G.T`` and the same entry of ``q @ G[cols].T`` can differ in
 the last bit). The rank pass therefore replaces the score of each of its own positives with
@@ -29,33 +34,22 @@ one float32 rounding of each other.
 
 Gallery order (which breaks ties) is the concatenation of the shards in the order given;
 for an embedding table that is its ``part-*.parquet`` files in name order, the order
-:func:`tpr_ray.evaluate.read_embeddings` uses.
+:func:`tpr_ray.tables.read_embeddings` uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from tpr_ray import storage
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.evaluate import (
-    PROVENANCE,
-    SIDECAR,
-    chance_level,
-    check_same_model,
-    embedding_matrix,
-    fixed_size_embeddings,
-    person_ids,
-    provenance,
-    read_embeddings,
-)
+from tpr_ray.evaluate import chance_level
 from tpr_ray.metrics import (
     DEFAULT_KS,
     check_ks,
@@ -63,13 +57,72 @@ from tpr_ray.metrics import (
     queries_without_positives,
     unit_rows,
 )
+from tpr_ray.streaming_executors import run_here, run_with_ray, task_memory
+from tpr_ray.streaming_kernels import (
+    merge_top_k,
+    positive_positions,
+    ranks_from_counts,
+    shard_positive_scores,
+    shard_ranks,
+)
+from tpr_ray.streaming_torch import resolve_device, shard_ranks_torch
+from tpr_ray.tables import (
+    check_complete,
+    check_kind,
+    check_row_count,
+    check_same_model,
+    embedding_matrix,
+    fixed_size_embeddings,
+    list_shards,
+    person_ids,
+    provenance,
+    provenance_of_shards,
+    read_columns,
+    read_embeddings,
+    read_sidecar,
+)
 
 log = logging.getLogger(__name__)
 
-# Items gathered (and candidates sorted) at a time by the count; about 40 bytes each.
-CANDIDATE_BUDGET = 1 << 22
-# Column groups per row whose maxima say where items above a threshold can be.
-CHUNKS = 1024
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    """How the streaming evaluator runs; none of these change the metrics.
+
+    ``use_ray``: shard tasks as Ray tasks declaring ``cpus_per_task`` CPUs and their memory
+    (default: when Ray is initialised); otherwise in this process, ``local_threads`` at a
+    time (numpy releases the GIL in the heavy steps; limit BLAS to one thread each then).
+    ``device``: where the rank pass runs -- ``numpy``, or torch on ``cpu``/``cuda``;
+    ``auto`` takes the GPU when the task sees one (give Ray tasks ``gpus_per_task``), else
+    numpy. Every choice follows one tie rule and gives the same ranks (see
+    :mod:`tpr_ray.streaming_torch`).
+    """
+
+    ks: tuple[int, ...] = DEFAULT_KS
+    top_k: int = 10
+    block_size: int = 1024
+    use_ray: bool | None = None
+    cpus_per_task: float = 1.0
+    local_threads: int = 1
+    skip_queries_without_positives: bool = False
+    device: str = "auto"
+    gpus_per_task: float = 0.0
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "ks", check_ks(self.ks))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        for name in ("top_k", "block_size", "local_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_task <= 0 or self.gpus_per_task < 0:
+            raise ConfigError(f"cpus_per_task must be positive and gpus_per_task not negative, got "
+                              f"{self.cpus_per_task} and {self.gpus_per_task}")
+        try:
+            resolve_device(self.device) if self.device != "auto" else None
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -96,289 +149,40 @@ class StreamingResult:
     timings: dict = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- pure pieces
-
-
-def positive_positions(query_pids, gallery_pids) -> np.ndarray:
-    """``[Q, P]`` global positions of each query's positives, ascending, padded with -1.
-
-    P is the largest number of gallery items one person has.
-    """
-    query_pids = np.asarray(query_pids).ravel()
-    gallery_pids = np.asarray(gallery_pids).ravel()
-    order = np.argsort(gallery_pids, kind="stable")  # stable: positions ascend within a person
-    sorted_pids = gallery_pids[order]
-    first = np.searchsorted(sorted_pids, query_pids, side="left")
-    count = np.searchsorted(sorted_pids, query_pids, side="right") - first
-    width = max(int(count.max()) if len(count) else 0, 1)
-    slot = np.arange(width)
-    valid = slot < count[:, None]
-    index = np.minimum(first[:, None] + slot, max(len(order) - 1, 0))
-    return np.where(valid, order[index] if len(order) else 0, -1).astype(np.int64)
-
-
-def shard_positive_scores(queries: np.ndarray, embeddings: np.ndarray, first_position: int,
-                          targets: np.ndarray, block_size: int = 1024) -> np.ndarray:
-    """Scores of the targets that lie in this shard; NaN for the others. ``[Q, P]`` float32.
-
-    The product is taken per query block against only the shard rows that are positives of
-    that block, so this pass costs a small fraction of the rank pass.
-    """
-    out = np.full(targets.shape, np.nan, dtype=np.float32)
-    num_items = len(embeddings)
-    for start in range(0, len(queries), block_size):
-        stop = min(start + block_size, len(queries))
-        local = targets[start:stop] - first_position
-        inside = (targets[start:stop] >= 0) & (local >= 0) & (local < num_items)
-        if not inside.any():
-            continue
-        columns = np.unique(local[inside])
-        scores = queries[start:stop] @ embeddings[columns].T
-        rows, slots = np.nonzero(inside)
-        out[start + rows, slots] = scores[rows, np.searchsorted(columns, local[rows, slots])]
-    return out
-
-
-def shard_ranks(queries: np.ndarray, embeddings: np.ndarray, first_position: int, target_scores: np.ndarray,
-                targets: np.ndarray, top_k: int = 10, block_size: int = 1024) -> dict:
-    """The rank pass over one shard.
-
-    Returns ``counts`` ``[Q, P]`` (items of this shard ranked ahead of each target; 0 for
-    padding), ``top_scores`` ``[Q, k]`` and ``top_positions`` ``[Q, k]`` (the shard's best
-    items, global positions; k = min(top_k, shard rows)). ``target_scores`` must hold the
-    score of every valid target (from :func:`shard_positive_scores`, merged over shards).
-    """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    valid = targets >= 0
-    if np.isnan(target_scores[valid]).any():
-        raise ValueError("a target has no score; merge the positive pass over every shard first")
-    num_queries, num_items = len(queries), len(embeddings)
-    k = min(top_k, num_items)
-    counts = np.zeros(targets.shape, dtype=np.int64)
-    top_scores = np.full((num_queries, k), -np.inf, dtype=np.float32)
-    top_positions = np.full((num_queries, k), -1, dtype=np.int64)
-    gallery_t = embeddings.T
-    for start in range(0, num_queries, block_size):
-        stop = min(start + block_size, num_queries)
-        scores = queries[start:stop] @ gallery_t
-        block_targets = targets[start:stop]
-        block_scores = np.where(valid[start:stop], target_scores[start:stop], np.float32(np.inf))
-        # Own positives take the positive pass's score, so every shard compares against the
-        # same value for them (see the module docstring).
-        local = block_targets - first_position
-        inside = valid[start:stop] & (local >= 0) & (local < num_items)
-        rows, slots = np.nonzero(inside)
-        scores[rows, local[rows, slots]] = block_scores[rows, slots]
-
-        chunks = Chunks(scores)
-        counts[start:stop] = count_ahead(scores, first_position, block_scores, block_targets, chunks)
-        top_scores[start:stop], top_positions[start:stop] = top_k_of_block(scores, first_position, k, chunks)
-    return {"counts": counts, "top_scores": top_scores, "top_positions": top_positions}
-
-
-class Chunks:
-    """A block's columns dealt into ``CHUNKS`` groups, with each row's maximum per group.
-
-    Group ``j`` holds columns ``j, j + C, j + 2C, ...``: strided rather than contiguous, so
-    the maxima are one vectorised pass. Items at or above a threshold can only sit in the
-    groups whose maximum reaches it, so the top-K and the count gather from those alone
-    instead of scanning the whole block.
-    """
-
-    def __init__(self, scores: np.ndarray, num_chunks: int = CHUNKS):
-        self.scores = scores
-        num_rows, num_items = scores.shape
-        self.count = max(1, min(num_items, num_chunks))
-        self.width = -(-num_items // self.count)  # items per group, the last ones one fewer
-        full = num_items // self.count
-        self.max = scores[:, :full * self.count].reshape(num_rows, full, self.count).max(axis=1) if full else \
-            np.full((num_rows, self.count), -np.inf, scores.dtype)
-        tail = scores[:, full * self.count:]
-        np.maximum(self.max[:, :tail.shape[1]], tail, out=self.max[:, :tail.shape[1]])
-
-    def reaching(self, threshold: np.ndarray) -> np.ndarray:
-        """Per row, how many groups hold an item >= its threshold."""
-        return np.count_nonzero(self.max >= threshold[:, None], axis=1)
-
-    def items_at_or_above(self, threshold: np.ndarray, rows: np.ndarray):
-        """``(row, column, score)`` of every item of ``rows`` scoring >= its row's threshold.
-
-        ``row`` indexes ``rows`` and ascends; columns within a row come in no set order.
-        """
-        num_items = self.scores.shape[1]
-        reach = self.max[rows] >= threshold[:, None]
-        if np.count_nonzero(reach) * self.width * 4 > len(rows) * num_items:
-            # Most groups reach: scanning the rows is cheaper than gathering from groups.
-            r, c = np.nonzero(self.scores[rows] >= threshold[:, None])
-            return r, c, self.scores[rows[r], c]
-        pair_row, pair_chunk = np.nonzero(reach)
-        columns = pair_chunk[:, None] + self.count * np.arange(self.width)
-        inside = columns < num_items
-        np.minimum(columns, num_items - 1, out=columns)
-        values = self.scores[rows[pair_row][:, None], columns]
-        keep = inside & (values >= threshold[pair_row][:, None])
-        return np.broadcast_to(pair_row[:, None], columns.shape)[keep], columns[keep], values[keep]
-
-
-def count_ahead(scores: np.ndarray, first_position: int, target_scores: np.ndarray, target_positions: np.ndarray,
-                chunks: Chunks | None = None) -> np.ndarray:
-    """:func:`tpr_ray.metrics.count_ranked_ahead` for a block of rows, by sorting candidates.
-
-    Only items scoring at least a row's lowest target can be ahead of any of its targets
-    (the *candidates*; few when positives rank high). Candidates and targets are packed
-    into uint64 keys (row, score descending, position) that sort in ranking order, so the
-    count ahead of a target is where it would be inserted among its row's sorted
-    candidates. Rows go in groups of at most ``CANDIDATE_BUDGET`` gathered items, so a
-    positive ranked last costs time, not memory. Padding targets must have score +inf.
-    """
-    num_rows, num_items = scores.shape
-    counts = np.zeros(target_scores.shape, dtype=np.int64)
-    if num_items == 0:
-        return counts
-    chunks = chunks or Chunks(scores)
-    lowest = target_scores.min(axis=1)
-    gathered = chunks.reaching(lowest) * chunks.width  # an upper bound of each row's candidates
-    # A tied item is ahead when its position is lower; targets in other shards clamp to the ends.
-    local_targets = np.clip(target_positions - first_position, 0, num_items)
-    position_bits = max(1, int(num_items).bit_length())
-    if position_bits > 31:
-        raise ConfigError(f"a shard of {num_items} rows is too large; write shards of fewer than 2**31 rows")
-    rows_per_group = 1 << (32 - position_bits)  # the row number takes the bits left over
-    row_index = np.arange(num_rows)
-    group = (np.cumsum(gathered) // CANDIDATE_BUDGET) * (num_rows // rows_per_group + 1) + row_index // rows_per_group
-    for g in np.unique(group[gathered > 0]):
-        rows = np.flatnonzero((group == g) & (gathered > 0))
-        r, c, values = chunks.items_at_or_above(lowest[rows], rows)
-        items = np.sort(_packed_keys(r, values, c, position_bits))
-        target_rows = np.broadcast_to(np.arange(len(rows))[:, None], target_scores[rows].shape)
-        targets = _packed_keys(target_rows, target_scores[rows], local_targets[rows], position_bits)
-        per_row = np.bincount(r, minlength=len(rows))
-        row_start = np.concatenate([[0], np.cumsum(per_row)[:-1]])
-        counts[rows] = np.searchsorted(items, targets, side="left") - row_start[:, None]
-    return counts
-
-
-def _packed_keys(rows, values, positions, position_bits: int) -> np.ndarray:
-    """uint64 keys ordered by (row, score descending, position): row | score | position bits.
-
-    The float32 score maps to an int32 that orders like it (the trick of
-    :func:`tpr_ray.metrics.stable_descending_order`), flipped so that higher scores come
-    first, in 32 bits; ``position`` (0 <= p < 2**position_bits) in the low bits.
-    """
-    bits = (np.asarray(values, dtype=np.float32) + np.float32(0.0)).view(np.int32)  # -0.0 -> +0.0
-    ordered = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64)
-    descending = (np.int64(0x7FFFFFFF) - ordered).astype(np.uint64)  # 0 .. 2**32 - 2
-    keys = np.asarray(rows, dtype=np.uint64) << np.uint64(32 + position_bits)
-    keys |= descending << np.uint64(position_bits)
-    keys |= np.asarray(positions, dtype=np.uint64)
-    return keys
-
-
-def top_k_of_block(scores: np.ndarray, first_position: int, k: int,
-                   chunks: Chunks | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k best items by (score desc, position asc): ``(scores, positions)`` ``[R, k]``.
-
-    The k-th largest chunk maximum is a lower bound of the k-th best score (k chunks reach
-    it), so only items at or above it, in the chunks that reach it, are sorted; ties at the
-    bound are all kept and ordered by position, as the ranking rule asks.
-    """
-    num_rows, num_items = scores.shape
-    top_scores = np.full((num_rows, k), -np.inf, dtype=np.float32)
-    top_positions = np.full((num_rows, k), -1, dtype=np.int64)
-    if num_items == 0 or k == 0:
-        return top_scores, top_positions
-    chunks = chunks or Chunks(scores)
-    num_chunks = chunks.count
-    if num_chunks >= k:
-        bound = np.partition(chunks.max, num_chunks - k, axis=1)[:, num_chunks - k]
-    else:  # k beyond the number of chunks: every item is a candidate
-        bound = np.full(num_rows, -np.inf, dtype=np.float32)
-    rows, columns, values = chunks.items_at_or_above(bound, np.arange(num_rows))
-    order = np.lexsort((columns, -values, rows))
-    rows, columns, values = rows[order], columns[order], values[order]
-    row_start = np.searchsorted(rows, np.arange(num_rows))
-    place = np.arange(len(rows)) - row_start[rows]
-    keep = place < k
-    top_scores[rows[keep], place[keep]] = values[keep]
-    top_positions[rows[keep], place[keep]] = columns[keep] + first_position
-    return top_scores, top_positions
-
-
-def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard ``(scores, positions)`` top lists into the global top k per query."""
-    scores = np.concatenate([p[0] for p in parts], axis=1)
-    positions = np.concatenate([p[1] for p in parts], axis=1)
-    # Padding (-inf, -1) sorts last: -inf is the lowest score.
-    order = np.lexsort((np.where(positions < 0, np.iinfo(np.int64).max, positions), -scores), axis=-1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(positions, order, axis=1)
-
-
-def ranks_from_counts(counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """``[Q, P]`` sorted 1-based ranks from the summed counts, padded with 0."""
-    ranks = np.where(targets >= 0, counts + 1, np.iinfo(np.int64).max)
-    ranks.sort(axis=1)
-    ranks[ranks == np.iinfo(np.int64).max] = 0
-    return ranks
-
-
 # --------------------------------------------------------------------------- shards
-
-
-def list_shards(table_uri: str) -> list[str]:
-    """The ``*.parquet`` shards of an embedding table directory, in name order."""
-    fs, path = storage.filesystem(table_uri)
-    if not fs.isdir(path):
-        raise DataError("embedding directory not found; pass the folder written by `tpr-ray embed`", file=table_uri)
-    names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False)
-                   if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
-    if not names:
-        raise DataError("no *.parquet shards in this directory", file=table_uri)
-    return [storage.join(table_uri, name) for name in names]
 
 
 def shard_person_ids(shard) -> np.ndarray:
     """The person ids of a shard (a Parquet URI reads only that column)."""
     if isinstance(shard, ShardArrays):
         return np.asarray(shard.person_ids).ravel()
-    table = _read_parquet(shard, ["person_id"])
-    column = table.column("person_id")
-    if column.null_count:
-        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError("person_id is null; a bare gallery has no ground truth to evaluate against",
-                        file=shard, entry=row, field="person_id")
-    return column.to_numpy()
+    return person_ids(read_columns(shard, ["person_id"]), {"uri": shard},
+                      why="; a bare gallery has no ground truth to evaluate against")
 
 
 def load_shard_embeddings(shard) -> np.ndarray:
     """A shard's embeddings as unit-norm ``[n, dim]`` float32 (rows off by > 1e-3 normalised)."""
     if isinstance(shard, ShardArrays):
         return unit_rows(shard.embeddings, "gallery_emb")
-    table = _read_parquet(shard, ["embedding"])
+    table = read_columns(shard, ["embedding"])
     table = table.set_column(0, "embedding", fixed_size_embeddings(table.column("embedding"), shard))
     return unit_rows(embedding_matrix(table), "gallery_emb")
-
-
-def _read_parquet(uri: str, columns: list[str]):
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        schema = pq.read_schema(f)
-        missing = [c for c in columns if c not in schema.names]
-        if missing:
-            raise DataError(f"missing column in a gallery embedding table (has {schema.names})", file=uri,
-                            field=missing[0])
-        f.seek(0)
-        return pq.read_table(f, columns=columns)
 
 
 def _positive_scores_task(queries, shard, first_position, targets, block_size):
     return shard_positive_scores(queries, load_shard_embeddings(shard), first_position, targets, block_size)
 
 
-def _ranks_task(queries, shard, first_position, target_scores, targets, top_k, block_size):
+def _ranks_task(queries, shard, first_position, target_scores, targets, top_k, block_size, device="numpy"):
     tick = time.perf_counter()
-    result = shard_ranks(queries, load_shard_embeddings(shard), first_position, target_scores, targets, top_k,
-                         block_size)
+    device = resolve_device(device)  # here, in the task: the GPU it sees is the one to use
+    if device == "numpy":
+        result = shard_ranks(queries, load_shard_embeddings(shard), first_position, target_scores, targets, top_k,
+                             block_size)
+    else:
+        result = shard_ranks_torch(queries, load_shard_embeddings(shard), first_position, target_scores, targets,
+                                   top_k, block_size, device)
+    result["device"] = device
     result["seconds"] = time.perf_counter() - tick
     return result
 
@@ -386,31 +190,38 @@ def _ranks_task(queries, shard, first_position, target_scores, targets, top_k, b
 # --------------------------------------------------------------------------- front doors
 
 
-def evaluate_sharded(query_emb, query_pids, shards: Sequence, ks: Sequence[int] = DEFAULT_KS, *, top_k: int = 10,
-                     block_size: int = 1024, use_ray: bool | None = None, cpus_per_task: float = 1.0,
-                     local_threads: int = 1, skip_queries_without_positives: bool = False) -> StreamingResult:
+def _settings(settings: StreamingSettings | None, ks, **given) -> StreamingSettings:
+    """``settings`` with the keyword arguments the caller gave (None: not given) applied."""
+    changes = {k: v for k, v in given.items() if v is not None}
+    if ks is not None:
+        changes["ks"] = tuple(ks)
+    return dataclasses.replace(settings or StreamingSettings(), **changes)
+
+
+def evaluate_sharded(query_emb, query_pids, shards: Sequence, ks: Sequence[int] | None = None, *,
+                     settings: StreamingSettings | None = None, top_k: int | None = None,
+                     block_size: int | None = None, use_ray: bool | None = None, cpus_per_task: float | None = None,
+                     local_threads: int | None = None,
+                     skip_queries_without_positives: bool | None = None) -> StreamingResult:
     """Exact R@K, mAP and mINP of queries against a gallery given as shards.
 
     ``shards`` are Parquet files of a gallery embedding table (URIs) or :class:`ShardArrays`;
-    gallery order is their concatenation. With ``use_ray`` (default: when Ray is
-    initialised) each shard is a Ray task declaring ``cpus_per_task`` CPUs and its memory;
-    otherwise shards run in this process, ``local_threads`` at a time (numpy releases the
-    GIL in the heavy steps; limit BLAS to one thread each then). The metrics equal
-    :func:`tpr_ray.metrics.retrieval_metrics_from_embeddings` on the concatenated gallery
-    (see the module docstring on rounding), with the same keys plus ``num_shards``.
+    gallery order is their concatenation. How it runs is ``settings`` (see
+    :class:`StreamingSettings`), with any of its fields given as keywords overriding it.
+    The metrics equal :func:`tpr_ray.metrics.retrieval_metrics_from_embeddings` on the
+    concatenated gallery (see the module docstring on rounding), with the same keys plus
+    ``num_shards``.
     """
-    result, _ = _evaluate(query_emb, query_pids, shards, ks, top_k, block_size, use_ray, cpus_per_task,
-                          skip_queries_without_positives, local_threads)
+    settings = _settings(settings, ks, top_k=top_k, block_size=block_size, use_ray=use_ray,
+                         cpus_per_task=cpus_per_task, local_threads=local_threads,
+                         skip_queries_without_positives=skip_queries_without_positives)
+    result, _ = _evaluate(query_emb, query_pids, shards, settings)
     return result
 
 
-def _evaluate(query_emb, query_pids, shards, ks, top_k, block_size, use_ray, cpus_per_task, skip,
-              local_threads: int = 1):
-    ks = check_ks(ks)
-    if block_size < 1:
-        raise ConfigError(f"block_size must be >= 1, got {block_size}")
-    if top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+def _evaluate(query_emb, query_pids, shards, settings: StreamingSettings):
+    ks, top_k, block_size, skip = (settings.ks, settings.top_k, settings.block_size,
+                                   settings.skip_queries_without_positives)
     if not shards:
         raise DataError("the gallery has no shards")
     timings = {}
@@ -436,22 +247,20 @@ def _evaluate(query_emb, query_pids, shards, ks, top_k, block_size, use_ray, cpu
     targets = positive_positions(query_pids, gallery_pids)
     timings["plan_s"] = time.perf_counter() - tick
 
+    use_ray = settings.use_ray
     if use_ray is None:
         import ray
 
         use_ray = ray.is_initialized()
-    if use_ray:
-        run = _run_with_ray
-    else:
-        def run(fn, arg_list, queries, memories, cpus):
-            return _run_here(fn, arg_list, queries, local_threads)
+    run = partial(run_with_ray, gpus=settings.gpus_per_task) if use_ray else \
+        partial(run_here, threads=settings.local_threads)
     block = min(block_size, len(queries))
     dim, slots = queries.shape[1], targets.shape[1]
 
     tick = time.perf_counter()
     parts = run(_positive_scores_task, [(s, first, targets, block_size) for s, first in zip(shards, firsts)],
-                queries, [_task_memory(n, dim, block, slots, top_k, len(queries), False) for n in sizes],
-                cpus_per_task)
+                queries, [task_memory(n, dim, block, slots, top_k, len(queries), False) for n in sizes],
+                settings.cpus_per_task)
     target_scores = np.full(targets.shape, np.nan, dtype=np.float32)
     for part in parts:
         found = ~np.isnan(part)
@@ -461,15 +270,17 @@ def _evaluate(query_emb, query_pids, shards, ks, top_k, block_size, use_ray, cpu
     timings["positive_pass_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    parts = run(_ranks_task, [(s, first, target_scores, targets, top_k, block_size) for s, first in zip(shards, firsts)],
-                queries, [_task_memory(n, dim, block, slots, top_k, len(queries), True) for n in sizes],
-                cpus_per_task)
+    parts = run(_ranks_task, [(s, first, target_scores, targets, top_k, block_size, settings.device)
+                              for s, first in zip(shards, firsts)],
+                queries, [task_memory(n, dim, block, slots, top_k, len(queries), True) for n in sizes],
+                settings.cpus_per_task)
     counts = np.zeros(targets.shape, dtype=np.int64)
     for part in parts:
         counts += part["counts"]
     top_scores, top_positions = merge_top_k([(p["top_scores"], p["top_positions"]) for p in parts], top_k)
     timings["rank_pass_s"] = time.perf_counter() - tick
     timings["rank_task_s"] = [round(p["seconds"], 3) for p in parts]
+    timings["rank_devices"] = sorted({p["device"] for p in parts})
 
     ranks = ranks_from_counts(counts, targets)
     metrics = metrics_from_positive_ranks(ranks, ks, skip_queries_without_positives=skip)
@@ -478,93 +289,36 @@ def _evaluate(query_emb, query_pids, shards, ks, top_k, block_size, use_ray, cpu
     return StreamingResult(metrics, top_positions, top_scores, ranks, timings), gallery_pids
 
 
-def evaluate_tables(gallery_uri: str, queries_uri: str, ks: Sequence[int] = DEFAULT_KS, *, top_k: int = 10,
-                    block_size: int = 1024, use_ray: bool | None = None, allow_mismatch: bool = False,
-                    skip_queries_without_positives: bool = False) -> StreamingResult:
+def evaluate_tables(gallery_uri: str, queries_uri: str, ks: Sequence[int] | None = None, *,
+                    settings: StreamingSettings | None = None, top_k: int | None = None,
+                    block_size: int | None = None, use_ray: bool | None = None, allow_mismatch: bool = False,
+                    skip_queries_without_positives: bool | None = None,
+                    allow_incomplete: bool = False) -> StreamingResult:
     """Streaming counterpart of :func:`tpr_ray.evaluate.evaluate_embeddings`.
 
     The query table is read whole (it is small), the gallery shard by shard. The metrics
     carry the same extra keys (``method``, ``model``, ``checkpoint``, ``dim``, ``gallery``,
     ``queries``, ``ks``, ``chance``; ``mismatch`` when allowed).
     """
-    ks = check_ks(ks)
-    queries, queries_info = read_embeddings(queries_uri)
-    if queries_info["kind"] != "queries":
-        raise ConfigError(f"{queries_uri} holds a {queries_info['kind']} table, expected queries; "
-                          "check the order of the gallery and queries arguments")
+    settings = _settings(settings, ks, top_k=top_k, block_size=block_size, use_ray=use_ray,
+                         skip_queries_without_positives=skip_queries_without_positives)
+    queries, queries_info = read_embeddings(queries_uri, allow_incomplete=allow_incomplete)
+    check_kind(queries_info, "queries")
     shards = list_shards(gallery_uri)
-    sidecar_uri = storage.join(gallery_uri, SIDECAR)
-    gallery_info = dict(storage.read_json(sidecar_uri)) if storage.exists(sidecar_uri) else {}
-    if gallery_info.get("kind", "gallery") != "gallery":
-        raise ConfigError(f"{gallery_uri} holds a {gallery_info['kind']} table, expected gallery")
-    gallery_info["uri"] = gallery_uri
-    gallery_from = provenance(_provenance_columns(shards, gallery_info), gallery_info)
+    gallery_info = {**read_sidecar(gallery_uri), "uri": gallery_uri}
+    check_kind(gallery_info, "gallery")
+    check_complete(gallery_info, gallery_uri, allow_incomplete)
+    # The shards are read one at a time later; a missing or extra one must not pass for the gallery.
+    check_row_count(gallery_info, shards)
+    gallery_from = provenance_of_shards(shards, gallery_info)
     queries_from = provenance(queries, queries_info)
     mismatch = check_same_model(gallery_from, queries_from, allow_mismatch)
 
     query_pids = person_ids(queries, queries_info)
-    result, gallery_pids = _evaluate(embedding_matrix(queries), query_pids, shards, ks, top_k, block_size, use_ray,
-                                     1.0, skip_queries_without_positives)
+    result, gallery_pids = _evaluate(embedding_matrix(queries), query_pids, shards, settings)
     result.metrics.update(gallery_from)
-    result.metrics.update(dim=queries_info["dim"], gallery=gallery_uri, queries=queries_uri, ks=list(ks))
+    result.metrics.update(dim=queries_info["dim"], gallery=gallery_uri, queries=queries_uri, ks=list(settings.ks))
     if mismatch:
         result.metrics["mismatch"] = mismatch
-    result.metrics["chance"] = chance_level(query_pids, gallery_pids, ks)
+    result.metrics["chance"] = chance_level(query_pids, gallery_pids, settings.ks)
     return result
-
-
-def _provenance_columns(shards: list[str], info: dict):
-    """The provenance columns the sidecar does not answer, read from every shard."""
-    import pyarrow as pa
-
-    wanted = [c for c in PROVENANCE if info.get(c) is None]
-    fs, path = storage.filesystem(shards[0])
-    with fs.open(path, "rb") as f:
-        present = pq.read_schema(f).names
-    columns = [c for c in wanted if c in present]
-    if not columns:
-        return pa.table({})
-    return pa.concat_tables([_read_parquet(s, columns) for s in shards])
-
-
-# --------------------------------------------------------------------------- executors
-
-
-def _task_memory(rows: int, dim: int, block: int, slots: int, top_k: int, num_queries: int, rank_pass: bool) -> int:
-    """Bytes a shard task needs at its peak (declared to Ray so tasks do not over-commit RAM)."""
-    shard = 2 * rows * dim * 4  # the Arrow read and the float32 matrix
-    queries = num_queries * dim * 4 + num_queries * slots * 16
-    block_bytes = block * rows * 4 + CANDIDATE_BUDGET * 48 if rank_pass else block * slots * dim * 4
-    return int(shard + queries + block_bytes + num_queries * top_k * 12 + (64 << 20))
-
-
-def _run_here(fn, arg_list, queries, threads: int):
-    if threads <= 1:
-        return [fn(queries, *args) for args in arg_list]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda args: fn(queries, *args), arg_list))
-
-
-def _run_with_ray(fn, arg_list, queries, memories, cpus):
-    import ray
-
-    task = ray.remote(fn)
-    queries_ref = ray.put(queries)
-    shared = {}  # arrays every task gets (targets, target scores) go to the object store once
-    refs = []
-    for args, memory in zip(arg_list, memories):
-        args = tuple(_shared_ref(a, shared) for a in args)
-        refs.append(task.options(num_cpus=cpus, memory=memory, max_retries=2).remote(queries_ref, *args))
-    return ray.get(refs)
-
-
-def _shared_ref(value, shared: dict):
-    import ray
-
-    if isinstance(value, np.ndarray) and value.nbytes > 1 << 16:
-        if id(value) not in shared:
-            shared[id(value)] = ray.put(value)
-        return shared[id(value)]
-    return value

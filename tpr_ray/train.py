@@ -10,30 +10,31 @@ latest checkpoint when the same run is started again.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tpr_ray import storage
 from tpr_ray.backbone import DEFAULT_IMAGE_SIZE, BackboneConfig
-from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, save_checkpoint
-from tpr_ray.data import load_manifest, selection_split
+from tpr_ray.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, save_checkpoint
 from tpr_ray.errors import ConfigError
-from tpr_ray.inference import autocast, encode_captions, encode_images
+from tpr_ray.inference import autocast
 from tpr_ray.methods import Method, Stage, get_method
-from tpr_ray.metrics import retrieval_metrics_from_embeddings
-from tpr_ray.images import decode_image, resize_uint8
-from tpr_ray.transforms import normalize, train_augment
+from tpr_ray.optim import advance, build_optimizer, build_scheduler, lr_factor
+from tpr_ray.tracking import NoTracker, Tracker, epoch_scalars
+from tpr_ray.train_data import CaptionPairs, TrainingData, evaluate_split, load_training_data, pair_loader
+from tpr_ray.train_cache import load_cache
+from tpr_ray.transforms import batch_augment, normalize
+
+# Re-exported: callers import the training pieces from here.
+__all__ = ["CaptionPairs", "TrainConfig", "TrainResult", "build_optimizer", "evaluate_split", "lr_factor", "train",
+           "train_loop_per_worker"]
 
 
 @dataclass
@@ -61,87 +62,18 @@ class TrainConfig:
     start_stage: int = 0  # 0-based stage to begin with when not resuming (PD: 1 = stage 2 alone)
     max_failures: int = 0
     keep_checkpoints: int = 2
+    bad_images: str = "fail"  # unreadable images: fail before training (listed), skip them, or "off" (no check)
+    exclude_images: list[str] = field(default_factory=list)  # left out of training (the "skip" check fills it)
+    mlflow: str | None = None  # MLflow tracking URI (default: MLFLOW_TRACKING_URI); TensorBoard files are always written
+    mlflow_run_id: str | None = None  # filled by the driver
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory for large batches
+    decoded_cache: str | None = None  # "auto" (next to the data) or a folder: train from decoded uint8 images
 
     def run_name(self) -> str:
         if self.name:
             return self.name
         base = os.path.basename(self.data.rstrip("/")).replace(".parquet", "") or "data"
         return f"{self.method}-{base}"
-
-
-# --- pure pieces ---------------------------------------------------------------
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_factor: float, schedule: str = "cosine",
-              decay_steps: int = 0, gamma: float = 0.1) -> float:
-    """Multiplier of the base lr at ``step``: linear warm-up from ``warmup_factor``, then
-    cosine to 0, constant, or ``gamma`` every ``decay_steps`` (step decay)."""
-    if step < warmup_steps:
-        alpha = step / warmup_steps
-        return warmup_factor * (1 - alpha) + alpha
-    if schedule == "constant":
-        return 1.0
-    if schedule == "step":
-        return gamma ** ((step - warmup_steps) // max(1, decay_steps))
-    if schedule != "cosine":
-        raise ConfigError(f"unknown lr schedule {schedule!r}; use cosine, step or constant")
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(method: Method, stage: Stage) -> torch.optim.Optimizer:
-    recipe = stage.recipe
-    groups = method.param_groups(recipe)
-    if not groups:
-        raise ConfigError(f"stage {stage.name!r} of method {method.name!r} trains no parameters")
-    if recipe.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=recipe.lr, eps=recipe.adam_eps)
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr)
-    raise ConfigError(f"unknown optimizer {recipe.optimizer!r}; use adam or sgd")
-
-
-class CaptionPairs(Dataset):
-    """One item per (image, caption) pair, as in IRRA: an epoch visits every caption once."""
-
-    def __init__(self, table, labels: dict[int, int], image_size: tuple[int, int], augment: bool):
-        self.uris = table.column("image_uri").to_pylist()
-        self.pids = table.column("person_id").to_pylist()
-        self.items = [(row, cap) for row, caps in enumerate(table.column("captions").to_pylist()) for cap in caps]
-        self.labels = labels
-        self.image_size = tuple(image_size)
-        self.augment = train_augment(self.image_size) if augment else None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        row, caption = self.items[index]
-        image = resize_uint8(decode_image(storage.read_bytes(self.uris[row])), self.image_size)
-        x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
-        if self.augment is not None:
-            x = self.augment(x)
-        pid = self.pids[row]
-        return {"image": x, "caption": caption, "person_id": pid, "label": self.labels[pid]}
-
-
-def evaluate_split(method: Method, table, image_size, device, batch_size: int = 64) -> dict:
-    """Text-to-image metrics of ``method`` on a manifest split (used for model selection)."""
-    method.eval()
-    uris = table.column("image_uri").to_pylist()
-    gallery = []
-    for start in range(0, len(uris), batch_size):
-        images = np.stack([resize_uint8(decode_image(storage.read_bytes(u)), image_size) for u in uris[start:start + batch_size]])
-        gallery.append(encode_images(method, images, device))
-    captions, query_pids = [], []
-    for pid, caps in zip(table.column("person_id").to_pylist(), table.column("captions").to_pylist()):
-        captions += caps
-        query_pids += [pid] * len(caps)
-    queries = [encode_captions(method, captions[s:s + batch_size], device) for s in range(0, len(captions), batch_size)]
-    method.train()
-    return retrieval_metrics_from_embeddings(
-        np.concatenate(queries), np.concatenate(gallery),
-        np.asarray(query_pids), np.asarray(table.column("person_id").to_pylist()),
-    )
 
 
 # --- the per-worker loop -----------------------------------------------------------
@@ -151,6 +83,231 @@ def log(message: str) -> None:
     ``print`` sends each line to the driver twice."""
     sys.stdout.write(f"[tpr-ray] {message}\n")
     sys.stdout.flush()
+
+
+@dataclass
+class Worker:
+    """This worker's place in the run."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StageRun:
+    """One stage as the loop runs it: the DDP-wrapped model, its data and its optimizer."""
+
+    index: int
+    stage: Stage
+    model: torch.nn.Module
+    loader: object
+    sampler: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    counts: dict
+    start_epoch: int
+
+    @property
+    def recipe(self):
+        return self.stage.recipe
+
+
+@dataclass
+class EpochResult:
+    steps: int  # optimizer steps taken in this epoch
+    loss_sums: dict  # summed loss terms over those steps
+    seconds: float
+    samples: int  # global samples (all workers)
+    finished: bool  # the epoch ran to its end
+    stop: bool  # max_steps reached: the run ends after this epoch's report
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What every Ray Train worker runs: data, model, resume point, then stage by stage,
+    epoch by epoch: train, validate (rank 0), report with a checkpoint."""
+    import ray.train
+
+    worker = start_worker(TrainConfig(**config))
+    cfg = worker.cfg
+    data = load_training_data(cfg.data, cfg.holdout_fraction, cfg.seed, exclude=cfg.exclude_images)
+    pixels = load_cache(cfg.decoded_cache, cfg.image_size) if cfg.decoded_cache else None
+    method = build_method(cfg, data.num_classes).to(worker.device)
+    resumed = restore_or_initialise(method, worker, ray.train.get_checkpoint())
+    stages = method.stages()
+    start_stage, global_step = start_position(cfg, stages, resumed)
+    tracker = open_tracker(worker)
+    try:
+        for stage_index in range(start_stage, len(stages)):
+            run = prepare_stage(method, stages, stage_index, data, worker, resumed, pixels)
+            for epoch in range(run.start_epoch, run.recipe.epochs):
+                result = train_epoch(method, run, epoch, global_step, worker, tracker)
+                global_step += result.steps
+                if result.finished:
+                    advance(run.scheduler, run.recipe, "epoch")
+                metrics = epoch_metrics(run, epoch, result, global_step, worker)
+                if worker.leader:
+                    metrics.update(validate(method, data, run, epoch, worker))
+                tracker.log(epoch_scalars(metrics), global_step)
+                tracker.flush()
+                metrics["restored_from_step"] = resumed["global_step"] if resumed else -1
+                _report(method, run.optimizer, run.scheduler, metrics, cfg, run.counts, worker.rank, data.version)
+                if result.stop:
+                    return
+    finally:
+        tracker.close()
+
+
+def start_worker(cfg: TrainConfig) -> Worker:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    torch.manual_seed(cfg.seed)
+    return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def open_tracker(worker: Worker):
+    """TensorBoard (and MLflow) logging from rank 0; the other ranks log nothing."""
+    if not worker.leader:
+        return NoTracker()
+    cfg = worker.cfg
+    return Tracker(storage.join(cfg.out, cfg.run_name()), cfg.mlflow, cfg.mlflow_run_id)
+
+
+def build_method(cfg: TrainConfig, num_classes: int) -> Method:
+    cls = get_method(cfg.method)
+    recipe = cls.default_recipe.override(**cfg.overrides)
+    method = cls(BackboneConfig(cfg.model, cfg.pretrained, tuple(cfg.image_size)), recipe, num_classes=num_classes)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(method)
+    return method
+
+
+def enable_grad_checkpointing(method: Method) -> None:
+    """open_clip's activation checkpointing (about a third more compute for much less memory).
+    A method that runs the towers' blocks itself provides its own ``set_grad_checkpointing``."""
+    switch = getattr(method, "set_grad_checkpointing", None) or method.clip.set_grad_checkpointing
+    switch(True)
+
+
+def restore_or_initialise(method: Method, worker: Worker, checkpoint) -> dict | None:
+    """Load the run's latest checkpoint (a resumed or restarted run), else ``--init`` weights."""
+    resumed = _restore(checkpoint)
+    if resumed is not None:
+        method.load_state_dict(resumed["model_state"], strict=method.checkpoint_holds_backbone)
+        if worker.leader:
+            log(f"restored from the checkpoint at step {resumed['global_step']} "
+                f"(stage {resumed['stage'] + 1}, epoch {resumed['epoch']})")
+    elif worker.cfg.init:
+        load_weights(method, worker.cfg.init)
+    return resumed
+
+
+def start_position(cfg: TrainConfig, stages: list[Stage], resumed: dict | None) -> tuple[int, int]:
+    """(stage index, global step) the loop begins at."""
+    if not 0 <= cfg.start_stage < len(stages):
+        raise ConfigError(f"method {cfg.method} has stages 1..{len(stages)}; cannot start at stage {cfg.start_stage + 1}")
+    if resumed:
+        return resumed["stage"], resumed["global_step"]
+    return cfg.start_stage, 0
+
+
+def prepare_stage(method: Method, stages: list[Stage], index: int, data: TrainingData, worker: Worker,
+                  resumed: dict | None, pixels: dict | None = None) -> StageRun:
+    """Trainable set, DDP wrapper, loader and optimizer of one stage (state restored when resuming in it)."""
+    import ray.train.torch
+
+    stage, cfg = stages[index], worker.cfg
+    method.set_stage(stage)
+    counts = method.parameter_counts()
+    if worker.leader:
+        log(f"stage {index + 1}/{len(stages)} {stage.name!r}: trainable "
+            f"{counts['trainable']:,} of {counts['total']:,} parameters "
+            f"({100.0 * counts['trainable'] / counts['total']:.2f} %)")
+    model = ray.train.torch.prepare_model(method, move_to_device=False)
+    loader, sampler = pair_loader(data, cfg.image_size, stage.recipe.augment, stage.recipe.batch_size,
+                                  rank=worker.rank, world=worker.world, seed=cfg.seed,
+                                  loader_workers=cfg.loader_workers, pin_memory=worker.device.type == "cuda",
+                                  pixels=pixels)
+    optimizer = build_optimizer(method, stage)
+    scheduler = build_scheduler(optimizer, stage.recipe, len(loader))
+    start_epoch = 0
+    if resumed and resumed["stage"] == index and resumed["optimizer_in_stage"]:
+        optimizer.load_state_dict(resumed["optimizer_state"]["optimizer"])
+        scheduler.load_state_dict(resumed["optimizer_state"]["scheduler"])
+        start_epoch = resumed["epoch"]
+    return StageRun(index, stage, model, loader, sampler, optimizer, scheduler, counts, start_epoch)
+
+
+def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, worker: Worker, tracker) -> EpochResult:
+    """One pass over this worker's share of the pairs (or up to ``max_steps``)."""
+    cfg, recipe = worker.cfg, run.recipe
+    run.sampler.set_epoch(epoch)
+    run.model.train()
+    tick, sums, steps, stop = time.perf_counter(), {}, 0, False
+    steps_per_epoch = len(run.loader)
+    for batch in run.loader:
+        losses = train_step(method, run, batch, worker.device)
+        steps += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        stop = cfg.max_steps is not None and global_step + steps >= cfg.max_steps
+        if worker.leader and (steps % cfg.log_every == 0 or steps == steps_per_epoch or stop):
+            rate = steps * recipe.batch_size * worker.world / (time.perf_counter() - tick)
+            terms = " ".join(f"{k} {v / steps:.4f}" for k, v in sums.items())
+            lr = run.scheduler.get_last_lr()[0]
+            log(f"{run.stage.name} epoch {epoch + 1}/{recipe.epochs} step {steps}/{steps_per_epoch} "
+                f"{terms} lr {lr:.3e} samples/s {rate:.1f}")
+            tracker.log({**{f"train/{k}": v / steps for k, v in sums.items()}, "lr": lr, "samples_per_s": rate},
+                        global_step + steps)
+        if stop:
+            break
+    return EpochResult(steps, sums, time.perf_counter() - tick, steps * recipe.batch_size * worker.world,
+                       finished=steps == steps_per_epoch, stop=stop)
+
+
+def train_step(method: Method, run: StageRun, batch: dict, device) -> dict:
+    """Forward, backward and update on one batch; returns the loss terms."""
+    if "pixels" in batch:  # decoded cache: augment the uint8 batch here, on the training device
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        images = batch_augment(pixels) if run.recipe.augment else normalize(pixels)
+    else:
+        images = normalize(batch["image"].to(device, non_blocking=True))
+    batch = {
+        "images": images,
+        "tokens": method.tokenize(batch["caption"]).to(device),
+        "person_ids": batch["person_id"].to(device),
+        "labels": batch["label"].to(device),
+    }
+    with autocast(device):
+        losses = run.model(batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    run.optimizer.step()
+    advance(run.scheduler, run.recipe, "step")
+    return losses
+
+
+def epoch_metrics(run: StageRun, epoch: int, result: EpochResult, global_step: int, worker: Worker) -> dict:
+    """Loss terms averaged over steps and workers, plus the run's position."""
+    metrics = {f"train_{k}": _mean_across_workers(v / max(1, result.steps), worker.device)
+               for k, v in result.loss_sums.items()}
+    metrics.update(stage=run.index, stage_name=run.stage.name, epoch=epoch + int(result.finished),
+                   global_step=global_step, samples_per_s=result.samples / result.seconds,
+                   lr=run.scheduler.get_last_lr()[0])
+    return metrics
+
+
+def validate(method: Method, data: TrainingData, run: StageRun, epoch: int, worker: Worker) -> dict:
+    val = evaluate_split(method, data.val, worker.cfg.image_size, worker.device)
+    log(f"{run.stage.name} epoch {epoch + 1} val R1 {val['R1']:.2f} R5 {val['R5']:.2f} mAP {val['mAP']:.2f}")
+    return {f"val_{k}": v for k, v in val.items() if isinstance(v, float)}
 
 
 def _restore(checkpoint) -> dict | None:
@@ -179,117 +336,6 @@ def load_weights(method: Method, checkpoint: str) -> None:
         raise ConfigError(f"--init {uri} has weights this {method.name} model lacks: {unexpected[:5]}")
 
 
-def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    cfg = TrainConfig(**config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
-
-    manifest = load_manifest(cfg.data)
-    train_table, val_table = selection_split(manifest, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed)
-    pids = sorted(set(train_table.column("person_id").to_pylist()))
-    labels = {pid: i for i, pid in enumerate(pids)}
-
-    cls = get_method(cfg.method)
-    recipe = cls.default_recipe.override(**cfg.overrides)
-    backbone = BackboneConfig(cfg.model, cfg.pretrained, tuple(cfg.image_size))
-    method = cls(backbone, recipe, num_classes=len(labels)).to(device)
-
-    resumed = _restore(ray.train.get_checkpoint())
-    if resumed is not None:
-        method.load_state_dict(resumed["model_state"], strict=cls.checkpoint_holds_backbone)
-        if rank == 0:
-            log(f"restored from the checkpoint at step {resumed['global_step']} "
-                f"(stage {resumed['stage'] + 1}, epoch {resumed['epoch']})")
-    elif cfg.init:
-        load_weights(method, cfg.init)
-    stages = method.stages()
-    if not 0 <= cfg.start_stage < len(stages):
-        raise ConfigError(f"method {cfg.method} has stages 1..{len(stages)}; cannot start at stage {cfg.start_stage + 1}")
-    start_stage = resumed["stage"] if resumed else cfg.start_stage
-    global_step = resumed["global_step"] if resumed else 0
-
-    for stage_index in range(start_stage, len(stages)):
-        stage = stages[stage_index]
-        recipe = stage.recipe
-        method.set_stage(stage)
-        counts = method.parameter_counts()
-        if rank == 0:
-            log(f"stage {stage_index + 1}/{len(stages)} {stage.name!r}: trainable "
-                  f"{counts['trainable']:,} of {counts['total']:,} parameters "
-                  f"({100.0 * counts['trainable'] / counts['total']:.2f} %)")
-        model = ray.train.torch.prepare_model(method, move_to_device=False)
-
-        dataset = CaptionPairs(train_table, labels, cfg.image_size, augment=recipe.augment)
-        if len(dataset) < recipe.batch_size * world:
-            raise ConfigError(f"{len(dataset)} training pairs cannot fill one global batch of "
-                              f"{recipe.batch_size} x {world} workers; lower --batch-size")
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.loader_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=cfg.loader_workers > 0)
-        steps_per_epoch = len(loader)
-        optimizer = build_optimizer(method, stage)
-        total = recipe.epochs * steps_per_epoch
-        warmup = recipe.warmup_epochs * steps_per_epoch
-        decay = recipe.step_decay_epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-            s, warmup, total, recipe.warmup_factor, recipe.schedule, decay, recipe.step_gamma))
-        start_epoch = 0
-        if resumed and resumed["stage"] == stage_index and resumed["optimizer_in_stage"]:
-            optimizer.load_state_dict(resumed["optimizer_state"]["optimizer"])
-            scheduler.load_state_dict(resumed["optimizer_state"]["scheduler"])
-            start_epoch = resumed["epoch"]
-
-        for epoch in range(start_epoch, recipe.epochs):
-            sampler.set_epoch(epoch)
-            model.train()
-            tick, seen, running = time.perf_counter(), 0, {}
-            for step, batch in enumerate(loader):
-                batch = {
-                    "images": normalize(batch["image"].to(device, non_blocking=True)),
-                    "tokens": method.tokenize(batch["caption"]).to(device),
-                    "person_ids": batch["person_id"].to(device),
-                    "labels": batch["label"].to(device),
-                }
-                with autocast(device):
-                    losses = model(batch)
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                optimizer.step()
-                scheduler.step()
-                global_step += 1
-                seen += recipe.batch_size * world
-                for k, v in losses.items():
-                    running[k] = running.get(k, 0.0) + float(v.detach())
-                done = cfg.max_steps is not None and global_step >= cfg.max_steps
-                if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch or done):
-                    rate = seen / (time.perf_counter() - tick)
-                    terms = " ".join(f"{k} {v / (step + 1):.4f}" for k, v in running.items())
-                    log(f"{stage.name} epoch {epoch + 1}/{recipe.epochs} step {step + 1}/{steps_per_epoch} "
-                          f"{terms} lr {scheduler.get_last_lr()[0]:.3e} samples/s {rate:.1f}")
-                if done:
-                    break
-            epoch_done = step + 1 == steps_per_epoch
-            metrics = {f"train_{k}": _mean_across_workers(v / (step + 1), device) for k, v in running.items()}
-            metrics.update(stage=stage_index, stage_name=stage.name, epoch=epoch + int(epoch_done),
-                           global_step=global_step, samples_per_s=seen / (time.perf_counter() - tick),
-                           lr=scheduler.get_last_lr()[0])
-            if rank == 0:
-                val = evaluate_split(method, val_table, cfg.image_size, device)
-                metrics.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
-                log(f"{stage.name} epoch {epoch + 1} val R1 {val['R1']:.2f} R5 {val['R5']:.2f} "
-                      f"mAP {val['mAP']:.2f}")
-            metrics["restored_from_step"] = resumed["global_step"] if resumed else -1
-            _report(method, optimizer, scheduler, metrics, cfg, counts, rank)
-            if done:
-                return
-
-
 def _mean_across_workers(value: float, device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
@@ -298,7 +344,7 @@ def _mean_across_workers(value: float, device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _report(method, optimizer, scheduler, metrics, cfg: TrainConfig, counts, rank) -> None:
+def _report(method, optimizer, scheduler, metrics, cfg: TrainConfig, counts, rank, data_version) -> None:
     import ray.train
 
     if rank != 0:
@@ -313,7 +359,7 @@ def _report(method, optimizer, scheduler, metrics, cfg: TrainConfig, counts, ran
         "optimizer_in_stage": not stage_done,  # the optimizer state belongs to the stage resumed
     }
     info = {**position, "stage_name": metrics["stage_name"], "parameter_counts": counts,
-            "data": cfg.data, "run": cfg.run_name(),
+            "data": cfg.data, "data_version": data_version, "run": cfg.run_name(),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(method, tmp, info, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
@@ -338,48 +384,57 @@ def _checkpoint_uri(storage_path: str, checkpoint) -> str:
 def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Run training on the Ray cluster (a local one unless ``address``/RAY_ADDRESS names one)."""
     import ray
+
+    from tpr_ray.ray_utils import init_ray, require_shared_storage
+    from tpr_ray.train_run import (absolute_references, check_run_folder, decoded_cache, latest_checkpoint,
+                                   mlflow_run, registered_checkpoints, skipped_images, with_recipe_rules,
+                                   write_best)
+
+    cfg = with_recipe_rules(cfg)
+    recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
+    config = absolute_references(cfg)
+    out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
+    check_run_folder(cfg, config, recipe, run_dir)
+    config["exclude_images"] = skipped_images(cfg, config)
+    config["mlflow"], config["mlflow_run_id"] = mlflow_run(cfg, config, recipe, run_dir)
+    init_ray(address)
+    require_shared_storage(out, "--out")
+    if cfg.decoded_cache:
+        config["decoded_cache"] = decoded_cache(cfg, config)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    trainer = _trainer(cfg, config, use_gpu)
+    try:
+        result = trainer.fit()
+    except BaseException:  # Ctrl-C or a failed run: what it registered stays usable as RUN
+        checkpoints = registered_checkpoints(run_dir)
+        if checkpoints:
+            write_best(run_dir, checkpoints, latest_checkpoint(checkpoints), interrupted=True)
+        raise
+    if result.checkpoint is None:
+        raise ConfigError(f"training run {run_dir} finished without a checkpoint")
+    latest = _checkpoint_uri(out, result.checkpoint)
+    best, best_metrics = write_best(run_dir, [(_checkpoint_uri(out, c), m) for c, m in result.best_checkpoints], latest)
+    if config["mlflow_run_id"]:
+        from tpr_ray.tracking import log_best_to_mlflow
+
+        log_best_to_mlflow(config["mlflow"], config["mlflow_run_id"], best, best_metrics)
+    return TrainResult(run_dir, best, best_metrics, latest)
+
+
+def _trainer(cfg: TrainConfig, config: dict, use_gpu: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tpr_ray.ray_utils import init_ray, require_shared_storage
-
-    cls = get_method(cfg.method)
-    cls.default_recipe.override(**cfg.overrides)  # fail fast on a bad option, before Ray starts
-    out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
-    run_dir = storage.join(out, cfg.run_name())
-    if storage.exists(run_dir) and not cfg.resume:
-        raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
-                          f"or choose another --name / --out")
-    init_ray(address)
-    require_shared_storage(out, "--out")
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    config = dataclasses.asdict(cfg)
-    config["out"] = out
-    # Checkpoints record where the data and the backbone came from: keep those references
-    # valid from any working directory.
-    for key in ("data", "pretrained", "init"):
-        if config[key] and not storage.is_remote(config[key]) and os.path.exists(config[key]):
-            config[key] = os.path.abspath(config[key])
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.run_name(), storage_path=out,
+            name=cfg.run_name(), storage_path=config["out"],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_R1",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise ConfigError(f"training run {run_dir} finished without a checkpoint")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_R1", -1.0))
-    best = _checkpoint_uri(out, best_ckpt)
-    storage.write_json(storage.join(run_dir, BEST_FILE), {
-        "checkpoint": best, "metrics": {k: v for k, v in best_metrics.items() if isinstance(v, (int, float, str))},
-        "selected_by": "val_R1", "latest": _checkpoint_uri(out, result.checkpoint),
-    })
-    return TrainResult(run_dir, best, best_metrics, _checkpoint_uri(out, result.checkpoint))

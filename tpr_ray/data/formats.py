@@ -21,13 +21,12 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from tpr_ray import storage
+from tpr_ray.data.check import CHECKS, describe, missing_files, undecodable
 from tpr_ray.data.manifest import SPLITS, build_manifest, file_version
+from tpr_ray.data.uris import IMAGE_FOLDER, check_image_uris
 from tpr_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-IMAGE_FOLDER = "imgs"
-
 
 @dataclass(frozen=True)
 class DatasetFormat:
@@ -109,16 +108,23 @@ def _format(fmt: str) -> DatasetFormat:
 
 
 def read_dataset(
-    root: str, *, fmt: str | None = None, on_error: str = "raise", rejects_uri: str | None = None
+    root: str, *, fmt: str | None = None, on_error: str = "raise", rejects_uri: str | None = None,
+    check: str = "none", check_on_ray: bool | None = None, address: str | None = None,
 ) -> pa.Table:
     """Read a dataset folder (local path or fsspec URI) into a manifest table.
 
     on_error="raise" stops at the first bad entry; "skip" leaves bad entries out, writes
     them to `rejects_uri` (Parquet if it ends in .parquet, else JSON lines) and records
     their number as "rejected" in the manifest metadata.
+
+    check="exists" also requires each entry's image file to exist, "decode" to decode (see
+    tpr_ray.data.check; `check_on_ray`/`address` choose where); a missing or unreadable
+    image is a bad entry, except that in raise mode all of them are listed at once.
     """
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if check not in CHECKS:
+        raise ConfigError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
     if rejects_uri is not None and on_error != "skip":
         raise ConfigError("a rejects file only makes sense with on_error='skip'")
     fmt = fmt or detect_format(root)
@@ -129,6 +135,9 @@ def read_dataset(
     reader = _EntryReader(spec, source, posixpath.basename(source), on_error)
     for index, entry in enumerate(entries):
         reader.add(index, entry)
+    image_root = f"{_absolute(root)}/{IMAGE_FOLDER}"
+    if check != "none":
+        reader.require_images(image_root, decode=check == "decode", use_ray=check_on_ray, address=address)
     rows = reader.rows()
     if rejects_uri is not None:
         write_rejects(reader.rejects, rejects_uri)
@@ -137,7 +146,6 @@ def read_dataset(
                     len(reader.rejects), source, rejects_uri or "no rejects file")
     if not rows:
         raise DataError(f"no usable entries ({len(reader.rejects)} rejected)", file=source)
-    image_root = f"{_absolute(root)}/{IMAGE_FOLDER}"
     columns = {
         "image_id": [r["path"] for r in rows],
         "person_id": [r["id"] for r in rows],
@@ -146,6 +154,8 @@ def read_dataset(
         "captions": [r["captions"] for r in rows],
         "dataset": [fmt] * len(rows),
     }
+    # The paths were checked not to escape imgs/; on a local disk a symlink still could.
+    check_image_uris(columns["image_uri"], [image_root], source, links_only=True)
     info = {"dataset": fmt, "source": source, "version": file_version(data), "rejected": len(reader.rejects)}
     return build_manifest(columns, info)
 
@@ -233,6 +243,28 @@ class _EntryReader:
         self._rows[index] = row
         self._by_path[row["path"]] = index
         self._split_of.setdefault(row["id"], (row["split"], index))
+
+    def require_images(self, image_root: str, *, decode: bool, use_ray: bool | None, address: str | None) -> None:
+        """Entries whose image file is missing (or, with ``decode``, does not decode) are bad."""
+        indices = list(self._rows)
+        paths = [self._rows[i]["path"] for i in indices]
+        missing = missing_files(image_root, paths)
+        problems = {i: "missing" for i, path in zip(indices, paths) if path in missing}
+        if decode:
+            present = [i for i in indices if i not in problems]
+            found = undecodable([f"{image_root}/{self._rows[i]['path']}" for i in present], use_ray=use_ray,
+                                address=address)
+            problems.update({present[k]: reason for k, reason in found.items()})
+        if not problems:
+            return
+        listed = [(i, f"{IMAGE_FOLDER}/{self._rows[i]['path']}", problems[i]) for i in sorted(problems)]
+        if self.on_error == "raise":
+            raise describe(listed, len(indices), self.source)
+        for index, path, reason in listed:
+            self._rows.pop(index)
+            self.rejects.append({"file": self.source, "entry": index, "field": self.spec.path_field,
+                                 "reason": f"image file {path} is {reason}"})
+        self.rejects.sort(key=lambda r: r["entry"])
 
     def _reject(self, index: int, bad: _BadEntry) -> None:
         if self.on_error == "raise":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -73,15 +74,24 @@ def write_manifest(table: pa.Table, uri: str) -> None:
     storage.write_bytes_atomic(uri, buffer.getvalue())
 
 
-def read_manifest(uri: str) -> pa.Table:
-    """Read a manifest Parquet file and check that it is one (columns, types, values)."""
+def read_manifest(uri: str, *, allow_uri_prefixes: Sequence[str] | None = None) -> pa.Table:
+    """Read a manifest Parquet file and check that it is one (columns, types, values), and
+    that its image URIs stay where its dataset is (see :mod:`tpr_ray.data.uris`).
+
+    ``allow_uri_prefixes``: more places its images may be; None reads ``TPR_RAY_ALLOW_URI_PREFIX``.
+    """
+    from tpr_ray.data.uris import allowed_prefixes, check_image_uris, env_prefixes
+
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     except FileNotFoundError:
         raise DataError("manifest not found", file=uri) from None
     except pa.ArrowInvalid as err:
         raise DataError(f"not a readable Parquet file ({err})", file=uri) from None
-    return conform(table, source=uri)
+    table = conform(table, source=uri)
+    extra = env_prefixes() if allow_uri_prefixes is None else allow_uri_prefixes
+    check_image_uris(table.column("image_uri").to_pylist(), allowed_prefixes(manifest_info(table), extra), uri)
+    return table
 
 
 def conform(table: pa.Table, *, source: str) -> pa.Table:
@@ -187,17 +197,18 @@ def _rank(seed: int, person_id: int) -> bytes:
 # Front door
 
 
-def load_manifest(data_uri: str, *, on_error: str = "raise", rejects_uri: str | None = None) -> pa.Table:
+def load_manifest(data_uri: str, *, on_error: str = "raise", rejects_uri: str | None = None,
+                  allow_uri_prefixes: Sequence[str] | None = None) -> pa.Table:
     """A manifest from either a `.parquet` manifest or a dataset folder (format auto-detected).
 
     `on_error` and `rejects_uri` apply to dataset folders only (see formats.read_dataset);
-    a manifest has been validated when it was written.
+    a manifest has been validated when it was written. `allow_uri_prefixes`: see read_manifest.
     """
     # Imported here because formats.py builds its tables with this module.
     from tpr_ray.data.formats import read_dataset
 
     if data_uri.rstrip("/").endswith(".parquet"):
-        return read_manifest(data_uri)
+        return read_manifest(data_uri, allow_uri_prefixes=allow_uri_prefixes)
     fs, path = url_to_fs(data_uri)
     if fs.isfile(path):
         raise DataError("expected a dataset folder or a .parquet manifest, got another file", file=data_uri)
