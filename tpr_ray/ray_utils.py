@@ -32,11 +32,22 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """Creates the log file (and its folder) with the first line: a command refused before it
+    does anything leaves no file behind in its output folder."""
+
+    def __init__(self, path: str):
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
 def quiet_console(log_file: str) -> None:
     """Send every log line of this process and of the Ray workers it starts to ``log_file``;
     keep the console for the ``tpr_ray`` loggers and workers' PROJECT_MARK lines."""
-    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler = _LazyFileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     previous = _console["handler"]
     _console.update(log_file=log_file, handler=handler)
@@ -98,6 +109,7 @@ def _route_worker_output() -> None:
     def handle(data: dict) -> None:
         who = data.get("actor_name") or data.get("task_name") or ""
         lines = [_ANSI.sub("", line) for line in data.get("lines", [])]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in lines)
         for line in lines:
