@@ -17,7 +17,7 @@ from tpr_ray.methods.cfine import (
     CFine, CFineRecipe, cfr_scores, fcd_scores, select_groups, select_patches, select_words, topk_count,
 )
 from tpr_ray.train import build_optimizer, lr_factor
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 SOS, EOS = 49406, 49407
 CAPTIONS = ["a man in a red coat with a black backpack and blue jeans", "a woman in a green dress",

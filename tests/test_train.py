@@ -9,7 +9,7 @@ from tpr_ray.errors import ConfigError
 from tpr_ray.methods import Recipe, get_method
 from tpr_ray.backbone import BackboneConfig
 from tpr_ray.train import TrainConfig, lr_factor, train
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def test_lr_factor_warms_up_linearly_then_follows_cosine():

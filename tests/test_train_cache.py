@@ -7,7 +7,7 @@ from tpr_ray import storage
 from tpr_ray.images import decode_image, resize_uint8
 from tpr_ray.train import TrainConfig, train
 from tpr_ray.train_cache import SIDECAR, load_cache
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 @pytest.mark.slow
