@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import (address_option, block_size_option, cli_errors, collect_overrides, ks_option, method_names,
-                         parse_size, recipe_options, train_resource_options)
+                      mlflow_option, parse_size, recipe_options, train_resource_options)
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -49,11 +49,12 @@ def _names(value: str) -> tuple[str, ...]:
               help="Jobs at a time (default: as many as the cluster's CPUs/GPUs fit).")
 @click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
               help="Also read manifest images under PREFIX (by default only the dataset's own imgs/ folder).")
+@mlflow_option
 @address_option
 @cli_errors
 def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, image_size, epochs, batch_size, lr,
               sets, max_steps, workers, cpus_per_worker, gpu, loader_workers, ids, seed, ks, top_k, samples,
-              block_size, rows_per_shard, max_parallel, allow_uri_prefixes, address):
+              block_size, rows_per_shard, max_parallel, allow_uri_prefixes, mlflow_uri, address):
     """Train every method on every training set, test on every test set, report the matrix.
 
     Finished cells are skipped on a re-run, checkpoints and embeddings of the same
@@ -71,7 +72,7 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
                           max_steps=max_steps, num_workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=gpu,
                           loader_workers=loader_workers, seed=seed, synthetic_ids=ids, ks=ks, top_k=top_k,
                           samples=samples, block_size=block_size, rows_per_shard=rows_per_shard,
-                          max_parallel=max_parallel, allow_uri_prefixes=allow_uri_prefixes)
+                          max_parallel=max_parallel, allow_uri_prefixes=allow_uri_prefixes, mlflow=mlflow_uri)
     result = run_matrix(cfg, address=address)
 
     counts = result.counts

@@ -15,7 +15,7 @@ from .data import data
 from .evaluate import eval_command
 from .reproduce import reproduce
 from .options import (CONTEXT_SETTINGS, OneLineGroup, address_option, cli_errors, collect_overrides,
-                         is_verbose, method_names, parse_size, recipe_options, set_verbose, top_option,
+                         is_verbose, method_names, mlflow_option, parse_size, recipe_options, set_verbose, top_option,
                          train_resource_options)
 from tpr_ray.errors import TprRayError
 
@@ -67,10 +67,7 @@ cli.add_command(reproduce)
 @click.option("--bad-images", type=click.Choice(["fail", "skip", "off"]), default="fail", show_default=True,
               help="Images that cannot be decoded (checked before training): stop and list them, leave them out, "
                    "or do not check.")
-@click.option("--mlflow", "mlflow_uri", metavar="URI",
-              help="Also log params, metrics and the best checkpoint to this MLflow tracking URI (default: "
-                   "MLFLOW_TRACKING_URI; needs `pip install mlflow`). TensorBoard files are always in "
-                   "OUT/NAME/tensorboard.")
+@mlflow_option
 @click.option("--decoded-cache", metavar="auto|DIR",
               help="Decode the training images once (Ray Data) into uint8 files, in DIR or next to the data with "
                    "'auto', and augment whole batches on the training device.")

@@ -165,6 +165,12 @@ train_resource_options = _stack(
                  help="DataLoader processes per training worker."),
 )
 
+mlflow_option = click.option(
+    "--mlflow", "mlflow_uri", metavar="URI",
+    help="Also log params, metrics and the best checkpoint of every training run to this MLflow tracking URI "
+         "(default: MLFLOW_TRACKING_URI; needs `pip install mlflow`). TensorBoard files are always in "
+         "RUN/tensorboard.")
+
 block_size_option = click.option(
     "--block-size", type=click.IntRange(min=1), default=BLOCK_SIZE, show_default=True,
     help="Queries scored at a time; memory grows with block size x gallery (shard) size.")
