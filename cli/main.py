@@ -52,13 +52,16 @@ cli.add_command(crosseval)
               help="Images that cannot be decoded (checked before training): stop and list them, leave them out, or do not check.")
 @click.option("--mlflow", "mlflow_uri", metavar="URI", help="Also log params, metrics and the best checkpoint to this MLflow "
               "tracking URI (default: MLFLOW_TRACKING_URI; needs `pip install mlflow`). TensorBoard files are always in OUT/NAME/tensorboard.")
-@click.option("--decoded-cache", metavar="auto|DIR", help="Decode the training images once (Ray Data) into uint8 files, "
-              "in DIR or next to the data with 'auto', and augment whole batches on the training device.")
+@click.option("--decoded-cache", metavar="auto|DIR", help="Decode the train split once (Ray Data) into a uint8 crop cache "
+              "in DIR (local or s3://; 'auto': beside the manifest) and augment whole batches on the training device.")
+@click.option("--decoded-stream", is_flag=True, help="With --decoded-cache: stream the cache through Ray Data instead "
+              "of holding it in each worker's memory (datasets larger than a node).")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward: less GPU memory for large batches.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
 @clean_errors
 def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers, gpu,
-          cpus_per_worker, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, bad_images, mlflow_uri, decoded_cache, grad_checkpointing, address):
+          cpus_per_worker, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, bad_images, mlflow_uri, decoded_cache, decoded_stream, grad_checkpointing,
+          address):
     """Train a method with Ray Train; prints the best checkpoint (selected on val).
 
     Watch it with `tensorboard --logdir OUT` (event files in OUT/NAME/tensorboard)."""
@@ -74,7 +77,8 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
                       cpus_per_worker=cpus_per_worker, loader_workers=loader_workers, max_steps=max_steps,
                       seed=seed, resume=resume, init=init_from, start_stage=stage - 1,
                       max_failures=max_failures, bad_images=bad_images, mlflow=mlflow_uri,
-                      grad_checkpointing=grad_checkpointing, decoded_cache=decoded_cache)
+                      grad_checkpointing=grad_checkpointing, decoded_cache=decoded_cache,
+                      decoded_stream=decoded_stream)
     result = run_training(cfg, address=address)
     click.echo(f"run: {result.run_dir}")
     click.echo(f"best checkpoint (val R1 {result.best_metrics.get('val_R1', float('nan')):.2f}): {result.best_checkpoint}")
