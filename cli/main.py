@@ -9,6 +9,7 @@ import click
 from cli.crosseval import crosseval
 from cli.data import data
 from cli.evaluate import eval_command
+from cli.reproduce import reproduce
 from cli.options import clean_errors, parse_overrides, parse_size
 from tpr_ray.errors import TprRayError
 
@@ -24,6 +25,7 @@ def cli(verbose):
 cli.add_command(data)
 cli.add_command(eval_command)
 cli.add_command(crosseval)
+cli.add_command(reproduce)
 
 
 @cli.command()
@@ -97,11 +99,13 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 @click.option("--decode-cpus", default=0.5, show_default=True, help="CPUs reserved per decode task.")
 @click.option("--rows-per-shard", default=10_000, show_default=True)
 @click.option("--queries/--no-queries", default=True, show_default=True, help="Also embed the split's captions.")
+@click.option("--max-reject-rate", default=0.01, show_default=True,
+              help="Stop once more than this fraction of the images are unreadable.")
 @click.option("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph); same as AWS_ENDPOINT_URL.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
 @clean_errors
 def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
-          rows_per_shard, queries, endpoint_url, address):
+          rows_per_shard, queries, max_reject_rate, endpoint_url, address):
     """Embed a gallery (and captions) into sharded Parquet tables with Ray Data; re-run to resume."""
     from tpr_ray.embed import EmbedConfig, embed as run_embed
 
@@ -109,7 +113,8 @@ def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per
     summary = run_embed(EmbedConfig(checkpoint=checkpoint, data=data_uri, images=images, out=out, split=split,
                                     batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                                     cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus,
-                                    rows_per_shard=rows_per_shard, queries=queries), address=address)
+                                    rows_per_shard=rows_per_shard, queries=queries,
+                                    max_reject_rate=max_reject_rate), address=address)
     for kind, info in summary.items():
         rate = info["rows_this_run"] / info["seconds"] if info["rows_this_run"] else 0.0
         click.echo(f"{kind}: {info['rows']} rows in {len(info['shards'])} shard(s), {info['rejected']} rejected, "

@@ -41,10 +41,10 @@ def batch(model):
 
 # --- token selection -----------------------------------------------------------------------
 
-def test_k_is_a_rounded_share_of_the_length_and_at_least_one():
-    lengths = torch.tensor([0, 1, 2, 3, 7, 8, 13, 75])
-    assert topk_count(lengths, 0.2).tolist() == [1, 1, 1, 1, 1, 2, 3, 15]
-    assert topk_count(torch.tensor([192, 5, 25, 35]), 0.1).tolist() == [19, 1, 2, 4]  # half to even, as round()
+def test_k_is_the_int_of_a_share_of_the_length_and_at_least_one():
+    lengths = torch.tensor([0, 1, 2, 3, 7, 8, 13, 15, 75, 100])
+    assert topk_count(lengths, 0.2).tolist() == [1, 1, 1, 1, 1, 1, 2, 3, 15, 20]  # int(), as the official code
+    assert topk_count(torch.tensor([193, 197, 5, 25, 35]), 0.1).tolist() == [19, 19, 1, 2, 3]
 
 
 def test_patch_groups_are_ranks_1_to_k_and_k_plus_1_to_2k_of_the_cls_attention():
@@ -53,14 +53,14 @@ def test_patch_groups_are_ranks_1_to_k_and_k_plus_1_to_2k_of_the_cls_attention()
     attention = torch.empty(2, 192)
     for b in range(2):
         attention[b, order[b]] = torch.linspace(1.0, 0.01, 192)
-    groups = select_patches(attention, 0.1)  # K = round(19.2) = 19
+    groups = select_patches(attention, 0.1)  # K = int(0.1 x (1 + 192)) = 19, [CLS] counted as officially
     assert groups.first.tolist() == order[:, :19].tolist()
     assert groups.second.tolist() == order[:, 19:38].tolist()
     assert groups.first_mask.all() and groups.second_mask.all()
 
     small = torch.tensor([[0.10, 0.00, 0.02, 0.30, 0.05, 0.01, 0.00, 0.40, 0.00, 0.00,
                            0.00, 0.03, 0.00, 0.00, 0.00, 0.07, 0.00, 0.00, 0.00, 0.02]])
-    groups = select_patches(small, 0.1)  # 20 patches: K = 2
+    groups = select_patches(small, 0.1)  # 20 patches: K = int(2.1) = 2
     assert groups.first.tolist() == [[7, 3]] and groups.second.tolist() == [[0, 15]]
 
 
@@ -91,7 +91,7 @@ def test_selected_words_of_real_captions_are_real_words(model, batch):
         for b in range(6):
             chosen = index[b][mask[b]].tolist()
             assert all(1 <= p < eos[b] for p in chosen)
-    expected_k = [max(1, round(0.2 * n)) for n in n_words]
+    expected_k = [max(1, int(0.2 * n + 1e-9)) for n in n_words]
     assert text.groups.first_mask.sum(dim=1).tolist() == [min(k, n) for k, n in zip(expected_k, n_words)]
     assert text.groups.second_mask.sum(dim=1).tolist() == [max(0, min(k, n - k)) for k, n in zip(expected_k, n_words)]
     g = text.groups
@@ -179,7 +179,7 @@ def test_inference_is_the_normalised_concatenation_of_three_necked_features(mode
         for index, mask in ((side.groups.first, side.groups.first_mask), (side.groups.second, side.groups.second_mask)):
             sequence = torch.cat([side.global_token[:, None], cfine._gather_tokens(side.tokens, index)], dim=1)
             parts.append(model.mgf(sequence, torch.cat([mask.new_ones(6, 1), mask], dim=1), side.tokens, real))
-        necked = [neck(f) for neck, f in zip(model.text_necks, [side.global_token, *parts])]
+        necked = [model.text_neck(f) for f in [side.global_token, *parts]]  # one neck for all three
     assert torch.allclose(torch.cat(side.features, dim=-1), torch.cat(necked, dim=-1), atol=1e-5)
     np.testing.assert_allclose(queries, F.normalize(torch.cat(necked, dim=-1), dim=-1).numpy(), atol=1e-5)
     assert calls == {"cfr": 0, "fcd": 0}  # no token-level scores outside training
@@ -208,37 +208,74 @@ def test_checkpoint_round_trip_keeps_recipe_embed_dim_and_embeddings(batch, tmp_
 
 # --- scores and losses ---------------------------------------------------------------------
 
-def test_cfr_and_fcd_match_a_brute_force_loop():
-    torch.manual_seed(3)
-    gi, gt = torch.randn(3, 8), torch.randn(4, 8)
-    patches, words = torch.randn(3, 5, 8), torch.randn(4, 4, 8)
-    patch_mask = torch.ones(3, 5, dtype=torch.bool)
-    word_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+def _official_scores(gi, gt, patches, patch_mask, words, word_mask, cfr_t=0.07, fcd_t=0.01, k=3):
+    """CFR and FCD pair scores computed the way the official code's loops read, one number at a time."""
     unit = lambda v: v / v.norm()  # noqa: E731
 
-    def pool(values, t):
-        w = torch.softmax(values / t, dim=0)
-        return float((w * values).sum())
+    def pool(scaled):  # sum softmax(s) * s
+        w = torch.softmax(scaled, dim=0)
+        return float((w * scaled).sum())
 
-    cfr, fcd = cfr_scores(gi, gt, patches, patch_mask, words, word_mask, 0.07), fcd_scores(
-        patches, patch_mask, words, word_mask, 3, 0.01)
-    for i in range(3):
-        for j in range(4):
-            w = [unit(x) for x in words[j][word_mask[j]]]
-            p = [unit(x) for x in patches[i]]
-            iw = torch.stack([unit(gi[i]) @ x for x in w])
-            pt = torch.stack([x @ unit(gt[j]) for x in p])
-            assert float(cfr[i, j]) == pytest.approx(0.5 * (pool(iw, 0.07) + pool(pt, 0.07)), abs=1e-5)
-            patch_side = []
-            for x in p:
-                best = sorted(w, key=lambda y: -float(x @ y))[:3]
-                patch_side.append(x @ unit(torch.stack(best).mean(0)))
-            word_side = []
-            for y in w:
-                best = sorted(p, key=lambda x: -float(x @ y))[:3]
-                word_side.append(y @ unit(torch.stack(best).mean(0)))
-            expected = 0.5 * (pool(torch.stack(patch_side), 0.01) + pool(torch.stack(word_side), 0.01))
-            assert float(fcd[i, j]) == pytest.approx(expected, abs=1e-5)
+    n_img, n_txt = len(gi), len(gt)
+    p_valid = [[p for p in range(patches.shape[1]) if patch_mask[b, p]] for b in range(n_img)]
+    w_valid = [[w for w in range(words.shape[1]) if word_mask[b, w]] for b in range(n_txt)]
+    cfr = torch.zeros(n_img, n_txt)
+    for i in range(n_img):
+        for j in range(n_txt):
+            iw = torch.stack([unit(gi[i]) @ unit(words[j, w]) for w in w_valid[j]]) / cfr_t
+            pt = torch.stack([unit(patches[i, p]) @ unit(gt[j]) for p in p_valid[i]]) / cfr_t
+            cfr[i, j] = 0.5 * (pool(iw) + pool(pt))
+    # correspondences inside each matched pair b (image b, text b)
+    pos_word, pos_clip = {}, {}
+    for b in range(min(n_img, n_txt)):
+        cos = {(p, w): float(unit(patches[b, p]) @ unit(words[b, w])) for p in p_valid[b] for w in w_valid[b]}
+        for p in p_valid[b]:
+            best = sorted(w_valid[b], key=lambda w: -cos[p, w])[:k]
+            if best:
+                pos_word[b, p] = torch.stack([words[b, w] for w in best]).mean(0)
+        share = {}
+        for p in p_valid[b]:
+            z = sum(math.exp(cos[p, w]) for w in w_valid[b])
+            for w in w_valid[b]:
+                share[p, w] = math.exp(cos[p, w]) / z
+        for w in w_valid[b]:
+            best = sorted(p_valid[b], key=lambda p: -share[p, w])[:k]
+            pos_clip[b, w] = torch.stack([patches[b, p] for p in best]).mean(0)
+    fcd = torch.zeros(n_img, n_txt)
+    for i in range(n_img):
+        for j in range(n_txt):
+            pw0 = [float(unit(patches[i, p]) @ unit(pos_word[j, p])) / fcd_t for p in p_valid[i] if (j, p) in pos_word]
+            pw1 = [float(unit(pos_clip[i, w]) @ unit(words[j, w])) / fcd_t for w in w_valid[j] if (i, w) in pos_clip]
+            fcd[i, j] = 0.5 * ((sum(pw0) / len(pw0) if pw0 else 0.0) + (sum(pw1) / len(pw1) if pw1 else 0.0))
+    return cfr, fcd
+
+
+def test_cfr_and_fcd_match_the_official_computation_done_by_hand():
+    torch.manual_seed(3)
+    gi, gt = torch.randn(4, 8), torch.randn(4, 8)
+    patches, words = torch.randn(4, 5, 8), torch.randn(4, 4, 8)
+    patch_mask = torch.ones(4, 5, dtype=torch.bool)
+    # (a one-word caption would make every patch's softmax share 1: a tie the official code never meets)
+    word_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    expected_cfr, expected_fcd = _official_scores(gi, gt, patches, patch_mask, words, word_mask)
+    cfr = cfr_scores(gi, gt, patches, patch_mask, words, word_mask, 0.07)
+    fcd = fcd_scores(patches, patch_mask, words, word_mask, 3, 0.01)
+    torch.testing.assert_close(cfr, expected_cfr, atol=1e-4, rtol=1e-5)  # scaled units: cos / 0.07
+    torch.testing.assert_close(fcd, expected_fcd, atol=1e-3, rtol=1e-5)  # cos / 0.01
+    assert float(fcd.abs().max()) > 1.0 and float(cfr.abs().max()) > 1.0  # not cosine units
+
+
+def test_fcd_reuses_the_matched_pairs_correspondences_for_every_pair():
+    """Text j's words chosen inside pair (j, j) are what image i's patches meet in pair (i, j)."""
+    patches = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]])  # one patch per image
+    words = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    fcd = fcd_scores(patches, ones, words, torch.ones(2, 2, dtype=torch.bool), topk=1, temperature=1.0)
+    # pair (0, 1): image 0's patch [1,0,0] vs text 1's word chosen by image 1's patch [0,1,0]: [0,1,0] -> cos 0;
+    # text 1's words vs image 0's patch (the only one) -> cos 0 and 0
+    assert float(fcd[0, 1]) == pytest.approx(0.0)
+    # pair (0, 0): patch vs its own best word [1,0,0] -> 1; words [0,0,1], [1,0,0] vs the patch -> 0, 1
+    assert float(fcd[0, 0]) == pytest.approx(0.5 * (1.0 + 0.5))
 
 
 def test_scores_stay_finite_for_a_caption_without_words():
@@ -273,13 +310,13 @@ def test_each_loss_term_is_finite_and_trains_what_it_should(model, batch):
              + r.triplet_weight * losses["triplet"])
     assert torch.allclose(losses["loss"], total)
     names = ["clip.visual.conv1.weight", "clip.token_embedding.weight", "mgf.self_attn.in_proj_weight",
-             "mgf.cross_attn.in_proj_weight", "mgf.mlp.c_fc.weight", "image_necks.0.weight", "image_necks.1.weight",
-             "text_necks.2.weight", "cmpc_classifier"]
+             "mgf.cross_attn.in_proj_weight", "mgf.mlp.c_fc.weight", "image_neck.weight", "text_neck.weight",
+             "cmpc_classifier"]
     expected = {
         "cmpm": {n: n != "cmpc_classifier" for n in names},
         "cmpc": {n: True for n in names},
-        # the part features only: not the global necks, not the classifier
-        "diversity": {n: n not in ("image_necks.0.weight", "cmpc_classifier") for n in names},
+        # the part features (through the shared necks), not the classifier
+        "diversity": {n: n != "cmpc_classifier" for n in names},
         # CFR/FCD read the projected tokens: the towers learn, MGF/necks/classifier do not
         "triplet": {n: n.startswith("clip.") for n in names},
     }
@@ -287,6 +324,32 @@ def test_each_loss_term_is_finite_and_trains_what_it_should(model, batch):
         assert _grad_reaches(model, losses[term], names) == reach, term
     model.zero_grad(set_to_none=True)
     model.eval()
+
+
+def test_loss_weights_are_the_official_ones(model, batch):
+    from tpr_ray.losses import cmpc_loss, cmpm_loss
+
+    model.train()
+    with torch.no_grad():
+        losses = model(batch)
+        image, text = model.image_side(batch["images"]), model.text_side(batch["tokens"])
+        pids, labels = batch["person_ids"], batch["labels"]
+        pairs = list(zip(image.features, text.features))
+        cmpm = sum(w * cmpm_loss(a, b, pids) for w, (a, b) in zip((1.0, 1.0, 0.1), pairs))  # 0.1 on CMPM only
+        cmpc = sum(cmpc_loss(a, b, labels, model.cmpc_classifier) for a, b in pairs)  # weight 1 each
+        pair = model.pair_scores(image, text)
+        g, t = image.groups, text.groups
+        fcd = fcd_scores(cfine._gather_tokens(image.tokens, g.first), g.first_mask,
+                         cfine._gather_tokens(text.tokens, t.first), t.first_mask)
+        cfr = cfr_scores(image.global_token, text.global_token,
+                         cfine._gather_tokens(image.tokens, torch.cat([g.first, g.second], 1)),
+                         torch.cat([g.first_mask, g.second_mask], 1),
+                         cfine._gather_tokens(text.tokens, torch.cat([t.first, t.second], 1)),
+                         torch.cat([t.first_mask, t.second_mask], 1))
+    model.eval()
+    torch.testing.assert_close(losses["cmpm"], cmpm)
+    torch.testing.assert_close(losses["cmpc"], cmpc)
+    torch.testing.assert_close(pair, cfr + fcd)  # summed, not averaged
 
 
 # --- recipe --------------------------------------------------------------------------------
@@ -298,8 +361,10 @@ def test_recipe_defaults_are_the_papers_and_new_modules_learn_ten_times_faster()
         "adam", 1e-5, pytest.approx(1e-4), "step", 50, 32)
     assert (r.image_topk_ratio, r.text_topk_ratio, r.fcd_topk, r.cfr_temperature, r.fcd_temperature) == (
         0.1, 0.2, 3, 0.07, 0.01)
-    assert (r.global_weight, r.group1_weight, r.group2_weight, r.diversity_weight, r.triplet_weight,
-            r.triplet_margin) == (1.0, 1.0, 0.1, 0.2, 10.0, 0.2)
+    assert (r.cmpm_global_weight, r.cmpm_group1_weight, r.cmpm_group2_weight, r.cmpc_weight, r.diversity_weight,
+            r.triplet_weight, r.triplet_margin) == (1.0, 1.0, 0.1, 1.0, 0.2, 10.0, 0.2)
+    assert r.schedule_unit == "epoch" and r.adam_eps == 1e-8
+    assert not hasattr(r, "temperature") and not hasattr(r, "id_loss_weight")
     # warm-up from 1 % over 10 epochs, then x0.1 at epochs 20, 30 and 40 (one step per epoch here)
     factors = [lr_factor(e, r.warmup_epochs, r.epochs, r.warmup_factor, r.schedule, r.step_decay_epochs, r.step_gamma)
                for e in (0, 10, 19, 20, 29, 30, 40, 49)]
@@ -310,21 +375,41 @@ def test_param_groups_and_trainable_set(model):
     (stage,) = model.stages()
     model.set_stage(stage)
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
-    assert frozen == ["clip.logit_scale", *[f"{s}_necks.{i}.bias" for s in ("image", "text") for i in range(3)]]
+    assert frozen == ["clip.logit_scale", "image_neck.bias", "text_neck.bias"]
     assert isinstance(build_optimizer(model, stage), torch.optim.Adam)
-    groups = {g["name"]: g["lr"] for g in model.param_groups(stage.recipe)}
-    for name in ("mgf.self_attn.in_proj_weight", "mgf.mlp.c_proj.bias", "image_necks.1.weight", "cmpc_classifier"):
-        assert groups[name] == pytest.approx(1e-4), name
-    backbone = ("clip.visual.conv1.weight", "clip.text_projection", "clip.visual.transformer.resblocks.0.attn.in_proj_bias")
-    for name in backbone:
-        assert groups[name] == pytest.approx(1e-5), name
+    groups = {g["name"]: (g["lr"], g["weight_decay"]) for g in model.param_groups(stage.recipe)}
+    # the official three groups: new modules + CMPC (lr 1e-4, no decay), image tower (1e-5, 4e-5), text (1e-5, 0)
+    for name in ("mgf.self_attn.in_proj_weight", "mgf.mlp.c_proj.bias", "image_neck.weight", "cmpc_classifier"):
+        assert groups[name] == (pytest.approx(1e-4), 0.0), name
+    for name in ("clip.visual.conv1.weight", "clip.visual.transformer.resblocks.0.attn.in_proj_bias"):
+        assert groups[name] == (pytest.approx(1e-5), pytest.approx(4e-5)), name
+    for name in ("clip.text_projection", "clip.token_embedding.weight", "clip.ln_final.bias"):
+        assert groups[name] == (pytest.approx(1e-5), 0.0), name
+
+
+def test_mgf_block_is_the_official_one():
+    block = cfine.MGFBlock(64, 1)
+    assert type(block.mlp.gelu).__name__ == "QuickGELU"
+    # three LayerNorms (self-attention, cross-attention query, MLP): the context goes in raw
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in block.modules()) == 3
+    torch.manual_seed(0)
+    seq, ctx = torch.randn(2, 3, 64), torch.randn(2, 5, 64)
+    out = block(seq, torch.ones(2, 3, dtype=torch.bool), ctx)
+    x = seq + block.self_attn(*[block.ln_self(seq)] * 3)[0]
+    x = x + block.cross_attn(block.ln_query(x), ctx, ctx)[0]
+    x = x + block.mlp(block.ln_mlp(x))
+    torch.testing.assert_close(out, x[:, 0])
 
 
 # --- end to end (Ray) ---------------------------------------------------------------------
 
+# The official triplet (scaled units, summed over anchors, x10) is sized for the official tower
+# lr of 1e-5; at this test's lr of 1e-3 on the tiny model it swamps the other losses and R1
+# does not move in 6 epochs (measured: R1 7/107 -> 7/107 at x10, 7/107 -> 19/107 at x0.1), so this
+# learning test weighs it 0.1. The official weights stay the defaults (test above).
 LEARN_ARGS = ["--model", "tpr-tiny", "--batch-size", "16", "--epochs", "6", "--lr", "1e-3", "--loader-workers", "0",
               "--set", "new_module_lr_mult=3", "--set", "warmup_epochs=1", "--set", "warmup_factor=0.1",
-              "--set", "schedule=constant", "--set", "weight_decay=1e-4"]
+              "--set", "schedule=constant", "--set", "weight_decay=1e-4", "--set", "triplet_weight=0.1"]
 
 
 def _cli(args):

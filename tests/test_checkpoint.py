@@ -1,3 +1,6 @@
+import os
+import time
+
 import pytest
 import torch
 
@@ -39,3 +42,37 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     torch.save({"clip.bogus": torch.zeros(1)}, tmp_path / "ckpt" / "model.pt")
     with pytest.raises(ConfigError, match="does not match"):
         load_method(str(tmp_path / "ckpt"))
+
+
+def test_remote_checkpoints_are_cached_by_content_and_the_cache_is_bounded(tmp_path, monkeypatch):
+    import fsspec
+
+    from tpr_ray import checkpoint as ckpt
+
+    monkeypatch.setenv(ckpt.CACHE_ENV, str(tmp_path / "cache"))
+    memory = fsspec.filesystem("memory")
+    torch.manual_seed(0)
+    save_checkpoint(tiny_baseline(), str(tmp_path / "a"), {})
+    memory.put(str(tmp_path / "a"), "/remote/ckpt", recursive=True)
+    uri = "memory:///remote/ckpt"
+
+    first = ckpt.local_copy(uri)
+    assert ckpt.local_copy(uri) == first  # every actor / restart / search on the node reuses it
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(first)]
+    loaded, _ = load_method(uri)
+
+    time.sleep(0.01)  # other weights rewritten at the same URI: another copy, never the stale one
+    torch.manual_seed(1)
+    save_checkpoint(tiny_baseline(), str(tmp_path / "b"), {})
+    memory.put(str(tmp_path / "b" / "model.pt"), "/remote/ckpt/model.pt")
+    second = ckpt.local_copy(uri)
+    assert second != first
+    assert open(os.path.join(second, "model.pt"), "rb").read() == open(tmp_path / "b" / "model.pt", "rb").read()
+
+    # bounded: with room for one copy, the least recently used one goes
+    size = sum(os.path.getsize(os.path.join(second, f)) for f in os.listdir(second))
+    monkeypatch.setenv(ckpt.CACHE_BYTES_ENV, str(size + 10))
+    memory.put(str(tmp_path / "a" / "model.pt"), "/remote/other/model.pt")
+    memory.put(str(tmp_path / "a" / "config.json"), "/remote/other/config.json")
+    third = ckpt.local_copy("memory:///remote/other")
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(third)]

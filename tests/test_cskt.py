@@ -284,3 +284,17 @@ def test_embedder_and_evaluator_handle_a_cskt_checkpoint(adapted, icfg_target, t
     reference = evaluate_split(method, _test_split(icfg_target), (384, 128), torch.device("cpu"))
     for key in ("R1", "R5", "mAP", "mINP"):
         assert metrics[key] == pytest.approx(reference[key], abs=1e-6), key
+
+
+def test_every_new_linear_starts_as_the_reference_does():
+    """Liu-Yating/CSKT applies N(0, 0.02) weights and zero biases to every Linear it adds."""
+    torch.manual_seed(0)
+    cls = get_method("cskt")
+    method = cls(BackboneConfig(**TINY), cls.default_recipe, num_classes=2)
+    linears = [m for m in [*method.prompts.modules(), *method.adapters.modules()] if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 2 + 2 * 2 * 2  # coupling pairs per layer; adapter down + up per block
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert 0.018 < weights.std().item() < 0.022 and abs(weights.mean().item()) < 2e-3
+    assert all(m.bias.abs().max() == 0 for m in linears)
+    ups = torch.cat([a.up.weight.flatten() for side in method.adapters.values() for a in side])
+    assert 0.018 < ups.std().item() < 0.022  # the adapters' output projections too

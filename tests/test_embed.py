@@ -64,3 +64,55 @@ def test_embedding_tables_match_in_process_reference(ray_cluster, cuhk_small, ti
     reference = retrieval_metrics(q @ got.T, np.asarray(queries.column("person_id")), np.asarray(gallery.column("person_id")))
     for key in ("R1", "R5", "R10", "mAP", "mINP"):
         assert metrics[key] == pytest.approx(reference[key])
+
+
+# --- the committer, without Ray ------------------------------------------------------
+
+def _gallery_rows(n):
+    return pa.table({"image_id": [f"img{i}" for i in range(n)], "person_id": pa.array(range(n), pa.int64()),
+                     "image_uri": [f"/nowhere/img{i}.jpg" for i in range(n)]})
+
+
+HEADER = {"method": "baseline", "model": "tpr-tiny", "checkpoint": "/ckpt", "dim": 2, "fingerprint": "f"}
+
+
+def _batch(rows, shard, emb, reasons=None):
+    batch = {"row": np.array(rows), "shard": np.full(len(rows), shard), "embedding": np.asarray(emb, np.float32)}
+    if reasons is not None:
+        batch["reject_reason"] = np.array(reasons, dtype=object)
+    return batch
+
+
+def test_non_finite_embeddings_stop_the_job_before_the_shard_is_committed(tmp_path):
+    from tpr_ray.commit import ShardCommitter
+    from tpr_ray.embed import plan_shards
+    from tpr_ray.errors import DataError
+
+    out = str(tmp_path / "gallery")
+    committer = ShardCommitter(out, "gallery", _gallery_rows(4), plan_shards(4, 2), HEADER, {})
+    committer.add(_batch([0, 1], 0, [[1, 0], [0, 1]], ["", ""]))
+    with pytest.raises(DataError, match=r"non-finite embeddings for 1 row.*img3"):
+        committer.add(_batch([2, 3], 1, [[1, 0], [np.nan, np.inf]], ["", ""]))
+    assert sorted(os.listdir(out)) == [SIDECAR, "part-00000.parquet"]  # shard 1 was not committed
+    assert not os.path.exists(out + "-rejects")  # and its bad row was not passed off as a reject
+
+
+def test_a_reject_rate_over_the_limit_stops_the_job_and_says_so(tmp_path):
+    from tpr_ray.commit import ShardCommitter
+    from tpr_ray.embed import plan_shards
+    from tpr_ray.errors import DataError
+
+    out = str(tmp_path / "gallery")
+    plan = plan_shards(20, 5)
+    # 20 inputs at 10 %: 2 rejects are within the budget, the 3rd crosses it
+    committer = ShardCommitter(out, "gallery", _gallery_rows(20), plan, HEADER, {}, max_reject_rate=0.1)
+    committer.add(_batch(range(0, 5), 0, np.ones((5, 2)), ["bad", "", "", "", "bad"]))
+    with pytest.raises(DataError, match=r"3 of 20 inputs were rejected.*max-reject-rate 0.1"):
+        committer.add(_batch(range(5, 10), 1, np.ones((5, 2)), ["", "", "bad", "", ""]))
+    assert len(os.listdir(out + "-rejects")) == 2  # the rejects stay for the user to look at
+    # a re-run with the same limit stops at once; a higher one carries on
+    done = {0: {"file": "part-00000.parquet", "rows": 3, "rejects": 2},
+            1: {"file": "part-00001.parquet", "rows": 4, "rejects": 1}}
+    with pytest.raises(DataError, match="max-reject-rate"):
+        ShardCommitter(out, "gallery", _gallery_rows(20), plan, HEADER, done, max_reject_rate=0.1)
+    ShardCommitter(out, "gallery", _gallery_rows(20), plan, HEADER, done, max_reject_rate=0.2)

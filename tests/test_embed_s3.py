@@ -32,10 +32,57 @@ def test_shard_plan_covers_every_row_once():
 
 
 def test_fingerprint_depends_on_order_and_settings():
-    a = plan_fingerprint(["x", "y"], {"rows_per_shard": 2})
-    assert a == plan_fingerprint(["x", "y"], {"rows_per_shard": 2})
-    assert a != plan_fingerprint(["y", "x"], {"rows_per_shard": 2})
-    assert a != plan_fingerprint(["x", "y"], {"rows_per_shard": 3})
+    import pyarrow as pa
+
+    def fp(keys, rows_per_shard):
+        return plan_fingerprint(pa.table({"image_uri": keys}), {"rows_per_shard": rows_per_shard})
+
+    a = fp(["x", "y"], 2)
+    assert a == fp(["x", "y"], 2)
+    assert a != fp(["y", "x"], 2)
+    assert a != fp(["x", "y"], 3)
+
+
+def test_fingerprint_covers_every_column_and_values_cannot_join_into_a_collision():
+    import pyarrow as pa
+
+    base = {"image_id": ["a", "b"], "person_id": pa.array([1, 2], pa.int64()), "image_uri": ["u1", "u2"]}
+
+    def fp(**changed):
+        return plan_fingerprint(pa.table({**base, **changed}), {})
+
+    assert fp() == fp()
+    assert fp() != fp(person_id=pa.array([1, 3], pa.int64()))  # corrected annotations, same images
+    assert fp() != fp(image_id=["a", "c"])
+    assert fp() != fp(person_id=pa.array([1, None], pa.int64()))
+    assert fp(image_id=["a\nb", "c"]) != fp(image_id=["a", "b\nc"])  # a separator inside a value
+    assert fp(image_id=["ab", ""]) != fp(image_id=["a", "b"])
+    assert fp(image_id=["", "b"]) != fp(image_id=pa.array([None, "b"], pa.string()))
+    chunked = pa.table({**base, "image_id": pa.chunked_array([["a"], ["b"]])})
+    assert plan_fingerprint(chunked, {}) == fp()  # how Arrow happens to chunk the input does not matter
+    assert plan_fingerprint(pa.table({**base, "image_id": pa.array(["a", "b"], pa.large_string())}), {}) == fp()
+    sliced = pa.table(
+        {k: (v if k != "image_id" else pa.array(["z", "a", "b"]).slice(1)) for k, v in base.items()})
+    assert plan_fingerprint(sliced, {}) == fp()
+
+
+def test_job_fingerprint_changes_with_the_checkpoint_content_and_the_manifest_version(tmp_path):
+    import pyarrow as pa
+
+    from tpr_ray.embed import job_fingerprint
+
+    cls = get_method("baseline")
+    path = str(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), path, {})
+    rows = pa.table({"image_id": ["a"], "person_id": pa.array([1], pa.int64()), "image_uri": ["u"]})
+    first, settings = job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")
+    assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")[0] == first
+    assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v2")[0] != first
+    torch.manual_seed(1)  # other weights written at the same path
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), path, {})
+    assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")[0] != first
+    assert settings["manifest_version"] == "v1" and settings["checkpoint_digest"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +132,7 @@ def test_damaged_gallery_on_s3_embeds_readable_images_and_records_rejects(ray_cl
         storage.write_bytes_atomic(f"{s3_bucket}/damaged/{name}", data)
     out = f"{s3_bucket}/emb-damaged"
     cfg = EmbedConfig(checkpoint=checkpoint, images=f"{s3_bucket}/damaged/**/*.*", out=out, batch_size=4,
-                      rows_per_shard=4, block_rows=4)
+                      rows_per_shard=4, block_rows=4, max_reject_rate=0.5)
     info = embed(cfg)["gallery"]
     assert info["inputs"] == 10 and info["rows"] == 7 and info["rejected"] == 3
     table = pq.read_table(f"{out}/gallery".replace("s3://", ""), filesystem=storage.filesystem(out)[0])
@@ -114,7 +161,8 @@ def test_gallery_where_everything_is_rejected_is_an_error(ray_cluster, s3_bucket
     for i in range(3):
         storage.write_bytes_atomic(f"{s3_bucket}/allbad/{i}.jpg", b"garbage")
     with pytest.raises(DataError, match="every one of the 3 images was rejected"):
-        embed(EmbedConfig(checkpoint=checkpoint, images=f"{s3_bucket}/allbad/", out=f"{s3_bucket}/emb-allbad"))
+        embed(EmbedConfig(checkpoint=checkpoint, images=f"{s3_bucket}/allbad/", out=f"{s3_bucket}/emb-allbad",
+                          max_reject_rate=1.0))
 
 
 def _sidecar_or_none(uri):
@@ -170,3 +218,61 @@ def test_an_interrupted_atomic_write_leaves_nothing_a_reader_would_take_for_data
     assert pq.read_table(tmp_path).num_rows == 4  # pyarrow ignores the "_"-prefixed leftover
     assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
     assert storage.remove_temporaries(str(tmp_path)) == 1 and not leftover.exists()
+
+
+@pytest.mark.slow
+def test_credentials_revoked_mid_job_stop_it_and_the_rerun_rejects_nothing(ray_cluster, s3_bucket, checkpoint,
+                                                                           tmp_path, monkeypatch):
+    """An STS token expiring mid-job: moto starts refusing every request (403) after a budget of
+    requests, the job stops naming the image, nothing is recorded as a reject; once credentials
+    are back the same command finishes with every image."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    from tpr_ray import embed as embed_module
+
+    rng = np.random.default_rng(2)
+    names = [f"{i:03d}.jpg" for i in range(40)]
+    fs, bucket = storage.filesystem(s3_bucket)
+    fs.pipe({f"{bucket}/revoked/{n}": _jpeg(Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)))
+             for n in names})
+    listed = embed_module.gallery_rows
+
+    def list_then_revoke_soon(*args, **kwargs):
+        rows = listed(*args, **kwargs)  # after the listing, ~10 more requests go through, then all get 403
+        monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", ActionAuthenticatorMixin.request_count + 10)
+        return rows
+
+    monkeypatch.setattr(embed_module, "gallery_rows", list_then_revoke_soon)
+    out = str(tmp_path / "emb")  # the output is local: only the image reads lose their credentials
+    cfg = EmbedConfig(checkpoint=checkpoint, images=f"{s3_bucket}/revoked/", out=out, batch_size=5, rows_per_shard=5,
+                      block_rows=5, read_retries=1)
+    with pytest.raises(DataError, match=r"file s3://tpr-test/revoked/\d{3}\.jpg: could not read it now \(.*(403|Forbidden|"
+                                        r"Access|Permission)"):
+        embed(cfg)
+    sidecar = storage.read_json(f"{out}/gallery/{SIDECAR}")
+    assert not sidecar["complete"] and sidecar["rejected"] == 0 and len(sidecar["shards"]) < 8
+    assert not os.path.exists(rejects_dir(f"{out}/gallery"))
+
+    monkeypatch.setattr(embed_module, "gallery_rows", listed)
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))  # credentials restored
+    info = embed(cfg)["gallery"]
+    assert info["complete"] and info["rows"] == 40 and info["rejected"] == 0
+    assert info["rows_this_run"] == 40 - 5 * len(sidecar["shards"])
+    ids = pq.read_table(f"{out}/gallery").column("image_id").to_pylist()
+    assert sorted(ids) == names
+
+
+def test_the_output_lease_works_on_s3(s3_bucket):
+    from tpr_ray.lease import LEASE_FILE, Lease, LeaseHeld
+
+    out = f"{s3_bucket}/leased"
+    with Lease(out, settle_s=0.1) as first:
+        with pytest.raises(LeaseHeld, match="being written by another job"):
+            Lease(out, settle_s=0.1).acquire()
+        record = storage.read_json(f"{out}/{LEASE_FILE}")
+        assert record["owner"] == first.owner and record["pid"] == os.getpid() and record["expires"] > time.time()
+        first.check()
+    assert not storage.exists(f"{out}/{LEASE_FILE}")
+    with Lease(out, settle_s=0.1):
+        pass

@@ -58,3 +58,126 @@ def test_large_jpeg_is_decoded_reduced_but_never_below_the_target():
     pixels = resize_uint8(img, (384, 128))
     assert pixels.shape == (384, 128, 3)
     assert np.abs(pixels.reshape(-1, 3).mean(0) - [10, 200, 30]).max() < 3
+
+
+def _png_bytes(size, mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_unreadable_bytes_are_rejects_with_a_reason(tmp_path):
+    from tpr_ray.images import decode_batch
+
+    good = _png_bytes((20, 40))
+    files = {"zero.png": b"", "garbage.jpg": b"not an image" * 10, "truncated.png": good[: len(good) // 2],
+             "good.png": good}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = decode_batch({"image_uri": np.array([str(tmp_path / n) for n in files], dtype=object)}, (8, 4))
+    reasons = dict(zip(files, out["reject_reason"]))
+    assert reasons["good.png"] == "" and all(reasons[n] for n in files if n != "good.png")
+
+
+def test_a_fetch_that_keeps_failing_stops_the_batch_instead_of_rejecting(tmp_path, monkeypatch):
+    from tpr_ray import images, storage
+
+    (tmp_path / "a.png").write_bytes(_png_bytes((20, 40)))
+    calls = []
+
+    def forbidden(uri):
+        calls.append(uri)
+        raise PermissionError("403 Forbidden: the security token included in the request is expired")
+
+    monkeypatch.setattr(storage, "read_bytes", forbidden)
+    monkeypatch.setattr(images, "FETCH_BACKOFF_S", 0.0)
+    uri = str(tmp_path / "a.png")
+    with pytest.raises(images.ImageReadError, match="403") as err:
+        images.decode_batch({"image_uri": np.array([uri], dtype=object)}, (8, 4))
+    assert err.value.uri == uri and len(calls) == images.FETCH_ATTEMPTS
+    import pickle  # Ray ships the error from the worker to the driver and matches retry_exceptions on it
+    again = pickle.loads(pickle.dumps(err.value))
+    assert isinstance(again, images.ImageReadError) and again.uri == uri and "403" in str(again)
+
+
+def test_a_fetch_that_recovers_is_retried_with_backoff(tmp_path, monkeypatch):
+    from tpr_ray import images, storage
+
+    (tmp_path / "a.png").write_bytes(_png_bytes((20, 40)))
+    real, failures = storage.read_bytes, [OSError("connection reset"), TimeoutError("read timed out")]
+
+    def flaky(uri):
+        if failures:
+            raise failures.pop(0)
+        return real(uri)
+
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    monkeypatch.setattr(images, "FETCH_BACKOFF_S", 0.0)
+    out = images.decode_batch({"image_uri": np.array([str(tmp_path / "a.png")], dtype=object)}, (8, 4))
+    assert list(out["reject_reason"]) == [""]
+
+
+def test_running_out_of_memory_while_decoding_is_not_a_reject(tmp_path, monkeypatch):
+    from tpr_ray import images
+
+    (tmp_path / "a.png").write_bytes(_png_bytes((20, 40)))
+
+    def oom(data, target_size=None):
+        raise MemoryError()
+
+    monkeypatch.setattr(images, "decode_image", oom)
+    with pytest.raises(images.ImageReadError, match="memory"):
+        images.decode_batch({"image_uri": np.array([str(tmp_path / "a.png")], dtype=object)}, (8, 4))
+
+
+def test_pixel_limit_holds_at_the_limit_not_at_twice_it(monkeypatch):
+    # Pillow only raises above 2x MAX_IMAGE_PIXELS (and warns between): 1.2x must already be refused.
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(ValueError, match="over the limit"):
+            decode_image(_png_bytes((40, 30)))
+        assert decode_image(_png_bytes((40, 25))).size == (40, 25)  # exactly at the limit is fine
+
+
+def test_a_large_jpeg_is_judged_by_its_decoded_size(monkeypatch):
+    # 48 Mpx declared, drafted to 1/8 (0.75 Mpx) for a 384x128 target: under a 30 Mpx limit
+    # that the declared size is over (Pillow itself only warns below twice its limit)
+    import warnings
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 12000), (10, 200, 30)).save(buf, "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert decode_image(buf.getvalue(), (384, 128)).size[0] < 4000
+        with pytest.raises(ValueError, match="over the limit"):
+            decode_image(buf.getvalue())  # without a target it is decoded whole
+
+
+def test_declared_decode_memory_covers_an_image_at_the_limit(tmp_path):
+    # The peak memory of decoding one RGBA PNG at the pixel limit (measured in a fresh process)
+    # must fit in what the decode stage declares to Ray. Limit scaled down to 4 Mpx to stay cheap.
+    import subprocess
+    import sys
+
+    pattern = (np.arange(2048 * 2048 * 4, dtype=np.uint32) % 251).astype(np.uint8).reshape(2048, 2048, 4)
+    Image.fromarray(pattern, "RGBA").save(tmp_path / "big.png")  # not constant: untouched zero pages cost nothing
+    del pattern
+    # VmHWM (peak resident memory of this process image; ru_maxrss would carry pytest's over exec)
+    code = f"""
+from PIL import Image
+from tpr_ray import images
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+Image.MAX_IMAGE_PIXELS = 2048 * 2048
+before = hwm()
+out = images.decode_batch({{"image_uri": [{str(tmp_path / "big.png")!r}]}}, (384, 128))
+assert list(out["reject_reason"]) == [""], out["reject_reason"]
+print(hwm() - before, images.decode_memory_bytes(1, (384, 128)))
+"""
+    peak, declared = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert 0 < peak <= declared, (peak, declared)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tpr_ray.losses import cmpc_loss, cmpm_loss, diversity_loss, hardest_negative_triplet_loss
+from tpr_ray.losses import cfine_triplet_loss, cmpc_loss, cmpm_loss, diversity_loss
 
 
 def cmpm_reference(img, txt, pids, eps=1e-8):
-    """Plain-Python CMPM: raw features projected on the other side's unit vectors."""
+    """Plain-Python CMPM: raw features projected on the other side's unit vectors; the target
+    is the same-identity indicator over its L2 norm (CMPM's and CFine's code)."""
     total = 0.0
     for a, b in ((img, txt), (txt, img)):
         b_unit = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -19,7 +20,7 @@ def cmpm_reference(img, txt, pids, eps=1e-8):
             z = sum(math.exp(v - m) for v in logits)
             pred = [math.exp(v - m) / z for v in logits]
             same = [1.0 if pids[i] == pids[j] else 0.0 for j in range(len(b))]
-            target = [s / sum(same) for s in same]
+            target = [s / math.sqrt(sum(same)) for s in same]
             rows.append(sum(p * (math.log(p) - math.log(t + eps)) for p, t in zip(pred, target)))
         total += sum(rows) / len(rows)
     return total
@@ -62,46 +63,47 @@ def test_cmpc_classifies_each_feature_projected_on_its_partner():
                         expected, rel_tol=1e-5)
 
 
-def test_diversity_is_mean_squared_cosine_between_parts():
+def test_diversity_is_the_frobenius_norm_of_the_off_diagonal_gram_over_p_squared():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     half = torch.tensor([0.5, math.sqrt(3) / 2])  # cos(a, half) = 0.5
+    # two parts: the off-diagonal Gram holds cos twice, so ||.||_F = sqrt(2) |cos|, over P^2 = 4
     parts = torch.stack([torch.stack([a, b]), torch.stack([a, 3 * a]), torch.stack([a, half])])
-    assert float(diversity_loss(parts)) == pytest.approx((0.0 + 1.0 + 0.25) / 3)
-    three = torch.stack([a, b, half]).unsqueeze(0)  # pairs: 0, 0.25, 0.75 (each counted twice)
-    assert float(diversity_loss(three)) == pytest.approx((0 + 0.25 + 0.75) / 3)
+    expected = (0.0 + math.sqrt(2) * 1.0 + math.sqrt(2) * 0.5) / 4 / 3
+    assert float(diversity_loss(parts)) == pytest.approx(expected, abs=1e-6)
+    three = torch.stack([a, b, half]).unsqueeze(0)  # cosines 0 (a,b), 0.5 (a,half), sqrt(3)/2 (b,half)
+    assert float(diversity_loss(three)) == pytest.approx(math.sqrt(2 * (0 + 0.25 + 0.75)) / 9, abs=1e-6)
     orthogonal = torch.stack([a, b]).unsqueeze(0).requires_grad_()
     diversity_loss(orthogonal).backward()
     assert torch.isfinite(orthogonal.grad).all()
 
 
-def test_triplet_takes_the_hardest_negative_of_each_image_and_each_text():
+def test_triplet_sums_hinges_of_hardest_negatives_that_outscore_the_positive():
     scores = torch.tensor([
-        [0.9, 0.5, 0.8, 0.1],   # image 0: text 1 shares its person; hardest negative is text 2 (0.8)
-        [0.7, 0.6, 0.2, 0.3],   # image 1: text 0 shares its person; hardest negative text 3 (0.3)
-        [0.4, 0.95, 0.5, 0.0],  # image 2: hardest negative text 1 (0.95)
-        [0.2, 0.1, 0.3, 0.9],   # image 3: hardest negative text 2 (0.3)
+        [0.9, 0.5, 0.8, 0.1],   # image 0: text 1 shares its person; hardest negative text 2 (0.8 < 0.9: no)
+        [0.7, 0.6, 0.2, 0.3],   # image 1: text 0 shares its person; hardest negative text 3 (0.3 < 0.6: no)
+        [0.4, 0.95, 0.5, 0.0],  # image 2: hardest negative text 1 (0.95 > 0.5: yes)
+        [0.2, 0.1, 0.3, 0.9],   # image 3: hardest negative text 2 (0.3 < 0.9: no)
     ], requires_grad=True)
     pids = torch.tensor([5, 5, 6, 7])
-    margin = 0.2
-    hinge = lambda positive, negative: max(0.0, margin - positive + negative)  # noqa: E731
-    rows = [hinge(0.9, 0.8), hinge(0.6, 0.3), hinge(0.5, 0.95), hinge(0.9, 0.3)]
-    # columns (text anchors): text 0 -> image 2 (0.4); text 1 -> image 2 (0.95);
-    # text 2 -> image 0 (0.8); text 3 -> image 1 (0.3)
-    cols = [hinge(0.9, 0.4), hinge(0.6, 0.95), hinge(0.5, 0.8), hinge(0.9, 0.3)]
-    loss = hardest_negative_triplet_loss(scores, pids, margin)
-    assert float(loss.detach()) == pytest.approx(sum(rows) / 4 + sum(cols) / 4)
+    # text anchors: text 0 -> image 2 (0.4 < 0.9), text 1 -> image 2 (0.95 > 0.6: yes),
+    # text 2 -> image 0 (0.8 > 0.5: yes), text 3 -> image 1 (0.3 < 0.9)
+    expected = (0.2 - 0.5 + 0.95) + (0.2 - 0.6 + 0.95) + (0.2 - 0.5 + 0.8)
+    loss = cfine_triplet_loss(scores, pids, 0.2)
+    assert float(loss.detach()) == pytest.approx(expected)
     loss.backward()
-    # gradient only where a violated triplet picked its positive or its hardest negative
-    touched = (scores.grad != 0).nonzero().tolist()
-    assert sorted(map(tuple, touched)) == [(0, 0), (0, 2), (1, 1), (2, 1), (2, 2)]
-    assert float(scores.grad[2, 1]) == pytest.approx(0.25 + 0.25)  # hardest for image 2 and for text 1
+    touched = sorted(map(tuple, (scores.grad != 0).nonzero().tolist()))
+    assert touched == [(0, 2), (1, 1), (2, 1), (2, 2)]
+    assert float(scores.grad[2, 1]) == pytest.approx(2.0)  # hardest for image 2 and for text 1
+    assert float(scores.grad[2, 2]) == pytest.approx(-2.0)  # the positive of both image 2 and text 2
+    # a negative within the margin but below the positive does not count (unlike a plain hinge)
+    assert float(cfine_triplet_loss(torch.tensor([[1.0, 0.95], [0.0, 1.0]]), torch.tensor([1, 2]), 0.2)) == 0.0
 
 
 def test_triplet_skips_anchors_without_negatives():
     scores = torch.tensor([[0.1, 0.9], [0.9, 0.1]])
-    assert float(hardest_negative_triplet_loss(scores, torch.tensor([1, 1]))) == 0.0
+    assert float(cfine_triplet_loss(scores, torch.tensor([1, 1]))) == 0.0
     pids = torch.tensor([1, 1, 2])
     scores = torch.tensor([[0.5, 0.9, 0.6], [0.9, 0.5, 0.0], [0.0, 0.0, 0.5]])
-    # the same-person 0.9 entries are never negatives
-    expected = (0.3 + 0.0 + 0.0) / 3 + (0.0 + 0.0 + 0.3) / 3
-    assert float(hardest_negative_triplet_loss(scores, pids)) == pytest.approx(expected)
+    # the same-person 0.9 entries are never negatives; image 0's 0.6 beats its 0.5, and so
+    # does image 0 for text 2 (0.6 > 0.5)
+    assert float(cfine_triplet_loss(scores, pids)) == pytest.approx((0.2 - 0.5 + 0.6) * 2)

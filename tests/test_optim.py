@@ -66,3 +66,35 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(cuhk_small):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cfine_lr_follows_the_official_warmup_multistep_schedule():
+    """CFine's WarmupMultiStepLR: 10 warm-up epochs from 1 %, then x0.1 at epochs 20, 25, 35
+    (absolute epochs), stepped once per epoch; hand-computed factors."""
+    from tpr_ray.methods import get_method
+    from tpr_ray.optim import build_scheduler
+
+    recipe = get_method("cfine").default_recipe
+    assert recipe.step_milestones == (20, 25, 35)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=7)
+    factors = []
+    for _ in range(50):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = {0: 0.01, 5: 0.01 * 0.5 + 0.5, 10: 1.0, 19: 1.0, 20: 0.1, 24: 0.1, 25: 0.01, 34: 0.01, 35: 0.001, 49: 0.001}
+    for epoch, factor in expected.items():
+        assert factors[epoch] == pytest.approx(factor), epoch
+
+
+def test_milestones_come_from_the_command_line_and_json():
+    from tpr_ray.errors import ConfigError
+    from tpr_ray.methods import get_method
+
+    recipe = get_method("baseline").default_recipe
+    assert recipe.override(step_milestones="20,25,35").step_milestones == (20, 25, 35)
+    assert recipe.override(step_milestones=[3, 4]).step_milestones == (3, 4)
+    with pytest.raises(ConfigError, match="step_milestones"):
+        recipe.override(step_milestones="20,x")

@@ -328,3 +328,50 @@ def test_stage_1_beats_zero_shot_and_stage_2_beats_stage_1_on_a_new_style(baseli
     assert counts == {"prompts": 8 * 64 + 16 * 64, "finetune": counts["finetune"]}
     assert counts["finetune"] == sum(p.numel() for p in after2.clip.parameters()) - 1 + sum(
         p.numel() for p in after2.classifier.parameters())
+
+
+# --- prompt depth ----------------------------------------------------------------------
+
+def test_deep_prompts_replace_the_prompt_outputs_at_every_later_layer():
+    method = tiny_pd(prompt_depth="deep").eval()
+    clip, n_text, n_image = method.clip, 4, 8
+    layers = len(clip.transformer.resblocks)
+    assert method.deep_text_prompts.shape == (layers - 1, n_text, 64)
+    assert method.deep_image_prompts.shape == (len(clip.visual.transformer.resblocks) - 1, n_image, 64)
+    tokens = method.tokenize([CAPTION, "a girl"])
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, 384, 128)
+    with torch.no_grad():
+        x = clip.token_embedding(tokens)
+        x = torch.cat([x[:, :1], method.text_prompts.expand(2, -1, -1), x[:, 1:]], dim=1) + clip.positional_embedding
+        for layer, block in enumerate(clip.transformer.resblocks):
+            if layer:
+                x = torch.cat([x[:, :1], method.deep_text_prompts[layer - 1].expand(2, -1, -1), x[:, 1 + n_text:]], 1)
+            x = block(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)[torch.arange(2), tokens.argmax(-1) + n_text]
+        torch.testing.assert_close(method.encode_text(tokens), x @ clip.text_projection)
+
+        v = clip.visual
+        x = torch.cat([v.class_embedding.expand(2, 1, -1), v.conv1(images).flatten(2).transpose(1, 2)], 1)
+        x = x + v.positional_embedding
+        keep = x.shape[1]
+        x = v.ln_pre(torch.cat([x, method.image_prompts.expand(2, -1, -1)], 1))
+        for layer, block in enumerate(v.transformer.resblocks):
+            if layer:
+                x = torch.cat([x[:, :keep], method.deep_image_prompts[layer - 1].expand(2, -1, -1)], 1)
+            x = block(x)
+        torch.testing.assert_close(method.encode_image(images), v.ln_post(x[:, 0]) @ v.proj)
+    # stage 1 trains the deep prompts too; stage 2 leaves all of them alone
+    prompt_stage, finetune_stage = method.stages()
+    method.set_stage(prompt_stage)
+    assert sorted(n for n, p in method.named_parameters() if p.requires_grad) == sorted(
+        ["text_prompts", "image_prompts", "deep_text_prompts", "deep_image_prompts"])
+    method.set_stage(finetune_stage)
+    assert not any(p.requires_grad for n, p in method.named_parameters() if "prompts" in n)
+
+
+def test_shallow_is_the_default_depth_and_others_are_refused():
+    assert PD.default_recipe.prompt_depth == "shallow"
+    assert not hasattr(tiny_pd(), "deep_text_prompts")
+    with pytest.raises(ConfigError, match="prompt_depth must be one of shallow, deep"):
+        tiny_pd(prompt_depth="medium")

@@ -38,7 +38,7 @@ def test_baseline_trains_everything_but_the_fixed_temperature_with_irra_multipli
     assert frozen == ["clip.logit_scale"]
     groups = {g["name"]: g for g in method.param_groups(stage.recipe)}
     assert groups["classifier.weight"]["lr"] == pytest.approx(5e-5)
-    assert groups["classifier.bias"]["lr"] == pytest.approx(1e-4)
+    assert groups["classifier.bias"]["lr"] == pytest.approx(5e-5)  # IRRA: x5 replaces the bias x2
     assert groups["classifier.bias"]["weight_decay"] == 0.0
     assert groups["clip.visual.conv1.weight"]["lr"] == pytest.approx(1e-5)
     assert groups["clip.visual.conv1.weight"]["weight_decay"] == pytest.approx(4e-5)

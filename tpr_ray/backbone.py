@@ -4,14 +4,22 @@ Any open_clip architecture name works, with weights from a pretrained tag
 (``openai``, ``laion2b_s34b_b88k`` ...) or a local checkpoint file. Pedestrian
 crops are 384x128 (H x W); open_clip interpolates the pretrained positional
 embedding to the new patch grid when it loads the weights (14x14 -> 24x8 for
-ViT-B/16). ``tpr-tiny`` is a small randomly initialised architecture shipped for
-tests and the demo.
+ViT-B/16; bicubic with antialiasing, the [CLS] row kept; IRRA uses bilinear).
+``tpr-tiny`` is a small randomly initialised architecture shipped for tests and the demo.
+
+The MLP activation belongs to the weights, not to the architecture name: OpenAI's CLIP
+was trained with QuickGELU, while open_clip's ``ViT-B-16`` config builds GELU and only
+warns when the ``openai`` tag disagrees. ``resolve_quick_gelu`` decides it from the
+weights (see there), and the decision is recorded in ``BackboneConfig.quick_gelu`` so
+that a checkpoint rebuilds the same network without its pretrained source.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import open_clip
@@ -32,6 +40,8 @@ class BackboneConfig:
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    # True: QuickGELU (OpenAI's weights), False: GELU, None: decided from the weights.
+    quick_gelu: bool | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -40,11 +50,68 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BackboneConfig":
-        return cls(model=d["model"], pretrained=d.get("pretrained"), image_size=tuple(d["image_size"]))
+        return cls(model=d["model"], pretrained=d.get("pretrained"), image_size=tuple(d["image_size"]),
+                   quick_gelu=d.get("quick_gelu"))
 
 
 def _is_local_file(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.path.exists(pretrained)
+
+
+log = logging.getLogger(__name__)
+
+
+def is_openai_file(path: str) -> bool:
+    """Whether a weights file is in the format OpenAI publishes CLIP in.
+
+    OpenAI's releases are TorchScript archives, and its ``clip.model.build_model`` keeps
+    the weights in half precision; open_clip's own checkpoints are plain fp32 state dicts
+    (or safetensors). Either OpenAI sign is taken to mean OpenAI-trained, QuickGELU weights.
+    """
+    if path.endswith(".safetensors"):
+        return False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist()):
+                return True  # TorchScript
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a plain state dict; open_clip reports what it is when it loads it
+        return False
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    weight = state.get("visual.conv1.weight") if isinstance(state, dict) else None
+    return isinstance(weight, torch.Tensor) and weight.dtype == torch.float16
+
+
+def resolve_quick_gelu(cfg: BackboneConfig) -> bool:
+    """QuickGELU or GELU for these weights, in this order:
+
+    an explicit ``cfg.quick_gelu``; a tpr-ray checkpoint: what it was trained with; a
+    pretrained tag: its pretrained config (``openai`` and MetaCLIP tags say QuickGELU,
+    LAION/DataComp tags GELU); a local file in OpenAI's format (``is_openai_file``):
+    QuickGELU; otherwise the architecture's config (``ViT-B-16-quickgelu`` says QuickGELU).
+    """
+    if cfg.quick_gelu is not None:
+        return cfg.quick_gelu
+    architecture = bool((open_clip.get_model_config(cfg.model) or {}).get("quick_gelu", False))
+    pretrained = cfg.pretrained
+    if not pretrained:
+        return architecture
+    if is_tpr_checkpoint(pretrained):
+        from tpr_ray.checkpoint import read_config, resolve_checkpoint
+
+        recorded = read_config(resolve_checkpoint(pretrained))["backbone"].get("quick_gelu")
+        return architecture if recorded is None else bool(recorded)
+    tag = open_clip.get_pretrained_cfg(cfg.model, pretrained)
+    if tag:
+        return bool(tag.get("quick_gelu", False))
+    if os.path.isfile(pretrained) and is_openai_file(pretrained):
+        return True
+    if not architecture and f"{cfg.model}-quickgelu" in open_clip.list_models():
+        log.warning("%s does not say which activation its weights need; building GELU as %s's config does. "
+                    "For OpenAI-trained weights pass --model %s-quickgelu", pretrained, cfg.model, cfg.model)
+    return architecture
 
 
 def is_tpr_checkpoint(pretrained: str) -> bool:
@@ -65,7 +132,8 @@ def _clip_from_tpr_checkpoint(cfg: BackboneConfig) -> torch.nn.Module:
     if config["backbone"]["model"] != cfg.model:
         raise ConfigError(f"checkpoint {config['checkpoint']} holds a {config['backbone']['model']} backbone, "
                           f"not {cfg.model}; pass --model {config['backbone']['model']}")
-    model = open_clip.create_model(cfg.model, pretrained=None, force_image_size=tuple(cfg.image_size))
+    model = open_clip.create_model(cfg.model, pretrained=None, force_image_size=tuple(cfg.image_size),
+                                   quick_gelu=resolve_quick_gelu(cfg))
     state = trained.clip.state_dict()
     resize_pos_embed(state, model)
     model.load_state_dict(state)
@@ -73,28 +141,42 @@ def _clip_from_tpr_checkpoint(cfg: BackboneConfig) -> torch.nn.Module:
     return model
 
 
-def build_clip(cfg: BackboneConfig) -> torch.nn.Module:
-    """Return an open_clip CLIP at ``cfg.image_size`` with the requested weights.
+def resolved(cfg: BackboneConfig) -> BackboneConfig:
+    """``cfg`` with its activation decided (what checkpoints record)."""
+    check_model(cfg)
+    if cfg.pretrained and _is_local_file(cfg.pretrained) and not os.path.exists(cfg.pretrained) \
+            and not is_tpr_checkpoint(cfg.pretrained):
+        raise ConfigError(f"pretrained checkpoint file {cfg.pretrained} does not exist")
+    return replace(cfg, quick_gelu=resolve_quick_gelu(cfg))
 
-    ``cfg.pretrained`` may be an open_clip tag, a local open_clip checkpoint file, or a
-    checkpoint (or run directory) of any method trained by tpr-ray, whose CLIP towers are used.
-    """
+
+def check_model(cfg: BackboneConfig) -> None:
     if cfg.model not in open_clip.list_models():
         raise ConfigError(
             f"unknown open_clip model {cfg.model!r}; choose one of open_clip.list_models() "
             f"(e.g. ViT-B-16) or 'tpr-tiny' for tests"
         )
+
+
+def build_clip(cfg: BackboneConfig) -> torch.nn.Module:
+    """Return an open_clip CLIP at ``cfg.image_size`` with the requested weights.
+
+    ``cfg.pretrained`` may be an open_clip tag, a local checkpoint file (open_clip's or
+    OpenAI's format), or a checkpoint (or run directory) of any method trained by tpr-ray,
+    whose CLIP towers are used. The activation follows ``resolve_quick_gelu``.
+    """
+    cfg = resolved(cfg)
     pretrained = cfg.pretrained or None
     if pretrained and is_tpr_checkpoint(pretrained):
         return _clip_from_tpr_checkpoint(cfg)
-    if pretrained and _is_local_file(pretrained) and not os.path.exists(pretrained):
-        raise ConfigError(f"pretrained checkpoint file {pretrained} does not exist")
     try:
         model = open_clip.create_model(
             cfg.model,
             pretrained=pretrained,
             force_image_size=tuple(cfg.image_size),
             require_pretrained=bool(pretrained),
+            force_quick_gelu=cfg.quick_gelu,  # also silences open_clip's mismatch warning
+            quick_gelu=cfg.quick_gelu,  # a model keyword wins over the config, both ways
         )
     except Exception as exc:  # download and load failures come in many types
         if pretrained and not _is_local_file(pretrained):

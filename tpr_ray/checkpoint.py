@@ -16,8 +16,12 @@ validation R@1; pointing the embedder at the run directory uses that one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
 import tempfile
+import time
 
 import torch
 
@@ -62,15 +66,96 @@ def resolve_checkpoint(uri: str) -> str:
     )
 
 
+CACHE_ENV = "TPR_RAY_CHECKPOINT_CACHE"  # folder of the local copies of remote checkpoints
+CACHE_BYTES_ENV = "TPR_RAY_CHECKPOINT_CACHE_BYTES"  # their total size, least recently used evicted first
+DEFAULT_CACHE_BYTES = 20 * 1024**3
+CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE)
+
+
+def checkpoint_digest(uri: str) -> str:
+    """What a checkpoint's files hold, as a short hash: the same path rewritten with other
+    weights gets another digest. Local files are hashed; for an object store its own content
+    tag (the ETag, an MD5 of the bytes or of their parts) is used, so nothing is downloaded.
+    """
+    h = hashlib.sha256()
+    fs, path = storage.filesystem(uri)
+    for name in CHECKPOINT_FILES:
+        h.update(f"{name}\n".encode())
+        file_path = f"{path}/{name}"
+        if storage.is_remote(uri):
+            h.update(json.dumps(_content_tag(fs.info(file_path)), sort_keys=True).encode())
+            continue
+        with open(file_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+def _content_tag(info: dict) -> dict:
+    """The parts of an object's listing entry that change whenever its bytes do."""
+    tags = {k: str(info[k]) for k in ("ETag", "etag", "md5Hash", "crc32c", "VersionId") if info.get(k)}
+    if not tags:  # a store without content tags: size and modification time
+        tags = {k: str(info[k]) for k in ("size", "mtime", "LastModified", "created", "updated") if k in info}
+    return tags
+
+
+def _cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "tpr-ray", "checkpoints")
+
+
 def local_copy(uri: str) -> str:
-    """A local directory with the checkpoint's files (downloaded when remote)."""
+    """A local directory with the checkpoint's files (downloaded once per content when remote).
+
+    Remote checkpoints are kept in a cache keyed by their URI and content tags, so every
+    actor, restart and search on a node reuses one copy, and a rewritten checkpoint is
+    downloaded anew. The cache is bounded (``TPR_RAY_CHECKPOINT_CACHE_BYTES``): the least
+    recently used copies are removed first.
+    """
     if not storage.is_remote(uri):
         return uri
-    fs, path = storage.filesystem(uri)
-    target = tempfile.mkdtemp(prefix="tpr-ckpt-")
-    for name in (MODEL_FILE, CONFIG_FILE):
-        fs.get(f"{path}/{name}", os.path.join(target, name))
+    root = _cache_root()
+    key = hashlib.sha256(f"{uri}\n{checkpoint_digest(uri)}".encode()).hexdigest()[:24]
+    target = os.path.join(root, key)
+    if not os.path.isdir(target):
+        fs, path = storage.filesystem(uri)
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{storage.TEMP_PREFIX}{key}.", dir=root)
+        try:
+            for name in CHECKPOINT_FILES:
+                fs.get(f"{path}/{name}", os.path.join(tmp, name))
+            os.rename(tmp, target)  # atomic: readers see a whole copy or none
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(target):  # not another process that won the race
+                raise
+    os.utime(target)  # most recently used
+    _evict(root, keep=target)
     return target
+
+
+def _evict(root: str, keep: str) -> None:
+    """Remove the least recently used copies (and stale temporaries) beyond the size bound."""
+    limit = int(os.environ.get(CACHE_BYTES_ENV, DEFAULT_CACHE_BYTES))
+    entries = []
+    for name in os.listdir(root):
+        entry = os.path.join(root, name)
+        try:
+            stat = os.stat(entry)
+            size = sum(os.path.getsize(os.path.join(entry, f)) for f in os.listdir(entry))
+        except OSError:  # removed meanwhile by another process
+            continue
+        if name.startswith(storage.TEMP_PREFIX):
+            if time.time() - stat.st_mtime > 3600:  # a download that died
+                shutil.rmtree(entry, ignore_errors=True)
+            continue
+        entries.append((stat.st_mtime, size, entry))
+    total = sum(size for _, size, _ in entries)
+    for _, size, entry in sorted(entries):
+        if total <= limit:
+            break
+        if entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= size
 
 
 def read_config(uri: str) -> dict:

@@ -6,13 +6,14 @@ input and settings. Pending shards stream through
 
     read + decode + resize (CPU tasks) -> the model (actor pool, a GPU each, bf16) -> driver
 
-and the driver commits a shard once all of its rows have come back: its Parquet file is
-written under a temporary name and then moved into place, and the job manifest
-``_tpr_ray.json`` is rewritten to list it. Committed shards are never redone, so re-running
-an interrupted or finished job only does what is missing, and every readable input row ends
-up in exactly one committed shard. Images that cannot be read are recorded per shard in
-``<out>/gallery-rejects/`` (beside the table, so readers of the table never pick them up)
-with the reason, and counted.
+and the driver commits a shard once all of its rows have come back (see
+:mod:`tpr_ray.commit`). Committed shards are never redone, so re-running an interrupted or
+finished job only does what is missing, and every readable input row ends up in exactly one
+committed shard. Images that are not readable are recorded per shard in
+``<out>/gallery-rejects/`` with the reason, and counted; the job stops once they pass
+``max_reject_rate``. Images that cannot be *fetched* now (permissions, network) are retried
+and then stop the job: they are never recorded as rejects (see :mod:`tpr_ray.images`). One
+job at a time writes an output: it holds a lease on it (:mod:`tpr_ray.lease`).
 
 The tables (``<out>/gallery`` and ``<out>/queries``), their sidecar and shard names are
 described in :mod:`tpr_ray.tables`, which this module writes through.
@@ -22,26 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import posixpath
+import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from tpr_ray import storage
-from tpr_ray.checkpoint import read_config, resolve_checkpoint
+from tpr_ray.checkpoint import checkpoint_digest, read_config, resolve_checkpoint
+from tpr_ray.commit import DATA_COLUMNS, ShardCommitter, committed_shards, open_job  # noqa: F401 - re-exported
+from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
-from tpr_ray.images import decode_batch
-from tpr_ray.tables import SIDECAR, SHARD_FORMAT, embedding_array, rejects_dir, shard_number, write_sidecar
+from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes
+from tpr_ray.lease import Lease
+from tpr_ray.tables import SIDECAR, rejects_dir  # noqa: F401 - SIDECAR re-exported
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -56,13 +58,22 @@ class EmbedConfig:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 0.5  # fractional, so decode tasks still get CPUs on small nodes
     decode_cpus: float = 0.5
-    # Logical memory reserved per decode task (a batch of decoded source images plus the
-    # resized uint8 output), per the Ray Data advice to declare memory for heavy stages. It
-    # also keeps decoding a stage of its own: Ray Data fuses maps whose resources are equal.
-    decode_memory: int = 512 * 1024 * 1024
+    # Logical memory reserved per decode task, per the Ray Data advice to declare memory for
+    # heavy stages. None: sized from the pixel limit (an image at the limit being decoded plus
+    # the batch's output; see images.decode_memory_bytes). It also keeps decoding a stage of
+    # its own: Ray Data fuses maps whose resources are equal.
+    decode_memory: int | None = None
     rows_per_shard: int = 10_000
     block_rows: int = 256
     queries: bool = True
+    # The job stops once more than this fraction of its inputs are rejected as unreadable:
+    # many rejects mean a wrong --images, a broken export or a decoder problem, not bad crops.
+    max_reject_rate: float = 0.01
+    # Ray retries of a decode task whose fetches kept failing (each after in-task backoff).
+    read_retries: int = 3
+    # The lease on `out` (one writer at a time) is renewed every quarter of this; a job that
+    # died on another machine blocks the output for at most this long.
+    lease_ttl_s: float = 60.0
 
 
 # --- pure pieces ---------------------------------------------------------------
@@ -74,12 +85,33 @@ def plan_shards(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows_per_shard, num_rows)) for start in range(0, num_rows, rows_per_shard)]
 
 
-def plan_fingerprint(keys: list[str], settings: dict) -> str:
-    """Identifies a job: the ordered input and every setting that changes the output."""
+def plan_fingerprint(columns: pa.Table, settings: dict) -> str:
+    """Identifies a job: every input column that ends up in the table, in order, and every
+    setting that changes the output.
+
+    Computed from the Arrow buffers: each column's name, type and validity, then for strings
+    every value's length followed by all their bytes (so that no two inputs can join into the
+    same stream), for numbers their values.
+    """
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for key in keys:
-        h.update(key.encode())
-        h.update(b"\n")
+    for name in columns.column_names:
+        array = columns.column(name).combine_chunks()
+        kind = array.type
+        wide = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
+        texts = wide or pa.types.is_string(kind) or pa.types.is_binary(kind)
+        if texts:  # the offsets' width is Arrow's choice, not the data's
+            kind = "string" if pa.types.is_string(kind) or pa.types.is_large_string(kind) else "binary"
+        h.update(f"\n{name}:{kind}:{len(array)}\n".encode())
+        h.update(np.packbits(array.is_valid().to_numpy(zero_copy_only=False)).tobytes())
+        if texts and len(array):
+            offsets_buffer, data_buffer = array.buffers()[1:3]
+            offsets = np.frombuffer(offsets_buffer, np.int64 if wide else np.int32)
+            offsets = offsets[array.offset:array.offset + len(array) + 1].astype(np.int64)
+            h.update(np.diff(offsets).tobytes())  # the same lengths whatever the offset width
+            if data_buffer is not None:
+                h.update(memoryview(data_buffer)[offsets[0]:offsets[-1]])
+        elif not texts:
+            h.update(pc.fill_null(array, 0).to_numpy(zero_copy_only=False).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -111,148 +143,31 @@ class Embedder:
         return out
 
 
-# --- committing shards -------------------------------------------------------------
-
-class ShardCommitter:
-    """Driver side: gathers rows by shard and commits each shard once it is complete.
-
-    Only row numbers, embeddings and reject reasons travel through the pipeline; the other
-    columns are taken from the input table here. Rows are keyed by their global row number,
-    so a row delivered twice (a retried task) is stored once. The shard file is the commit
-    point: its rejects file is written first, the job manifest after.
-    """
-
-    def __init__(self, out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
-                 committed: dict[int, dict]):
-        self.out, self.kind, self.rows, self.plan, self.header = out, kind, rows, plan, header
-        self.committed = dict(committed)
-        self.pending: dict[int, dict[int, dict]] = {}
-        self.tick = time.perf_counter()
-        self.rows_done = 0
-
-    def add(self, batch: dict) -> None:
-        reasons = batch.get("reject_reason")
-        for i, (row, shard) in enumerate(zip(batch["row"], batch["shard"])):
-            if int(shard) in self.committed:
-                continue
-            reason = reasons[i] if reasons is not None else ""
-            self.pending.setdefault(int(shard), {})[int(row)] = (batch["embedding"][i], reason)
-        for shard in [s for s, rows in self.pending.items() if len(rows) == self._size(s)]:
-            self._commit(shard, self.pending.pop(shard))
-
-    def _size(self, shard: int) -> int:
-        start, stop = self.plan[shard]
-        return stop - start
-
-    def _commit(self, shard: int, results: dict[int, tuple]) -> None:
-        order = sorted(results)
-        kept = [r for r in order if not results[r][1]]
-        rejected = [r for r in order if results[r][1]]
-        name = SHARD_FORMAT.format(shard)
-        if rejected:
-            bad = self.rows.take(pa.array(rejected, pa.int64()))
-            _write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
-                "image_id": bad.column("image_id"), "image_uri": bad.column("image_uri"),
-                "reason": pa.array([str(results[r][1]) for r in rejected], pa.string())}))
-        _write_parquet(storage.join(self.out, name), self._table(kept, [results[r][0] for r in kept]))
-        self.committed[shard] = {"file": name, "rows": len(kept), "rejects": len(rejected)}
-        self.rows_done += len(order)
-        self._write_manifest(complete=False)
-        rate = self.rows_done / max(time.perf_counter() - self.tick, 1e-9)
-        log.info("%s: committed %s (%d rows, %d rejects); %d/%d shards, %.1f rows/s", self.kind, name, len(kept),
-                 len(rejected), len(self.committed), len(self.plan), rate)
-
-    def _table(self, row_numbers: list[int], embeddings: list[np.ndarray]) -> pa.Table:
-        dim = self.header["dim"]
-        data_columns = ["query_id", "image_id", "person_id", "caption"] if self.kind == "queries" \
-            else ["image_id", "person_id", "image_uri"]
-        source = self.rows.take(pa.array(row_numbers, pa.int64()))
-        table = {c: source.column(c) for c in data_columns}
-        emb = np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)
-        table["embedding"] = embedding_array(emb.reshape(-1, dim))
-        for key in ("method", "model", "checkpoint"):
-            table[key] = pa.array([self.header[key]] * len(row_numbers), pa.string())
-        return pa.table(table)
-
-    def _write_manifest(self, complete: bool) -> dict:
-        shards = [self.committed[s] for s in sorted(self.committed)]
-        info = {**self.header, "kind": self.kind, "complete": complete, "num_shards": len(self.plan),
-                "rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejects"] for s in shards),
-                "shards": shards}
-        write_sidecar(self.out, info)
-        return info
-
-    def finish(self) -> dict:
-        if len(self.committed) != len(self.plan):
-            missing = sorted(set(range(len(self.plan))) - set(self.committed))
-            raise DataError(f"{self.kind}: {len(missing)} shard(s) never completed (first: {missing[:5]})", file=self.out)
-        return self._write_manifest(complete=True)
-
-
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(uri, buf.getvalue())
-
-
-def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) -> dict[int, dict]:
-    """Shards already committed by an earlier run of the same job (found by listing ``out``)."""
-    sidecar = storage.join(out, SIDECAR)
-    if storage.exists(sidecar):
-        previous = storage.read_json(sidecar)
-        if previous.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{out} holds the output of a different embedding job (other input, checkpoint or "
-                              f"settings); choose another --out or delete it")
-    fs, path = storage.filesystem(out)
-    if not fs.exists(path):
-        return {}
-    # Only this job's driver writes here, so any temporary file is from an interrupted run.
-    removed = storage.remove_temporaries(out) + storage.remove_temporaries(rejects_dir(out))
-    if removed:
-        log.info("%s: removed %d temporary file(s) left by an interrupted run", out, removed)
-    done = {}
-    for entry in fs.ls(path, detail=False):
-        name = posixpath.basename(entry)
-        shard = shard_number(name)
-        if shard is None:
-            continue
-        if shard >= len(plan):
-            raise DataError("shard number beyond the job's plan", file=storage.join(out, name))
-        with fs.open(entry, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        rejects_uri = storage.join(rejects_dir(out), name)
-        rejects = 0
-        if storage.exists(rejects_uri):
-            fs_r, p_r = storage.filesystem(rejects_uri)
-            with fs_r.open(p_r, "rb") as f:
-                rejects = pq.ParquetFile(f).metadata.num_rows
-        start, stop = plan[shard]
-        if rows + rejects != stop - start:
-            raise DataError(f"committed shard has {rows} rows + {rejects} rejects, the plan says {stop - start}",
-                            file=storage.join(out, name))
-        done[shard] = {"file": name, "rows": rows, "rejects": rejects}
-    if done and not storage.exists(sidecar):
-        raise ConfigError(f"{out} has shards but no {SIDECAR}; it was not written by this job")
-    return done
+def job_fingerprint(kind: str, rows: pa.Table, checkpoint: str, rows_per_shard: int, image_size,
+                    manifest_version: str | None) -> tuple[str, dict]:
+    """(fingerprint, settings) of a job: a resumed job must have the same inputs, model and plan."""
+    settings = {"kind": kind, "checkpoint": checkpoint, "checkpoint_digest": checkpoint_digest(checkpoint),
+                "manifest_version": manifest_version, "rows_per_shard": rows_per_shard,
+                "image_size": list(image_size)}
+    return plan_fingerprint(rows.select(DATA_COLUMNS[kind]), settings), settings
 
 
 # --- the driver ----------------------------------------------------------------------
 
-def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size) -> dict:
+def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size,
+               manifest_version: str | None, guard=None) -> dict:
     import ray
     import ray.data
 
     out = storage.join(cfg.out, kind)
     plan = plan_shards(rows.num_rows, cfg.rows_per_shard)
-    keys = rows.column("image_uri" if kind == "gallery" else "caption").to_pylist()
-    settings = {"kind": kind, "checkpoint": checkpoint, "rows_per_shard": cfg.rows_per_shard,
-                "image_size": list(image_size)}
-    fingerprint = plan_fingerprint(keys, settings)
-    done = committed_shards(out, plan, fingerprint)
+    fingerprint, settings = job_fingerprint(kind, rows, checkpoint, cfg.rows_per_shard, image_size,
+                                            manifest_version)
     header = {**identity, "dtype": "float32", "fingerprint": fingerprint, "settings": settings,
               "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
               "inputs": rows.num_rows}
-    committer = ShardCommitter(out, kind, rows, plan, header, done)
+    committer = open_job(out, kind, rows, plan, header, cfg.max_reject_rate if kind == "gallery" else 1.0, guard)
+    done = dict(committer.committed)
     pending = [s for s in range(len(plan)) if s not in done]
     log.info("%s: %d rows in %d shards; %d already committed", kind, rows.num_rows, len(plan), len(done))
     tick = time.perf_counter()
@@ -266,16 +181,26 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
         blocks = [todo.slice(i, cfg.block_rows) for i in range(0, todo.num_rows, cfg.block_rows)]
         ds = ray.data.from_arrow(blocks)
         if kind == "gallery":
+            memory = cfg.decode_memory or decode_memory_bytes(cfg.batch_size, image_size)
             ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": list(image_size)}, num_cpus=cfg.decode_cpus,
-                                memory=cfg.decode_memory, batch_size=cfg.batch_size, batch_format="numpy")
+                                memory=memory, batch_size=cfg.batch_size, batch_format="numpy")
         gpus = cfg.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind),
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
                             num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            committer.add(batch)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                committer.add(batch)
+        except Exception as exc:
+            failure = _read_failure(exc)
+            if failure is None:
+                raise
+            raise DataError(f"could not read it now ({failure.reason}), still failing after {cfg.read_retries + 1} "
+                            f"tries. The images of its "
+                            f"shard were not committed (nothing was recorded as rejected); fix access to the "
+                            f"storage and re-run the same command to continue", file=failure.uri) from None
     info = committer.finish()
     if kind == "gallery" and info["rows"] == 0:
         raise DataError(f"every one of the {info['rejected']} images was rejected (see {rejects_dir(out)}/); "
@@ -285,6 +210,27 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     return info
 
 
+def _read_failure(exc: BaseException) -> ImageReadError | None:
+    """The ImageReadError behind an error that Ray Data raised at the driver, if any.
+
+    Ray Data wraps a task's error in a UserCodeException whose cause does not survive the trip
+    to the driver; only its traceback text does, so the error is recognised by its message.
+    """
+    todo, seen = [exc], set()
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, ImageReadError):
+            return exc
+        found = re.search(rf"ImageReadError: {READ_ERROR_PATTERN} (.+?): ([^\n]*)", str(exc))
+        if found:
+            return ImageReadError(*found.groups())
+        todo += [getattr(exc, "cause", None), exc.__cause__, exc.__context__]
+    return None
+
+
 def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     """Embed a gallery (and, for dataset splits, its captions) into ``<out>/gallery`` (``<out>/queries``)."""
     import ray
@@ -292,6 +238,8 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
 
+    if not 0.0 <= cfg.max_reject_rate <= 1.0:
+        raise ConfigError(f"--max-reject-rate must be between 0 and 1, got {cfg.max_reject_rate}")
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     ckpt_config = read_config(checkpoint)
     identity = {"method": ckpt_config["method"], "model": ckpt_config["backbone"]["model"],
@@ -304,9 +252,17 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
 
     init_ray(address)
     require_shared_storage(cfg.out, "--out")
-    ray.data.DataContext.get_current().execution_options.preserve_order = False
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = False
+    # Ray Data retries a decode block that could not be fetched (with exponential backoff);
+    # matched on ImageReadError's message, so a bug in the code is not retried.
+    context.retried_map_errors = [READ_ERROR_PATTERN]
+    context.max_map_retries = cfg.read_retries
     if cfg.batch_size is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
         cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
-    return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size) for kind, rows in jobs}
+    version = manifest_info(gallery).get("version") if cfg.data is not None else None
+    with Lease(cfg.out, ttl_s=cfg.lease_ttl_s) as lease:
+        return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size, version, lease.check)
+                for kind, rows in jobs}
 

@@ -2,20 +2,84 @@
 
 Kept free of torch so the decode stage of an embedding job (many small Ray tasks) starts
 fast and stays small in memory; the model side lives in `transforms.py`.
+
+Two kinds of failure are kept apart. Bytes that are not a readable image (unidentified,
+truncated, zero bytes, over the pixel limit) are a property of the input: the row becomes a
+recorded reject. Bytes that could not be fetched now (permissions or an expired token,
+network, throttling, timeouts, any OS error of the store), or a decode that ran out of
+memory, say nothing about the image: :class:`ImageReadError` is raised, Ray retries the task,
+and if it keeps failing the job stops without committing the row's shard.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import time
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from tpr_ray import storage
 
-# Pillow refuses images above ~179 M pixels as "decompression bombs"; real crops are tiny, but
-# a gallery may hold large frames. Above this limit an image is rejected, not embedded.
-Image.MAX_IMAGE_PIXELS = 1 << 28
+log = logging.getLogger(__name__)
+
+# The most pixels an image may have *as decoded* (after the JPEG draft reduction); above it
+# the image is rejected as a decompression bomb. 32 Mpx holds an 8K UHD frame (33.2 M < 2**25).
+# Pillow's own check only raises above twice its limit (and only warns between), so the limit
+# is enforced here; Pillow's is set to the same value so that the worst cases are refused at
+# ``Image.open``, before any pixel is decoded (which also refuses JPEGs declaring over 2x the
+# limit even though their draft would be small: a person-crop gallery has none).
+MAX_PIXELS = 1 << 25
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# Decoding one RGBA image at the limit peaks at about 12 bytes per pixel (measured: source,
+# white background, composite, RGB result); declared with room: 16 bytes per pixel.
+DECODE_BYTES_PER_PIXEL = 16
+
+# In-task retries of a fetch, before the task fails and Ray retries it elsewhere.
+FETCH_ATTEMPTS = 3
+FETCH_BACKOFF_S = 0.5
+
+
+class ImageReadError(Exception):
+    """An image could not be fetched (or decoded for lack of memory) now; not a bad image."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(uri, reason)
+        self.uri, self.reason = uri, reason
+
+    def __str__(self) -> str:
+        return f"{READ_ERROR_PATTERN} {self.uri}: {self.reason}"
+
+
+READ_ERROR_PATTERN = "could not read"  # how Ray Data's retry setting recognises an ImageReadError
+
+
+def decode_memory_bytes(batch_size: int, image_size) -> int:
+    """Logical memory to declare per decode task: one image at the pixel limit being decoded,
+    plus the batch's resized uint8 output and its copy on the way out."""
+    h, w = image_size
+    return DECODE_BYTES_PER_PIXEL * Image.MAX_IMAGE_PIXELS + 2 * batch_size * h * w * 3
+
+
+def fetch_bytes(uri: str) -> bytes:
+    """The file's bytes, retried with exponential backoff; :class:`ImageReadError` if it keeps failing."""
+    attempts, backoff_s = FETCH_ATTEMPTS, FETCH_BACKOFF_S
+    for attempt in range(attempts):
+        try:
+            return storage.read_bytes(uri)
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch is "not now", never "bad image"
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            if attempt + 1 == attempts:
+                raise ImageReadError(uri, reason) from None
+            log.warning("fetching %s failed (%s); retrying", uri, reason)
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class TooManyPixels(ValueError):
+    """The image is larger than :data:`MAX_PIXELS` as decoded."""
 
 
 def decode_image(data: bytes, target_size: tuple[int, int] | None = None) -> Image.Image:
@@ -28,6 +92,8 @@ def decode_image(data: bytes, target_size: tuple[int, int] | None = None) -> Ima
     img = Image.open(io.BytesIO(data))
     if target_size is not None and img.format == "JPEG":
         img.draft("RGB", (target_size[1], target_size[0]))
+    if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+        raise TooManyPixels(f"{img.width}x{img.height} pixels is over the limit of {Image.MAX_IMAGE_PIXELS}")
     img.load()
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -49,14 +115,21 @@ def resize_uint8(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def decode_batch(batch: dict, image_size) -> dict:
-    """Ray Data stage: fetch, decode and resize each image; unreadable ones carry a reason instead."""
+    """Ray Data stage: fetch, decode and resize each image.
+
+    Images that are not readable carry a reject reason instead of pixels; a fetch that keeps
+    failing, or a decode out of memory, raises :class:`ImageReadError` for the whole batch.
+    """
     h, w = image_size
     pixels = np.zeros((len(batch["image_uri"]), h, w, 3), dtype=np.uint8)
     reasons = []
     for i, uri in enumerate(batch["image_uri"]):
+        data = fetch_bytes(uri)
         try:
-            pixels[i] = resize_uint8(decode_image(storage.read_bytes(uri), (h, w)), (h, w))
+            pixels[i] = resize_uint8(decode_image(data, (h, w)), (h, w))
             reasons.append("")
-        except Exception as exc:  # every failure is recorded with its reason, none is dropped
+        except MemoryError:
+            raise ImageReadError(uri, "out of memory while decoding") from None
+        except Exception as exc:  # noqa: BLE001 - bytes in hand: whatever fails is the image's fault
             reasons.append(f"{type(exc).__name__}: {exc}"[:500])
     return {**batch, "pixels": pixels, "reject_reason": np.array(reasons, dtype=object)}

@@ -39,13 +39,16 @@ def identity_labels(row_pids: torch.Tensor, col_pids: torch.Tensor) -> torch.Ten
     return (row_pids.view(-1, 1) == col_pids.view(1, -1)).float()
 
 
-def _sdm_direction(sims: torch.Tensor, labels: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
-    """KL(predicted match distribution || true match distribution), per row, averaged."""
-    logits = scale * sims
-    target = labels / labels.sum(dim=1, keepdim=True)
+def _match_divergence(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """sum_j p_j (log p_j - log(target_j + eps)) with p = softmax(logits), per row, averaged."""
     log_pred = F.log_softmax(logits, dim=1)
     kl = log_pred.exp() * (log_pred - torch.log(target + eps))
     return kl.sum(dim=1).mean()
+
+
+def _sdm_direction(sims: torch.Tensor, labels: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
+    """KL(predicted match distribution || true match distribution), per row, averaged."""
+    return _match_divergence(scale * sims, labels / labels.sum(dim=1, keepdim=True), eps)
 
 
 def sdm_loss(
@@ -91,15 +94,18 @@ def cmpm_loss(
     """Cross-modal projection matching (CMPM, Zhang & Lu 2018), image->text plus text->image.
 
     A feature is projected onto the unit-length features of the other modality (its raw
-    norm is kept, so there is no temperature); per row, KL(softmax of the projections ||
-    same-identity distribution). Like ``sdm_loss``, local rows are scored against the
-    gathered global batch.
+    norm is kept, so there is no temperature); per row, sum p (log p - log(q + eps)) with
+    p the softmax of the projections and q the same-identity indicator divided by its L2
+    norm, as CMPM's and CFine's code do (q sums to sqrt(n), not 1: a constant offset of
+    -log sqrt(n) per row, the same gradients as a normalised target). Like ``sdm_loss``,
+    local rows are scored against the gathered global batch.
     """
     image_feats, text_feats = image_feats.float(), text_feats.float()
     all_images, all_texts, all_pids = gather(image_feats), gather(text_feats), gather_no_grad(pids)
     labels = identity_labels(pids, all_pids)
-    i2t = _sdm_direction(image_feats @ F.normalize(all_texts, dim=-1).t(), labels, 1.0, eps)
-    t2i = _sdm_direction(text_feats @ F.normalize(all_images, dim=-1).t(), labels, 1.0, eps)
+    target = labels / labels.norm(dim=1, keepdim=True)
+    i2t = _match_divergence(image_feats @ F.normalize(all_texts, dim=-1).t(), target, eps)
+    t2i = _match_divergence(text_feats @ F.normalize(all_images, dim=-1).t(), target, eps)
     return i2t + t2i
 
 
@@ -120,27 +126,26 @@ def cmpc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, labels: torch
 
 
 def diversity_loss(parts: torch.Tensor) -> torch.Tensor:
-    """Mean squared cosine similarity between the different part features of each sample.
-
-    ``parts`` is (batch, parts, dim); 0 when the parts are orthogonal, 1 when they coincide.
-    The square keeps the gradient finite where the parts are already orthogonal.
-    """
+    """CFine's diversity term: ||off-diagonal Gram of the unit part features||_F / P^2, per
+    sample, averaged. ``parts`` is (batch, P, dim); 0 when the parts are orthogonal."""
     unit = F.normalize(parts.float(), dim=-1)
     gram = unit @ unit.transpose(1, 2)
     n = parts.shape[1]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=parts.device)
-    return gram.pow(2)[:, off_diagonal].mean()
+    off_diagonal = gram.masked_fill(torch.eye(n, dtype=torch.bool, device=parts.device), 0.0)
+    # sqrt(x + tiny) keeps the gradient finite where the parts are exactly orthogonal
+    frobenius = (off_diagonal.pow(2).sum(dim=(1, 2)) + 1e-12).sqrt()
+    return (frobenius / n**2).mean()
 
 
-def hardest_negative_triplet_loss(scores: torch.Tensor, pids: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
-    """Bidirectional triplet loss with the hardest negative of each anchor.
+def cfine_triplet_loss(scores: torch.Tensor, pids: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """CFine's triplet loss on a pair-score matrix (``scores[i, j]``: image i, text j; the
+    pair (i, i) is the positive).
 
-    ``scores[i, j]`` scores image i against text j; the pair (i, i) is the positive. For
-    each image row the negative is the highest-scoring text of another person, and for
-    each text column the highest-scoring image of another person; the hinge
-    ``max(0, margin - positive + hardest negative)`` is averaged over the anchors of each
-    direction (anchors without any negative in the batch are skipped) and the two
-    directions are added.
+    For each image anchor (row) and each text anchor (column), the hardest negative (the
+    highest-scoring item of another person) counts only when it outscores the positive;
+    then the hinge is ``margin - positive + hardest``. Hinges are summed over anchors and
+    both directions, as the official ``CRLoss`` (``semi=False``) does. (The official code
+    adds one fallback triplet when no anchor of a direction qualifies; that is not copied.)
     """
     scores = scores.float()
     negative = pids.view(-1, 1) != pids.view(1, -1)
@@ -148,9 +153,7 @@ def hardest_negative_triplet_loss(scores: torch.Tensor, pids: torch.Tensor, marg
     masked = scores.masked_fill(~negative, float("-inf"))
     total = scores.new_zeros(())
     for dim in (1, 0):  # image anchors (rows), then text anchors (columns)
-        has_negative = negative.any(dim=dim)
-        if has_negative.any():
-            hardest = masked.max(dim=dim).values
-            hinge = F.relu(margin - positive[has_negative] + hardest[has_negative])
-            total = total + hinge.mean()
+        hardest = masked.max(dim=dim).values
+        violated = hardest > positive  # -inf (no negative in the batch) never is
+        total = total + (margin - positive[violated] + hardest[violated]).sum()
     return total

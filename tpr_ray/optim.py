@@ -15,10 +15,13 @@ from tpr_ray.methods import Method, Recipe, Stage
 
 SCHEDULE_UNITS = ("epoch", "step")
 
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_factor: float, schedule: str = "cosine",
-              decay_steps: int = 0, gamma: float = 0.1) -> float:
+              decay_steps: int = 0, gamma: float = 0.1, milestones: tuple[int, ...] = ()) -> float:
     """Multiplier of the base lr at ``step``: linear warm-up from ``warmup_factor``, then
-    cosine to 0, constant, or ``gamma`` every ``decay_steps`` (step decay).
+    cosine to 0, constant, or step decay: ``gamma`` once per milestone reached (absolute
+    steps, as torch's MultiStepLR and CFine's WarmupMultiStepLR count them) or, without
+    milestones, every ``decay_steps`` after the warm-up.
 
     ``step`` counts whatever unit the schedule is stepped in (epochs or iterations)."""
     if step < warmup_steps:
@@ -27,6 +30,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_factor: flo
     if schedule == "constant":
         return 1.0
     if schedule == "step":
+        if milestones:
+            return gamma ** sum(step >= m for m in milestones)
         return gamma ** ((step - warmup_steps) // max(1, decay_steps))
     if schedule != "cosine":
         raise ConfigError(f"unknown lr schedule {schedule!r}; use cosine, step or constant")
@@ -50,8 +55,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
     total = recipe.epochs * per_unit
     warmup = recipe.warmup_epochs * per_unit
     decay = recipe.step_decay_epochs * per_unit
+    milestones = tuple(m * per_unit for m in getattr(recipe, "step_milestones", ()))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, warmup, total, recipe.warmup_factor, recipe.schedule, decay, recipe.step_gamma))
+        s, warmup, total, recipe.warmup_factor, recipe.schedule, decay, recipe.step_gamma, milestones))
 
 
 def fused_adam_possible(params) -> bool:

@@ -59,15 +59,34 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
     The temporary name starts with ``_`` and does not end in the file's extension, so a
     writer killed before the move leaves nothing that pyarrow, DuckDB or a ``*.parquet``
-    glob would read as data (see :func:`remove_temporaries`).
+    glob would read as data (see :func:`remove_temporaries`). On a local filesystem the file
+    is fsynced before the rename and its folder after it: without that, a power loss can
+    bring back a renamed file that is empty.
     """
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if "://" in uri else os.path.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f"{TEMP_PREFIX}{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}")
-    with fs.open(tmp, "wb") as f:
+    if is_remote(uri):  # an object store's PUT is atomic and durable once it returns
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+        return
+    with open(tmp, "wb") as f:
         f.write(data)
-    fs.mv(tmp, path)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(parent)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or delete in a local folder durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_temporaries(uri: str) -> int:
@@ -79,6 +98,14 @@ def remove_temporaries(uri: str) -> int:
     for p in leftovers:
         fs.rm(p)
     return len(leftovers)
+
+
+def remove(uri: str) -> None:
+    """Delete one file; on a local filesystem the deletion is made durable."""
+    fs, path = filesystem(uri)
+    fs.rm(path)
+    if not is_remote(uri):
+        fsync_dir(os.path.dirname(path))
 
 
 def write_json(uri: str, obj) -> None:
@@ -94,5 +121,6 @@ def is_remote(uri: str) -> bool:
     return protocol not in (None, "file", "local")
 
 
-__all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic", "remove_temporaries",
+__all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic", "fsync_dir", "remove",
+           "remove_temporaries",
            "write_json", "read_json", "is_remote", "url_to_fs"]

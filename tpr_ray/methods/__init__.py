@@ -1,6 +1,8 @@
 """Registry of retrieval methods; everything else looks them up by name here.
 
 Methods are imported on first use, so a method's dependencies load only when it runs.
+A new method is one module (a ``Method`` subclass with its ``Recipe`` subclass) plus one
+line in ``METHODS``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ METHODS: dict[str, str] = {
 }
 
 
+def available() -> list[str]:
+    """Names of the registered methods (for CLI help and choices)."""
+    return list(METHODS)
+
+
 def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
@@ -28,4 +35,4 @@ def get_method(name: str) -> type[Method]:
         raise ConfigError(f"method {name!r} could not be loaded from {METHODS[name]}: {exc}") from exc
 
 
-__all__ = ["METHODS", "Method", "Recipe", "Stage", "get_method"]
+__all__ = ["METHODS", "Method", "Recipe", "Stage", "available", "get_method"]

@@ -15,31 +15,44 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer
+from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer, resolved
 from tpr_ray.errors import ConfigError
+
+SCHEDULE_UNITS = ("epoch", "step")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Optimisation hyper-parameters of a method (the paper's defaults live in each method)."""
+    """How a method is optimised; the fields every method shares.
+
+    A method extends it in one way: a frozen dataclass subclass that adds the method's own
+    options (its losses' weights and temperatures, prompt lengths ...), with the paper's
+    values as the method's ``default_recipe``. Loss settings live only in the recipes of
+    the methods whose losses read them.
+    """
 
     epochs: int = 60
     batch_size: int = 64
     lr: float = 1e-5
-    new_module_lr_mult: float = 5.0
+    new_module_lr_mult: float = 5.0  # replaces the bias multiplier for new modules (IRRA)
     bias_lr_mult: float = 2.0
     weight_decay: float = 4e-5
     bias_weight_decay: float = 0.0
     optimizer: str = "adam"
     adam_eps: float = 1e-3
     schedule: str = "cosine"  # cosine | step | constant, after the linear warm-up
-    step_decay_epochs: int = 20  # step schedule: multiply the lr by step_gamma every N epochs
+    step_decay_epochs: int = 20  # step schedule: multiply the lr by step_gamma every N epochs ...
+    step_milestones: tuple[int, ...] = ()  # ... or at these epochs (absolute, warm-up included), when given
     step_gamma: float = 0.1
     warmup_epochs: int = 5
     warmup_factor: float = 0.1
-    temperature: float = 0.02
-    id_loss_weight: float = 1.0
+    schedule_unit: str = "epoch"  # the lr changes once per epoch (IRRA, CSKT, CFine) or every "step"
     augment: bool = True
+
+    def __post_init__(self):
+        if self.schedule_unit not in SCHEDULE_UNITS:
+            raise ConfigError(f"recipe option 'schedule_unit' must be one of {', '.join(SCHEDULE_UNITS)}, "
+                              f"got {self.schedule_unit!r}")
 
     def override(self, **changes) -> "Recipe":
         """Return a copy with ``changes`` applied; unknown keys or wrong types are errors."""
@@ -56,6 +69,12 @@ class Recipe:
 
 
 def _coerce(key: str, value, kind: type):
+    if kind is tuple:  # a list of epochs: "20,25,35" on the command line, a list in JSON
+        try:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(int(v) for v in items if str(v).strip())
+        except (TypeError, ValueError):
+            raise ConfigError(f"recipe option {key!r} expects comma-separated integers, got {value!r}") from None
     if isinstance(value, kind):
         return value
     if isinstance(value, str):
@@ -87,7 +106,7 @@ class Method(nn.Module):
     """Base class: a CLIP backbone (``self.clip``) plus the method's additions."""
 
     name: ClassVar[str]
-    default_recipe: ClassVar[Recipe]
+    default_recipe: ClassVar[Recipe]  # an instance of the method's own Recipe subclass
     # When True a checkpoint holds every weight and loads without the pretrained
     # backbone; when False it holds only the trainable weights and the backbone is
     # rebuilt from its reference (pretrained tag or file).
@@ -97,11 +116,20 @@ class Method(nn.Module):
 
     def __init__(self, backbone: BackboneConfig, recipe: Recipe, num_classes: int):
         super().__init__()
-        self.backbone_config = backbone
-        self.recipe = recipe
+        self.backbone_config = resolved(backbone)  # with its activation decided, for checkpoints
+        self.recipe = self.check_recipe(recipe)
         self.num_classes = num_classes
-        self.clip = build_clip(backbone)
+        self.clip = build_clip(self.backbone_config)
         self.tokenizer = get_tokenizer(backbone)
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> Recipe:
+        """The one way to configure a method: its ``default_recipe`` with overrides."""
+        kind = type(cls.default_recipe)
+        if not isinstance(recipe, kind):
+            raise ConfigError(f"method {cls.name!r} takes a {kind.__name__}, got a {type(recipe).__name__}; "
+                              f"build it with {cls.__name__}.default_recipe.override(...)")
+        return recipe
 
     # --- inference -------------------------------------------------------
     @property
@@ -119,6 +147,11 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # --- training --------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the towers' block activations in the backward pass (open_clip's switch,
+        honoured by ``towers.run_blocks``): less memory, same gradients, ~30 % more compute."""
+        self.clip.set_grad_checkpointing(enable)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Losses for one batch; ``loss`` is the total to back-propagate.
 
@@ -133,19 +166,23 @@ class Method(nn.Module):
         for name, param in self.named_parameters():
             param.requires_grad_(stage.trainable(name))
 
+    def lr_and_weight_decay(self, name: str, recipe: Recipe) -> tuple[float, float]:
+        """IRRA's rule: biases get ``bias_lr_mult`` and ``bias_weight_decay``; a new module's
+        parameters get ``new_module_lr_mult`` instead of (not on top of) the bias multiplier."""
+        lr, wd = recipe.lr, recipe.weight_decay
+        if name.endswith("bias"):
+            lr, wd = recipe.lr * recipe.bias_lr_mult, recipe.bias_weight_decay
+        if name.startswith(self.new_module_prefixes):
+            lr = recipe.lr * recipe.new_module_lr_mult
+        return lr, wd
+
     def param_groups(self, recipe: Recipe) -> list[dict]:
-        """Optimizer groups: new modules and biases get their recipe multipliers."""
+        """One optimizer group per trainable parameter, with ``lr_and_weight_decay``'s settings."""
         groups = []
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            lr, wd = recipe.lr, recipe.weight_decay
-            if name.startswith(self.new_module_prefixes):
-                lr *= recipe.new_module_lr_mult
-            if name.endswith("bias"):
-                lr *= recipe.bias_lr_mult
-                wd = recipe.bias_weight_decay
-            groups.append({"params": [param], "lr": lr, "weight_decay": wd, "name": name})
+            if param.requires_grad:
+                lr, wd = self.lr_and_weight_decay(name, recipe)
+                groups.append({"params": [param], "lr": lr, "weight_decay": wd, "name": name})
         return groups
 
     def parameter_counts(self) -> dict[str, int]:

@@ -1,39 +1,36 @@
 """CFine: CLIP-driven fine-grained text-image person re-identification (Yan et al., IEEE TIP 2023).
 
-CFine keeps CLIP's two towers (fully fine-tuned) and adds fine-grained features built
-from the tokens each tower finds most informative:
+CFine fine-tunes CLIP's towers and adds fine-grained features built from the tokens each
+tower finds most informative. Where the paper is vague, the official code
+(``shuanglinyan/CFine``) decides; docs/methods.md lists where we still differ.
 
-- Token selection. The last layer's attention of the global token ranks the other
-  tokens: the [CLS] row over the patches of an image, the [EOS] row over the words of a
-  caption (CLIP's text tower has no [CLS]; its global token is [EOS]). Group 1 is ranks
-  1..K, group 2 ranks K+1..2K, with K = 10 % of the patches and 20 % of each caption's
-  words ([SOS], [EOS] and padding are never candidates).
+- Token selection. The last layer's head-averaged attention of the global token ranks
+  the other tokens: the [CLS] row over the patches, the [EOS] row over the words (CLIP's
+  text tower has no [CLS]; its global token is [EOS]). Group 1 = ranks 1..K, group 2 =
+  ranks K+1..2K. Images: K = int(0.1 x (1 + patches)) as the official code (19 at
+  384x128). Captions: K = int(0.2 x the caption's own words), at least 1; the official
+  code takes 20 % of BERT's padded length of 100 (K = 20 for every caption, padding
+  included), which CLIP's 77-token tower has no equivalent of. [SOS], [EOS] and padding
+  are never candidates.
 - MGF, multi-grained global features (kept at inference). For each group the sequence
-  [global token; group tokens] goes through one block shared by both modalities
-  (self-attention, cross-attention to every token of the same modality, MLP); its first
-  output is the group's feature. Global + 2 group features, each through its own
-  BatchNorm neck, are concatenated and L2-normalised: the retrieval feature has 3 x the
-  CLIP embedding width.
-- CFR and FCD scores (training only) match an image and a caption at token level, and a
-  hardest-negative triplet loss on their average trains the token features.
+  [global token; group tokens] goes through one block shared by both modalities:
+  self-attention, cross-attention whose keys/values are all tokens of that modality
+  (raw, padding masked), QuickGELU MLP; its first output is the group's feature. One
+  BatchNorm neck per modality (bias fixed at 0) is applied to the global and both group
+  features; inference concatenates the three, L2-normalised.
+- CFR and FCD scores (training only), in scaled units, summed into a pair score that a
+  triplet loss trains (see ``cfr_scores``, ``fcd_scores``, ``losses.cfine_triplet_loss``).
+- Losses (official weights): CMPM on the three features x 1, 1, 0.1; CMPC x 1 each;
+  0.2 x diversity of the two part features per modality; 10 x triplet.
 
-The paper's text encoder is BERT-base; here CLIP's own text tower is used, so both towers
+The paper's text encoder is BERT-base; CLIP's own text tower is used here, so both towers
 come from the same open_clip model. All tokens are taken after CLIP's final LayerNorm and
-projection, so both modalities share the embedding width before MGF, CFR and FCD.
+projection (the official code keeps the 768-wide ViT tokens to match BERT's width), so
+both modalities share the embedding width.
 
-Choices where the paper leaves room (the recipe fields name each knob):
-- Losses: per feature, (CMPM + CMPC) x 1 (global), 1 (group 1), 0.1 (group 2); one
-  norm-softmax CMPC classifier for all features and both modalities. The official code
-  puts the 0.1 on CMPM only. Diversity: mean squared cosine between the group-1 and
-  group-2 features of each sample (after their necks), image and text added.
-- Scores stay in cosine units: the temperatures only set how sharply softmax weights pool
-  token cosines (CFR over the 2K selected tokens at 0.07, FCD over the group-1 tokens at
-  0.01), so the triplet margin 0.2 is a cosine margin. The triplet hinge is averaged over
-  the anchors of each direction.
-- Each of the six features has its own BatchNorm neck, bias fixed at 0 (BNNeck).
-- Distributed training: CMPM sees the global batch (features gathered across workers);
-  BatchNorm statistics, CMPC, diversity and the CFR/FCD triplet are per worker (its local
-  batch). SyncBatchNorm would make the necks global too.
+Distributed training: CMPM sees the global batch (features gathered across workers);
+BatchNorm statistics, CMPC, diversity and the CFR/FCD triplet are per worker. The
+official code trains on one GPU.
 """
 
 from __future__ import annotations
@@ -44,29 +41,33 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
 from tpr_ray.errors import ConfigError
-from tpr_ray.losses import cmpc_loss, cmpm_loss, diversity_loss, hardest_negative_triplet_loss
+from tpr_ray.losses import cfine_triplet_loss, cmpc_loss, cmpm_loss, diversity_loss
+from tpr_ray.methods import towers
 from tpr_ray.methods.base import Method, Recipe, Stage
 
 
 @dataclass(frozen=True)
 class CFineRecipe(Recipe):
-    """The recipe plus CFine's token-selection ratios, score temperatures and loss weights."""
+    """The official recipe plus CFine's token-selection ratios, score scales and loss weights."""
 
-    image_topk_ratio: float = 0.1  # K patches = this share of the patch count
-    text_topk_ratio: float = 0.2  # K words = this share of each caption's words
+    image_topk_ratio: float = 0.1  # K patches = int(ratio x (1 + patches))
+    text_topk_ratio: float = 0.2  # K words = int(ratio x the caption's words)
     fcd_topk: int = 3  # FCD matches each token to the mean of its top-k tokens of the other side
-    cfr_temperature: float = 0.07
-    fcd_temperature: float = 0.01
-    global_weight: float = 1.0  # CMPM + CMPC weight of the global feature
-    group1_weight: float = 1.0  # ... of the group-1 feature (ranks 1..K)
-    group2_weight: float = 0.1  # ... of the group-2 feature (ranks K+1..2K)
+    cfr_temperature: float = 0.07  # CFR similarities are cos / this
+    fcd_temperature: float = 0.01  # FCD similarities are cos / this
+    cmpm_global_weight: float = 1.0
+    cmpm_group1_weight: float = 1.0
+    cmpm_group2_weight: float = 0.1
+    cmpc_weight: float = 1.0  # each of the three features
     diversity_weight: float = 0.2
     triplet_weight: float = 10.0
-    triplet_margin: float = 0.2
+    triplet_margin: float = 0.2  # in the scaled units of the pair score
+    text_weight_decay: float = 0.0  # official: Adam's default 0 for the text encoder
+    new_module_weight_decay: float = 0.0  # ... and for MGF, necks and the CMPC classifier
 
 
 # --- token selection (pure) -------------------------------------------------------------
@@ -86,8 +87,8 @@ class TokenGroups(NamedTuple):
 
 
 def topk_count(length: torch.Tensor, ratio: float) -> torch.Tensor:
-    """K = max(1, round(ratio x length)), rounding half to even like Python's ``round``."""
-    return torch.clamp(torch.round(length.double() * ratio), min=1).long()
+    """K = max(1, int(ratio x length)); the tiny epsilon keeps e.g. 0.2 x 15 from flooring to 2."""
+    return torch.clamp(torch.floor(length.double() * ratio + 1e-9), min=1).long()
 
 
 def select_groups(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> TokenGroups:
@@ -108,9 +109,10 @@ def select_groups(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tenso
 
 
 def select_patches(cls_attention: torch.Tensor, ratio: float) -> TokenGroups:
-    """Groups of patch indices (0 = first patch) from the [CLS] row over the patches."""
+    """Groups of patch indices (0 = first patch) from the [CLS] row over the patches;
+    K counts the [CLS] token in the length, as the official code does."""
     batch, n = cls_attention.shape
-    k = topk_count(torch.full((batch,), n, device=cls_attention.device), ratio)
+    k = topk_count(torch.full((batch,), n + 1, device=cls_attention.device), ratio)
     return select_groups(cls_attention, torch.ones_like(cls_attention, dtype=torch.bool), k)
 
 
@@ -133,90 +135,115 @@ def select_words(eos_attention: torch.Tensor, tokens: torch.Tensor, ratio: float
 # --- CFR and FCD scores (pure; training only) ---------------------------------------------
 
 
-def _softmax_pool(values: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """sum_k softmax_k(values / t) * values over the valid entries of the last dim (0 if none)."""
-    logits = (values / temperature).masked_fill(~mask, -1e9)
-    return (logits.softmax(dim=-1) * values.masked_fill(~mask, 0.0)).sum(dim=-1)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the valid entries of the last dim (0 where none is valid)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1.0)
 
 
-def _cosine_to_topk_mean(sims: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, k: int) -> torch.Tensor:
-    """Cosine between each query token and the mean of its k most similar valid candidates.
-
-    ``sims`` (..., queries, candidates) are cosines of unit vectors, ``gram`` (...,
-    candidates, candidates) the candidates' own cosines, so cos(q, sum of selected) =
-    sum(selected sims) / sqrt(selected' gram selected) needs no gather of the features.
-    """
-    k = min(k, sims.shape[-1])
-    top = sims.masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices
-    chosen = torch.zeros_like(sims).scatter(-1, top, 1.0) * mask
-    numerator = (chosen * sims).sum(dim=-1)
-    squared_norm = ((chosen @ gram) * chosen).sum(dim=-1)
-    return numerator / squared_norm.clamp_min(1e-12).sqrt()
+def _scaled_softmax_pool(cosines: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum_k softmax_k(s) * s with s = cos / t, over the valid entries of the last dim (0 if none)."""
+    scaled = cosines / temperature
+    weights = scaled.masked_fill(~mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return (weights * scaled.masked_fill(~mask, 0.0)).sum(dim=-1)
 
 
 def cfr_scores(image_global: torch.Tensor, text_global: torch.Tensor, patches: torch.Tensor,
                patch_mask: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
                temperature: float = 0.07) -> torch.Tensor:
-    """Cross-grained feature refinement: (images, texts) matrix of pair scores.
+    """Cross-grained feature refinement: (images, texts) matrix of pair scores, scaled units.
 
-    Image global vs the caption's selected words, and text global vs the image's selected
-    patches, each a softmax(cos / t)-weighted mean of the cosines; the two are averaged.
+    Image global vs the caption's 2K selected words, and text global vs the image's 2K
+    selected patches: each direction is sum softmax(s) * s over those tokens with
+    s = cos / t; the two directions are averaged.
     """
     image_global, text_global = F.normalize(image_global.float(), dim=-1), F.normalize(text_global.float(), dim=-1)
     patches, words = F.normalize(patches.float(), dim=-1), F.normalize(words.float(), dim=-1)
     image_to_words = torch.einsum("ie,jwe->ijw", image_global, words)
     text_to_patches = torch.einsum("ipe,je->ijp", patches, text_global)
-    return 0.5 * (_softmax_pool(image_to_words, word_mask.unsqueeze(0).expand_as(image_to_words), temperature)
-                  + _softmax_pool(text_to_patches, patch_mask.unsqueeze(1).expand_as(text_to_patches), temperature))
+    word_mask = word_mask.unsqueeze(0).expand_as(image_to_words)
+    patch_mask = patch_mask.unsqueeze(1).expand_as(text_to_patches)
+    return 0.5 * (_scaled_softmax_pool(image_to_words, word_mask, temperature)
+                  + _scaled_softmax_pool(text_to_patches, patch_mask, temperature))
+
+
+def _mean_of_chosen(tokens: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """tokens (B, N, E), index/valid (B, M, k) -> (B, M, E): mean of the valid chosen tokens."""
+    batch, m, k = index.shape
+    chosen = tokens.gather(1, index.reshape(batch, m * k, 1).expand(-1, -1, tokens.shape[-1]))
+    weights = valid.reshape(batch, m * k, 1).to(tokens.dtype)
+    summed = (chosen * weights).reshape(batch, m, k, -1).sum(dim=2)
+    return summed / weights.reshape(batch, m, k, 1).sum(dim=2).clamp_min(1.0)
+
+
+def fcd_correspondences(patches: torch.Tensor, patch_mask: torch.Tensor, words: torch.Tensor,
+                        word_mask: torch.Tensor, topk: int = 3):
+    """Within each matched pair (b, b): for every patch slot the mean of its top-k words,
+    for every word slot the mean of its top-k patches (raw features, as the official code).
+
+    Words are ranked for a patch by cosine; patches are ranked for a word by that word's
+    share of each patch's softmax over the words (the official code's ``Softmax(dim=2)``
+    before both top-k's, which reorders the patches but not the words).
+    Returns (words per patch (B, P, E), valid (B, P), patches per word (B, W, E), valid (B, W)).
+    """
+    cos = F.normalize(patches.float(), dim=-1) @ F.normalize(words.float(), dim=-1).transpose(1, 2)
+    valid = patch_mask[:, :, None] & word_mask[:, None, :]
+    kw, kp = min(topk, cos.shape[2]), min(topk, cos.shape[1])
+    word_index = cos.masked_fill(~valid, float("-inf")).topk(kw, dim=2).indices  # (B, P, kw)
+    word_ok = valid.gather(2, word_index)
+    share = cos.masked_fill(~valid, float("-inf")).softmax(dim=2).nan_to_num(0.0)
+    patch_index = share.masked_fill(~valid, float("-inf")).topk(kp, dim=1).indices  # (B, kp, W)
+    patch_ok = valid.gather(1, patch_index)
+    words_per_patch = _mean_of_chosen(words.float(), word_index, word_ok)
+    patches_per_word = _mean_of_chosen(patches.float(), patch_index.transpose(1, 2), patch_ok.transpose(1, 2))
+    return words_per_patch, word_ok.any(dim=2), patches_per_word, patch_ok.any(dim=1)
 
 
 def fcd_scores(patches: torch.Tensor, patch_mask: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
                topk: int = 3, temperature: float = 0.01) -> torch.Tensor:
-    """Fine-grained correspondence discovery on group 1: (images, texts) matrix of pair scores.
+    """Fine-grained correspondence discovery on group 1: (images, texts) pair scores, scaled units.
 
-    Each patch is compared with the mean of its top-k words of the caption, each word with
-    the mean of its top-k patches of the image; each side pools its token cosines with
-    softmax(cos / t) weights, and the two sides are averaged.
+    The correspondences come from the matched pairs only (``fcd_correspondences``) and are
+    reused for every pair (i, j): patch slot p of image i against the words text j's own
+    image chose for slot p, and image i's patches chosen for word slot w against word slot w
+    of text j. Each side is a plain mean of cos / t over its slots; the sides are averaged.
     """
-    patches, words = F.normalize(patches.float(), dim=-1), F.normalize(words.float(), dim=-1)
-    sims = torch.einsum("ipe,jwe->ijpw", patches, words)  # (images, texts, patches, words)
-    pair_mask = patch_mask[:, None, :, None] & word_mask[None, :, None, :]
-    word_gram = (words @ words.transpose(1, 2)).unsqueeze(0)  # (1, texts, words, words)
-    patch_gram = (patches @ patches.transpose(1, 2)).unsqueeze(1)  # (images, 1, patches, patches)
-    patch_side = _cosine_to_topk_mean(sims, pair_mask, word_gram, topk)  # (images, texts, patches)
-    word_side = _cosine_to_topk_mean(sims.transpose(2, 3), pair_mask.transpose(2, 3), patch_gram, topk)
-    patch_valid = patch_mask[:, None, :].expand_as(patch_side)
-    word_valid = word_mask[None, :, :].expand_as(word_side)
-    return 0.5 * (_softmax_pool(patch_side, patch_valid, temperature)
-                  + _softmax_pool(word_side, word_valid, temperature))
+    words_per_patch, per_patch_ok, patches_per_word, per_word_ok = fcd_correspondences(
+        patches, patch_mask, words, word_mask, topk)
+    patch_unit, word_unit = F.normalize(patches.float(), dim=-1), F.normalize(words.float(), dim=-1)
+    patch_side = torch.einsum("ipe,jpe->ijp", patch_unit, F.normalize(words_per_patch, dim=-1)) / temperature
+    word_side = torch.einsum("iwe,jwe->ijw", F.normalize(patches_per_word, dim=-1), word_unit) / temperature
+    patch_valid = patch_mask[:, None, :] & per_patch_ok[None, :, :]
+    word_valid = per_word_ok[:, None, :] & word_mask[None, :, :]
+    return 0.5 * (_masked_mean(patch_side, patch_valid) + _masked_mean(word_side, word_valid))
 
 
 # --- modules ------------------------------------------------------------------------------
 
 
 class MGFBlock(nn.Module):
-    """Self-attention over [global; group], cross-attention to all tokens, MLP (pre-norm)."""
+    """The official block: self-attention over [global; group], cross-attention from that
+    sequence to all tokens of the modality (raw keys/values), QuickGELU MLP; pre-norm."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.ln_self = nn.LayerNorm(width)
         self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_query = nn.LayerNorm(width)
-        self.ln_context = nn.LayerNorm(width)
         self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(4 * width, width)),
+            ("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width)),
         ]))
 
     def forward(self, sequence: torch.Tensor, sequence_mask: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, width): the output at the first position of ``sequence``. Masks: True = valid."""
+        """(batch, width): the output at the first position of ``sequence``. Masks: True = valid
+        (the official groups are always full; ours can have empty slots for short captions)."""
         h = self.ln_self(sequence)
         x = sequence + self.self_attn(h, h, h, key_padding_mask=~sequence_mask, need_weights=False)[0]
-        kv = self.ln_context(context)
         padding = None if context_mask is None else ~context_mask
-        x = x + self.cross_attn(self.ln_query(x), kv, kv, key_padding_mask=padding, need_weights=False)[0]
+        x = x + self.cross_attn(self.ln_query(x), context, context, key_padding_mask=padding, need_weights=False)[0]
         x = x + self.mlp(self.ln_mlp(x))
         return x[:, 0]
 
@@ -232,19 +259,6 @@ class Side(NamedTuple):
 
 def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None):
-    """Run open_clip's residual blocks; the last one also returns its head-averaged attention."""
-    for block in blocks[:-1]:
-        x = block(x, attn_mask=attn_mask)
-    last = blocks[-1]
-    h = last.ln_1(x)
-    mask = attn_mask.to(h.dtype) if attn_mask is not None else None
-    out, attention = last.attn(h, h, h, need_weights=True, average_attn_weights=True, attn_mask=mask)
-    x = x + last.ls_1(out)
-    x = x + last.ls_2(last.mlp(last.ln_2(x)))
-    return x, attention
 
 
 def _check_towers(clip: nn.Module, model: str) -> None:
@@ -272,26 +286,24 @@ class CFine(Method):
     """CFine (TIP 2023): CLIP towers, token selection, shared MGF block, BN necks; CFR/FCD in training."""
 
     name = "cfine"
-    # Official code: Adam, backbone lr 1e-5 and new modules x10, 10 warm-up epochs from 1 %,
-    # step decay; 50 epochs, batch 32. The warm-up protects the pretrained towers from the
-    # large early gradients of the randomly initialised MGF block, necks and classifier.
+    # Official code: Adam (eps 1e-8); towers lr 1e-5 (image wd 4e-5, text wd 0), new modules and
+    # the CMPC weights lr 1e-4, wd 0; 10 warm-up epochs from 1 %, then x0.1 at epochs 20, 25
+    # and 35 (WarmupMultiStepLR); 50 epochs, batch 32; the schedule moves once per epoch.
     default_recipe = CFineRecipe(
         epochs=50, batch_size=32, lr=1e-5, new_module_lr_mult=10.0, bias_lr_mult=1.0,
-        weight_decay=4e-5, bias_weight_decay=0.0, optimizer="adam", adam_eps=1e-8,
-        schedule="step", step_decay_epochs=10, step_gamma=0.1, warmup_epochs=10, warmup_factor=0.01,
-        id_loss_weight=1.0,
+        weight_decay=4e-5, bias_weight_decay=4e-5, optimizer="adam", adam_eps=1e-8,
+        schedule="step", step_milestones=(20, 25, 35), step_gamma=0.1, warmup_epochs=10, warmup_factor=0.01,
     )
-    new_module_prefixes = ("mgf.", "image_necks.", "text_necks.", "cmpc_classifier")
+    new_module_prefixes = ("mgf.", "image_neck.", "text_neck.", "cmpc_classifier")
 
     def __init__(self, backbone, recipe, num_classes):
-        if not isinstance(recipe, CFineRecipe):
-            recipe = CFineRecipe(**recipe.to_dict())
         super().__init__(backbone, recipe, num_classes)
         _check_towers(self.clip, backbone.model)
         width = self.clip_dim
         self.mgf = MGFBlock(width, heads=max(1, width // 64))
-        self.image_necks = nn.ModuleList([nn.BatchNorm1d(width) for _ in range(3)])
-        self.text_necks = nn.ModuleList([nn.BatchNorm1d(width) for _ in range(3)])
+        # One neck per modality, shared by its global and both group features (BNNeck).
+        self.image_neck = nn.BatchNorm1d(width)
+        self.text_neck = nn.BatchNorm1d(width)
         self.cmpc_classifier = nn.Parameter(torch.empty(width, num_classes))
         nn.init.xavier_uniform_(self.cmpc_classifier)
 
@@ -307,48 +319,43 @@ class CFine(Method):
     def _image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected tokens (batch, 1 + patches, dim) with [CLS] first, [CLS] attention over patches)."""
         visual = self.clip.visual
-        x = visual.conv1(images)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.ln_pre(visual.patch_dropout(x))
-        x, attention = _run_blocks(visual.transformer.resblocks, x, None)
-        return visual.ln_post(x) @ visual.proj, attention[:, 0, 1:]
+        x = visual.ln_pre(towers.image_tokens(visual, images))
+        x, attention = towers.run_blocks(visual.transformer, x, last_attention=True)
+        return towers.project_image(visual, visual.ln_post(x)), attention[:, 0, 1:]
 
     def _text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected tokens (batch, context, dim), [EOS] attention over all positions)."""
         clip = self.clip
-        cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding.to(cast)
-        x, attention = _run_blocks(clip.transformer.resblocks, x, clip.attn_mask)
-        x = clip.ln_final(x)
-        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
-        eos = tokens.argmax(dim=-1)
+        x = towers.text_tokens(clip, tokens)
+        x, attention = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
+                                         last_attention=True)
+        x = towers.project_text(clip, clip.ln_final(x))
+        eos = towers.eos_positions(tokens)
         return x, attention[torch.arange(tokens.shape[0], device=tokens.device), eos]
 
-    def _features(self, global_token, tokens, groups, context, context_mask, necks) -> list[torch.Tensor]:
+    def _features(self, global_token, tokens, groups, context, context_mask, neck) -> list[torch.Tensor]:
         feats = [global_token]
         for index, mask in ((groups.first, groups.first_mask), (groups.second, groups.second_mask)):
             sequence = torch.cat([global_token.unsqueeze(1), _gather_tokens(tokens, index)], dim=1)
             sequence_mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
             feats.append(self.mgf(sequence, sequence_mask, context, context_mask))
-        return [neck(f) for neck, f in zip(necks, feats)]
+        return [neck(f) for f in feats]  # one call each, as the official code: per-feature batch statistics
 
     def image_side(self, images: torch.Tensor) -> Side:
         tokens, attention = self._image_tokens(images)
         groups = select_patches(attention, self.recipe.image_topk_ratio)
         patches = tokens[:, 1:]
-        feats = self._features(tokens[:, 0], patches, groups, tokens, None, self.image_necks)
+        feats = self._features(tokens[:, 0], patches, groups, tokens, None, self.image_neck)
         return Side(tokens[:, 0], patches, groups, feats)
 
     def text_side(self, tokens: torch.Tensor) -> Side:
         feats_all, attention = self._text_tokens(tokens)
         groups = select_words(attention, tokens, self.recipe.text_topk_ratio)
-        eos = tokens.argmax(dim=-1)
+        eos = towers.eos_positions(tokens)
         position = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
         real = position <= eos.view(-1, 1)  # [SOS] .. [EOS]; padding is not attended
         global_token = feats_all[torch.arange(tokens.shape[0], device=tokens.device), eos]
-        feats = self._features(global_token, feats_all, groups, feats_all, real, self.text_necks)
+        feats = self._features(global_token, feats_all, groups, feats_all, real, self.text_neck)
         return Side(global_token, feats_all, groups, feats)
 
     # --- inference -----------------------------------------------------------
@@ -360,7 +367,7 @@ class CFine(Method):
 
     # --- training ------------------------------------------------------------
     def pair_scores(self, image: Side, text: Side) -> torch.Tensor:
-        """(images, texts) CFR + FCD score matrix, averaged (training only)."""
+        """(images, texts) pair scores CFR + FCD, summed in scaled units (training only)."""
         r = self.recipe
         g, t = image.groups, text.groups
         patches_2k = _gather_tokens(image.tokens, torch.cat([g.first, g.second], dim=1))
@@ -370,26 +377,35 @@ class CFine(Method):
                          words_2k, torch.cat([t.first_mask, t.second_mask], dim=1), r.cfr_temperature)
         fcd = fcd_scores(_gather_tokens(image.tokens, g.first), g.first_mask,
                          _gather_tokens(text.tokens, t.first), t.first_mask, r.fcd_topk, r.fcd_temperature)
-        return 0.5 * (cfr + fcd)
+        return cfr + fcd
 
     def forward(self, batch):
         r = self.recipe
         image, text = self.image_side(batch["images"]), self.text_side(batch["tokens"])
         pids, labels = batch["person_ids"], batch["labels"]
         cmpm = cmpc = 0.0
-        for weight, img, txt in zip((r.global_weight, r.group1_weight, r.group2_weight), image.features, text.features):
+        weights = (r.cmpm_global_weight, r.cmpm_group1_weight, r.cmpm_group2_weight)
+        for weight, img, txt in zip(weights, image.features, text.features):
             cmpm = cmpm + weight * cmpm_loss(img, txt, pids)
-            cmpc = cmpc + weight * cmpc_loss(img, txt, labels, self.cmpc_classifier)
+            cmpc = cmpc + cmpc_loss(img, txt, labels, self.cmpc_classifier)
         diversity = (diversity_loss(torch.stack(image.features[1:], dim=1))
                      + diversity_loss(torch.stack(text.features[1:], dim=1)))
-        triplet = hardest_negative_triplet_loss(self.pair_scores(image, text), pids, r.triplet_margin)
-        loss = cmpm + r.id_loss_weight * cmpc + r.diversity_weight * diversity + r.triplet_weight * triplet
+        triplet = cfine_triplet_loss(self.pair_scores(image, text), pids, r.triplet_margin)
+        loss = cmpm + r.cmpc_weight * cmpc + r.diversity_weight * diversity + r.triplet_weight * triplet
         return {"loss": loss, "cmpm": cmpm, "cmpc": cmpc, "diversity": diversity, "triplet": triplet}
+
+    def lr_and_weight_decay(self, name: str, recipe: CFineRecipe) -> tuple[float, float]:
+        """The official three groups: new modules (and CMPC), the image tower, the text tower."""
+        if name.startswith(self.new_module_prefixes):
+            return recipe.lr * recipe.new_module_lr_mult, recipe.new_module_weight_decay
+        if name.startswith("clip.visual."):
+            return recipe.lr, recipe.weight_decay
+        return recipe.lr, recipe.text_weight_decay
 
     def stages(self):
         # CLIP's logit scale is unused; the necks' BatchNorm shifts stay at 0 (BNNeck, as the original).
         def trainable(name: str) -> bool:
-            neck_bias = name.startswith(("image_necks.", "text_necks.")) and name.endswith(".bias")
+            neck_bias = name in ("image_neck.bias", "text_neck.bias")
             return name != "clip.logit_scale" and not neck_bias
 
         return [Stage("finetune", self.recipe, trainable)]

@@ -29,6 +29,7 @@ from torch import nn
 
 from tpr_ray.errors import ConfigError
 from tpr_ray.losses import sdm_loss
+from tpr_ray.methods import towers
 from tpr_ray.methods.base import Method, Recipe, Stage
 
 TRAINABLE_PREFIXES = ("prompts.", "adapters.")
@@ -38,6 +39,7 @@ TRAINABLE_PREFIXES = ("prompts.", "adapters.")
 class CSKTRecipe(Recipe):
     """The paper's optimisation recipe plus CSKT's own options (all overridable with --set)."""
 
+    temperature: float = 0.02  # SDM, CSKT's only loss
     prompt_length: int = 4  # own prompt vectors per layer and side; each encoder sees twice as many tokens
     prompt_init: str = "a photo of a"  # phrase whose token embeddings start the layer-1 text prompts
     adapter_reduction: int = 8  # adapter bottleneck width = d / adapter_reduction
@@ -53,12 +55,6 @@ class Adapter(nn.Module):
         self.ln = LayerNorm(width)
         self.down = nn.Linear(width, width // reduction)
         self.up = nn.Linear(width // reduction, width)
-        # A near-zero output projection starts training almost exactly at the pretrained
-        # function, so the first steps do not have to undo random adapter noise. It is small
-        # rather than zero: with exact zeros no gradient reaches `down` and `ln` until `up`
-        # has moved, and one step would leave them untouched.
-        nn.init.normal_(self.up.weight, std=1e-3)
-        nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(F.relu(self.down(self.ln(x))))
@@ -87,6 +83,13 @@ class CoupledPrompts(nn.Module):
         return torch.cat([self.text[layer], self.image_to_text[layer](self.image[layer])])
 
 
+def init_new_linear(module: nn.Module) -> None:
+    """The reference's initialisation of every Linear CSKT adds: N(0, 0.02), bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
 def adapted_block(block: ResidualAttentionBlock, adapter: Adapter, scale: float, x: torch.Tensor,
                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One open_clip block with the adapter added beside its MLP, reading the same input."""
@@ -94,8 +97,8 @@ def adapted_block(block: ResidualAttentionBlock, adapter: Adapter, scale: float,
     return x + block.ls_2(block.mlp(block.ln_2(x))) + scale * adapter(x)
 
 
-def _batch_of(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return tokens.to(like.dtype).unsqueeze(0).expand(like.shape[0], -1, -1)
+def _adapted(adapters: nn.ModuleList, scale: float) -> towers.BlockRunner:
+    return lambda layer, block, x, mask: adapted_block(block, adapters[layer], scale, x, mask)
 
 
 class CSKT(Method):
@@ -103,19 +106,17 @@ class CSKT(Method):
 
     name = "cskt"
     # Every trainable weight is new, so one lr for all; biases get IRRA's x2 and no decay (the
-    # CSKT code is built on IRRA's optimizer); SDM only, so the ID-loss weight is 0.
+    # CSKT code is built on IRRA's optimizer); SDM only, so there is no ID-loss setting.
     default_recipe = CSKTRecipe(
         epochs=60, batch_size=128, lr=3e-4, new_module_lr_mult=1.0, bias_lr_mult=2.0, weight_decay=4e-5,
         bias_weight_decay=0.0, adam_eps=1e-3, schedule="cosine", warmup_epochs=5, warmup_factor=0.1,
-        temperature=0.02, id_loss_weight=0.0,
+        temperature=0.02,
     )
     checkpoint_holds_backbone = False
 
     def __init__(self, backbone, recipe, num_classes):
         super().__init__(backbone, recipe, num_classes)  # num_classes is kept for the interface; no ID loss
-        if not isinstance(recipe, CSKTRecipe):
-            recipe = self.default_recipe.override(**recipe.to_dict())
-            self.recipe = recipe
+        recipe = self.recipe
         self._check_backbone(recipe)
         self.clip.requires_grad_(False)
         text_blocks, image_blocks = self.clip.transformer.resblocks, self.clip.visual.transformer.resblocks
@@ -125,6 +126,8 @@ class CSKT(Method):
             "image": nn.ModuleList(Adapter(image_width, recipe.adapter_reduction) for _ in image_blocks),
             "text": nn.ModuleList(Adapter(text_width, recipe.adapter_reduction) for _ in text_blocks),
         })
+        self.prompts.apply(init_new_linear)
+        self.adapters.apply(init_new_linear)
         # [SOS] + caption + [EOS] must fit in what the prompt tokens leave of the context.
         self.caption_room = self.clip.context_length - self.prompts.tokens_per_layer
         self.eos_id = int(self.tokenizer.eot_token_id)
@@ -179,37 +182,33 @@ class CSKT(Method):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         visual, n = self.clip.visual, self.prompts.tokens_per_layer
-        x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, patches, width)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.patch_dropout(x)
-        x = visual.ln_pre(torch.cat([x, _batch_of(self.prompts.image_tokens(0), x)], dim=1))
-        keep = x.shape[1] - n  # [CLS] + patches
-        for layer, (block, adapter) in enumerate(zip(visual.transformer.resblocks, self.adapters["image"])):
-            if layer > 0:
-                x = torch.cat([x[:, :keep], _batch_of(self.prompts.image_tokens(layer), x)], dim=1)
-            x = adapted_block(block, adapter, self.recipe.image_adapter_scale, x)
-        pooled, _ = visual._pool(x[:, :keep])  # open_clip's own pooling (ln_post + [CLS] for CLIP)
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        x = towers.image_tokens(visual, images)
+        keep = x.shape[1]  # [CLS] + patches
+        x = visual.ln_pre(torch.cat([x, towers.batch_of(self.prompts.image_tokens(0), x)], dim=1))
+
+        def layer_prompts(layer: int, x: torch.Tensor) -> torch.Tensor:
+            if layer == 0:
+                return x
+            return torch.cat([x[:, :keep], towers.batch_of(self.prompts.image_tokens(layer), x)], dim=1)
+
+        x = towers.run_blocks(visual.transformer, x, before=layer_prompts,
+                              run=_adapted(self.adapters["image"], self.recipe.image_adapter_scale))
+        return towers.project_image(visual, towers.pool_image(visual, x[:, :keep]))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         clip, n = self.clip, self.prompts.tokens_per_layer
         tokens = self.fit_tokens(tokens)
-        x = clip.token_embedding(tokens).to(clip.transformer.get_cast_dtype())
         # [SOS], prompts, caption + [EOS] + padding: 1 + n + caption_room - 1 = context length.
-        x = torch.cat([x[:, :1], _batch_of(self.prompts.text_tokens(0), x), x[:, 1:]], dim=1)
-        x = x + clip.positional_embedding.to(x.dtype)
-        for layer, (block, adapter) in enumerate(zip(clip.transformer.resblocks, self.adapters["text"])):
-            if layer > 0:
-                x = torch.cat([x[:, :1], _batch_of(self.prompts.text_tokens(layer), x), x[:, 1 + n:]], dim=1)
-            x = adapted_block(block, adapter, self.recipe.text_adapter_scale, x, clip.attn_mask)
-        x = clip.ln_final(x)
-        eos = (tokens == self.eos_id).int().argmax(dim=1) + n
-        pooled = x[torch.arange(x.shape[0], device=x.device), eos]
-        projection = clip.text_projection
-        if projection is None:
-            return pooled
-        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+        x = towers.text_tokens(clip, tokens, self.prompts.text_tokens(0))
+
+        def layer_prompts(layer: int, x: torch.Tensor) -> torch.Tensor:
+            if layer == 0:
+                return x
+            return torch.cat([x[:, :1], towers.batch_of(self.prompts.text_tokens(layer), x), x[:, 1 + n:]], dim=1)
+
+        x = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
+                              before=layer_prompts, run=_adapted(self.adapters["text"], self.recipe.text_adapter_scale))
+        return towers.project_text(clip, towers.pool_text(clip, x, tokens, offset=n))
 
     # --- training --------------------------------------------------------
     def forward(self, batch):

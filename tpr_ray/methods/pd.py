@@ -8,17 +8,20 @@ prompt vectors train, with the SDM retrieval loss:
   tokenised to ``77 - n_text_prompts`` tokens (an over-long caption is cut and keeps
   its [EOS]); the text feature is the [EOS] output, which now sits after the prompts.
 - image side: ``n_image_prompts`` visual prompt vectors appended after the patch
-  tokens, once, at the input of the image encoder (shallow prompts: after the
-  positional embedding, before ``ln_pre``; they carry no position). Their outputs are
-  dropped before pooling, so the image feature is still CLIP's [CLS].
+  tokens at the input of the image encoder (after the positional embedding, before
+  ``ln_pre``; they carry no position). Their outputs are dropped before pooling, so the
+  image feature is still CLIP's [CLS].
+- depth (``prompt_depth``): "shallow" (default) puts prompts only at the input; "deep"
+  also gives every later layer of both encoders fresh prompts that replace the previous
+  layer's prompt outputs (as CSKT and MaPLe do).
 
 Stage 2 ("finetune", task adaptation): the prompts are frozen at their stage-1 values
 and the CLIP towers are fine-tuned with the baseline recipe (SDM + ID loss, the ID
 classifier trains too; the logit scale stays fixed, as the temperature is set by the
 recipe).
 
-The paper does not give its prompt lengths or epoch split; the defaults are ours, see
-``PDRecipe``.
+The paper gives neither code nor its prompt depth, lengths, per-stage losses or epoch
+split; the defaults are ours, see ``PDRecipe`` (and docs/methods.md).
 """
 
 from __future__ import annotations
@@ -29,16 +32,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tpr_ray.backbone import eos_token_id
 from tpr_ray.errors import ConfigError
-from tpr_ray.losses import id_loss, sdm_loss
-from tpr_ray.methods.base import Method, Recipe, Stage
+from tpr_ray.methods import towers
+from tpr_ray.methods.base import Method, Stage
+from tpr_ray.methods.baseline import Baseline, BaselineRecipe, identity_classifier, sdm_and_id_losses
 
-PROMPT_PARAMETERS = ("text_prompts", "image_prompts")
+PROMPT_PARAMETERS = ("text_prompts", "image_prompts", "deep_text_prompts", "deep_image_prompts")
+PROMPT_DEPTHS = ("shallow", "deep")
 
 
 @dataclass(frozen=True)
-class PDRecipe(Recipe):
+class PDRecipe(BaselineRecipe):
     """The baseline recipe (which stage 2 uses as is: ``epochs``, ``lr`` ... are stage 2's)
     plus the prompts and stage 1.
 
@@ -50,6 +54,7 @@ class PDRecipe(Recipe):
     - 8 image prompts: they take nothing from the image (the sequence grows from 193 to
       201 tokens, about 4 % more compute) and, being shallow, act only through the input,
       so a few more than on the text side give stage 1 some capacity on the image side.
+    - shallow prompts (input only), the paper's description of prompt tuning.
     - stage 1: 10 epochs with 1 warm-up epoch, lr 1e-3 (prompt tuning works at a far
       higher lr than fine-tuning: a few thousand parameters on a frozen network),
       SDM only (there is no task head yet: the ID classifier belongs to stage 2).
@@ -58,6 +63,7 @@ class PDRecipe(Recipe):
     n_text_prompts: int = 4
     n_image_prompts: int = 8
     text_prompt_init: str = "a photo of a"  # "": N(0, 0.02); a shorter phrase takes the last positions
+    prompt_depth: str = "shallow"  # shallow | deep
     stage1_epochs: int = 10
     stage1_lr: float = 1e-3
     stage1_warmup_epochs: int = 1
@@ -85,17 +91,12 @@ class PD(Method):
     """CLIP with learnable text and image prompts, trained in two decoupled stages."""
 
     name = "pd"
-    default_recipe = PDRecipe(
-        epochs=60, batch_size=64, lr=1e-5, new_module_lr_mult=5.0, bias_lr_mult=2.0,
-        weight_decay=4e-5, adam_eps=1e-3, warmup_epochs=5, temperature=0.02, id_loss_weight=1.0,
-    )
-    new_module_prefixes = ("classifier.",)
+    default_recipe = PDRecipe(**dataclasses.asdict(Baseline.default_recipe))
+    new_module_prefixes = Baseline.new_module_prefixes
 
     def __init__(self, backbone, recipe, num_classes):
         super().__init__(backbone, recipe, num_classes)
-        if not isinstance(recipe, PDRecipe):
-            recipe = self.recipe = PDRecipe(**recipe.to_dict())
-        clip = self.clip
+        recipe, clip = self.recipe, self.clip
         if not hasattr(clip, "token_embedding") or getattr(clip, "text_pool_type", "argmax") not in ("argmax", "eos"):
             raise ConfigError(f"PD needs a CLIP whose text tower pools the [EOS] token; {backbone.model} is not one")
         if not 0 <= recipe.n_text_prompts <= clip.context_length - 2:
@@ -103,12 +104,18 @@ class PD(Method):
                               f"(the caption needs [SOS] and [EOS]), got {recipe.n_text_prompts}")
         if recipe.n_image_prompts < 0:
             raise ConfigError(f"n_image_prompts must be 0 or more, got {recipe.n_image_prompts}")
-        self.eos_id = eos_token_id(self.tokenizer)
+        if recipe.prompt_depth not in PROMPT_DEPTHS:
+            raise ConfigError(f"prompt_depth must be one of {', '.join(PROMPT_DEPTHS)}, got {recipe.prompt_depth!r}")
+        self.eos_id = int(self.tokenizer.eot_token_id)
+        image_width, text_width = clip.visual.conv1.out_channels, clip.token_embedding.embedding_dim
         self.text_prompts = nn.Parameter(self._initial_text_prompts(recipe))
-        self.image_prompts = nn.Parameter(torch.randn(recipe.n_image_prompts, clip.visual.conv1.out_channels) * 0.02)
-        self.classifier = nn.Linear(self.embed_dim, num_classes)
-        nn.init.normal_(self.classifier.weight, std=0.001)
-        nn.init.zeros_(self.classifier.bias)
+        self.image_prompts = nn.Parameter(torch.randn(recipe.n_image_prompts, image_width) * 0.02)
+        if recipe.prompt_depth == "deep":
+            text_layers, image_layers = len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks)
+            self.deep_text_prompts = nn.Parameter(torch.randn(text_layers - 1, recipe.n_text_prompts, text_width) * 0.02)
+            self.deep_image_prompts = nn.Parameter(
+                torch.randn(image_layers - 1, recipe.n_image_prompts, image_width) * 0.02)
+        self.classifier = identity_classifier(self.embed_dim, num_classes)  # stage 2's ID loss
         self._active = recipe  # the recipe of the stage being trained (its losses)
 
     def _initial_text_prompts(self, recipe: PDRecipe) -> torch.Tensor:
@@ -124,6 +131,17 @@ class PD(Method):
                 prompts[n - len(words):] = embedding(words).float()  # the phrase ends next to the caption
         return prompts
 
+    def _deep(self, prompts_of_layer, start: int, n: int):
+        """A layer hook replacing the ``n`` prompt outputs at ``start`` with the layer's own prompts."""
+        if self.recipe.prompt_depth != "deep" or n == 0:
+            return None
+
+        def replace(layer: int, x: torch.Tensor) -> torch.Tensor:
+            if layer == 0:
+                return x
+            return torch.cat([x[:, :start], towers.batch_of(prompts_of_layer[layer - 1], x), x[:, start + n:]], dim=1)
+        return replace
+
     # --- inference -------------------------------------------------------
     def tokenize(self, captions):
         return self.tokenizer(captions, context_length=self.clip.context_length - self.text_prompts.shape[0])
@@ -131,33 +149,19 @@ class PD(Method):
     def encode_text(self, tokens):
         clip, n = self.clip, self.text_prompts.shape[0]
         tokens = fit_tokens(tokens, clip.context_length - n, self.eos_id)
-        dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(dtype)
-        prompts = self.text_prompts.to(dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
-        length = x.shape[1]
-        x = x + clip.positional_embedding[:length].to(dtype)
-        mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
-        x = clip.ln_final(clip.transformer(x, attn_mask=mask))
-        eos = (tokens == self.eos_id).int().argmax(dim=1) + n
-        x = x[torch.arange(x.shape[0], device=x.device), eos]
-        if isinstance(clip.text_projection, nn.Linear):
-            return clip.text_projection(x)
-        return x @ clip.text_projection
+        x = towers.text_tokens(clip, tokens, self.text_prompts)
+        x = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
+                              before=self._deep(getattr(self, "deep_text_prompts", None), 1, n))
+        return towers.project_text(clip, towers.pool_text(clip, x, tokens, offset=n))
 
     def encode_image(self, images):
-        visual = self.clip.visual
-        x = visual.conv1(images)
-        x = x.flatten(2).transpose(1, 2)  # (N, patches, width)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.patch_dropout(x)
-        tokens = x.shape[1]
-        prompts = self.image_prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        x = visual.ln_pre(torch.cat([x, prompts], dim=1))
-        x = visual.transformer(x)[:, :tokens]  # CLIP's own pooling, over [CLS] and patches only
-        pooled, _ = visual._pool(x)
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        visual, n = self.clip.visual, self.image_prompts.shape[0]
+        x = towers.image_tokens(visual, images)
+        keep = x.shape[1]  # [CLS] + patches
+        x = visual.ln_pre(torch.cat([x, towers.batch_of(self.image_prompts, x)], dim=1))
+        x = towers.run_blocks(visual.transformer, x,
+                              before=self._deep(getattr(self, "deep_image_prompts", None), keep, n))
+        return towers.project_image(visual, towers.pool_image(visual, x[:, :keep]))  # CLIP's own pooling
 
     # --- training --------------------------------------------------------
     def stages(self):
@@ -171,11 +175,5 @@ class PD(Method):
         self._active = stage.recipe
 
     def forward(self, batch):
-        recipe = self._active
-        image_feats = self.encode_image(batch["images"])
-        text_feats = self.encode_text(batch["tokens"])
-        sdm = sdm_loss(image_feats, text_feats, batch["person_ids"], recipe.temperature)
-        if recipe.id_loss_weight == 0:
-            return {"loss": sdm, "sdm": sdm}
-        ident = id_loss(self.classifier, image_feats, text_feats, batch["labels"])
-        return {"loss": sdm + recipe.id_loss_weight * ident, "sdm": sdm, "id": ident}
+        return sdm_and_id_losses(self.classifier, self.encode_image(batch["images"]),
+                                 self.encode_text(batch["tokens"]), batch, self._active)

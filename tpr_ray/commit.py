@@ -1,0 +1,255 @@
+"""Committing an embedding job's shards exactly once, and finding them again on resume.
+
+The driver gathers each shard's results as they come back from the pipeline and commits a
+shard once all of its rows are in: its rejects file first (if any), then its Parquet file
+(the commit point), then the sidecar that lists it. Every file is written atomically
+(:func:`tpr_ray.storage.write_bytes_atomic`). On resume, :func:`committed_shards` cleans up
+what an interrupted run left (temporary files, rejects of a shard that was never committed,
+a committed shard that came back unreadable after a power loss) and lists the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tpr_ray import storage
+from tpr_ray.errors import ConfigError, DataError
+from tpr_ray.tables import PROVENANCE, SHARD_FORMAT, SIDECAR, embedding_array, rejects_dir, shard_number, write_sidecar
+
+log = logging.getLogger(__name__)
+
+# The input columns each table carries (the embedding and provenance columns are added).
+DATA_COLUMNS = {"gallery": ["image_id", "person_id", "image_uri"],
+                "queries": ["query_id", "image_id", "person_id", "caption"]}
+
+
+class _Pending:
+    """One shard's results as they arrive, by position in the shard; a row delivered twice
+    (a retried task) is stored once."""
+
+    def __init__(self, size: int, dim: int):
+        self.seen = np.zeros(size, dtype=bool)
+        self.embedding = np.zeros((size, dim), dtype=np.float32)
+        self.reason = np.full(size, "", dtype=object)
+        self.count = 0
+
+    def put(self, positions: np.ndarray, embeddings: np.ndarray, reasons: np.ndarray | None) -> None:
+        self.count += len(np.unique(positions[~self.seen[positions]]))
+        self.seen[positions] = True
+        self.embedding[positions] = embeddings
+        if reasons is not None:
+            self.reason[positions] = reasons
+
+    def complete(self) -> bool:
+        return self.count == len(self.seen)
+
+
+class ShardCommitter:
+    """Driver side: gathers rows by shard and commits each shard once it is complete.
+
+    Only row numbers, embeddings and reject reasons travel through the pipeline; the other
+    columns are taken from the input table here. Rows are keyed by their global row number,
+    so a row delivered twice (a retried task) is stored once. The shard file is the commit
+    point: its rejects file is written first, the job manifest after.
+    """
+
+    def __init__(self, out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
+                 committed: dict[int, dict], max_reject_rate: float = 1.0, guard=None):
+        self.out, self.kind, self.rows, self.plan, self.header = out, kind, rows, plan, header
+        self.guard = guard or (lambda: None)
+        self.committed = dict(committed)
+        self.pending: dict[int, _Pending] = {}
+        self.tick = time.perf_counter()
+        self.rows_done = 0
+        # A budget on the whole job's inputs, not on the rows seen so far: crossing it means the
+        # final rate is over the limit whatever the rest holds, so stopping early is never wrong.
+        self.max_reject_rate = max_reject_rate
+        self.max_rejects = int(max_reject_rate * rows.num_rows)
+        self.check_reject_budget()
+
+    def start(self) -> None:
+        """Write the job manifest (``complete: false``) before the first shard, so that a kill
+        right after the first shard file leaves an output the next run recognises as its own."""
+        if not storage.exists(storage.join(self.out, SIDECAR)):
+            self._write_manifest(complete=False)
+
+    def check_reject_budget(self) -> None:
+        rejected = sum(s["rejects"] for s in self.committed.values())
+        if rejected > self.max_rejects:
+            raise DataError(f"{self.kind}: {rejected} of {self.rows.num_rows} inputs were rejected as unreadable, "
+                            f"over --max-reject-rate {self.max_reject_rate:g}; the job stopped. See the reasons in "
+                            f"{rejects_dir(self.out)}/; if they are expected, re-run with a higher --max-reject-rate "
+                            f"to continue", file=self.out)
+
+    def add(self, batch: dict) -> None:
+        """Take one batch of results (``row``, ``shard``, ``embedding``, optional ``reject_reason``)."""
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        shards = np.asarray(batch["shard"], dtype=np.int64)
+        embeddings = np.asarray(batch["embedding"], dtype=np.float32)
+        reasons = batch.get("reject_reason")
+        for shard in np.unique(shards).tolist():
+            if shard in self.committed:
+                continue
+            pick = np.flatnonzero(shards == shard)
+            pending = self.pending.get(shard)
+            if pending is None:
+                pending = self.pending[shard] = _Pending(self._size(shard), self.header["dim"])
+            pending.put(rows[pick] - self.plan[shard][0], embeddings[pick],
+                        None if reasons is None else np.asarray(reasons, dtype=object)[pick])
+            if pending.complete():
+                self._commit(shard, self.pending.pop(shard))
+
+    def _size(self, shard: int) -> int:
+        start, stop = self.plan[shard]
+        return stop - start
+
+    def _commit(self, shard: int, results: "_Pending") -> None:
+        start = self.plan[shard][0]
+        ok = results.reason == ""
+        kept, rejected = start + np.flatnonzero(ok), start + np.flatnonzero(~ok)
+        name = SHARD_FORMAT.format(shard)
+        self._check_finite(name, kept, results.embedding[ok])
+        self.guard()
+        if len(rejected):
+            bad = self.rows.take(pa.array(rejected))
+            _write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
+                "image_id": bad.column("image_id"), "image_uri": bad.column("image_uri"),
+                "reason": pa.array([str(r) for r in results.reason[~ok]], pa.string())}))
+        _write_parquet(storage.join(self.out, name), self._table(kept, results.embedding[ok]))
+        self.committed[shard] = {"file": name, "rows": len(kept), "rejects": len(rejected)}
+        self.rows_done += len(ok)
+        self._write_manifest(complete=False)
+        rate = self.rows_done / max(time.perf_counter() - self.tick, 1e-9)
+        log.info("%s: committed %s (%d rows, %d rejects); %d/%d shards, %.1f rows/s", self.kind, name, len(kept),
+                 len(rejected), len(self.committed), len(self.plan), rate)
+        self.check_reject_budget()
+
+    def _check_finite(self, name: str, kept: np.ndarray, embeddings: np.ndarray) -> None:
+        """NaN or inf features (bf16 overflow, a broken checkpoint) stop the job before the commit:
+        they are the model's fault, not the input's, and a committed shard is never redone."""
+        bad = kept[~np.isfinite(embeddings).all(axis=1)]
+        if len(bad):
+            key = "query_id" if self.kind == "queries" else "image_id"
+            ids = self.rows.column(key).take(pa.array(bad[:5])).to_pylist()
+            raise DataError(f"{self.kind}: the model gave non-finite embeddings for {len(bad)} row(s) of shard {name} "
+                            f"(first {key}s: {ids}); nothing of that shard was committed. Check the checkpoint "
+                            f"(and bf16 overflow on GPU)", file=self.header["checkpoint"])
+
+    def _table(self, row_numbers: np.ndarray, embeddings: np.ndarray) -> pa.Table:
+        source = self.rows.take(pa.array(row_numbers, pa.int64()))
+        table = {c: source.column(c) for c in DATA_COLUMNS[self.kind]}
+        table["embedding"] = embedding_array(embeddings.reshape(-1, self.header["dim"]))
+        for key in PROVENANCE:
+            table[key] = pa.array([self.header[key]] * len(row_numbers), pa.string())
+        return pa.table(table)
+
+    def _write_manifest(self, complete: bool) -> dict:
+        shards = [self.committed[s] for s in sorted(self.committed)]
+        info = {**self.header, "kind": self.kind, "complete": complete, "num_shards": len(self.plan),
+                "rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejects"] for s in shards),
+                "shards": shards}
+        write_sidecar(self.out, info)
+        return info
+
+    def finish(self) -> dict:
+        if len(self.committed) != len(self.plan):
+            missing = sorted(set(range(len(self.plan))) - set(self.committed))
+            raise DataError(f"{self.kind}: {len(missing)} shard(s) never completed (first: {missing[:5]})", file=self.out)
+        self.guard()
+        return self._write_manifest(complete=True)
+
+
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) -> dict[int, dict]:
+    """Shards already committed by an earlier run of the same job (found by listing ``out``)."""
+    sidecar = storage.join(out, SIDECAR)
+    if storage.exists(sidecar):
+        previous = storage.read_json(sidecar)
+        if previous.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{out} holds the output of a different embedding job (other input, checkpoint or "
+                              f"settings); choose another --out or delete it")
+    fs, path = storage.filesystem(out)
+    if not fs.exists(path):
+        return {}
+    # Only this job's driver writes here, so any temporary file is from an interrupted run.
+    removed = storage.remove_temporaries(out) + storage.remove_temporaries(rejects_dir(out))
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", out, removed)
+    done = {}
+    for entry in fs.ls(path, detail=False):
+        name = posixpath.basename(entry)
+        shard = shard_number(name)
+        if shard is None:
+            continue
+        if shard >= len(plan):
+            raise DataError("shard number beyond the job's plan", file=storage.join(out, name))
+        rows = _parquet_rows(storage.join(out, name))
+        rejects_uri = storage.join(rejects_dir(out), name)
+        rejects = _parquet_rows(rejects_uri) if storage.exists(rejects_uri) else 0
+        if rows is None or rejects is None:
+            # What a power loss can leave of a local write that was not yet on disk; the
+            # shard's inputs are all still there, so it is simply done again.
+            log.warning("%s: committed shard %s (or its rejects) is unreadable; removing it to redo it", out, name)
+            for uri in (storage.join(out, name), rejects_uri):
+                if storage.exists(uri):
+                    storage.remove(uri)
+            continue
+        start, stop = plan[shard]
+        if rows + rejects != stop - start:
+            raise DataError(f"committed shard has {rows} rows + {rejects} rejects, the plan says {stop - start}",
+                            file=storage.join(out, name))
+        done[shard] = {"file": name, "rows": rows, "rejects": rejects}
+    _remove_orphan_rejects(out, done)
+    if done and not storage.exists(sidecar):
+        raise ConfigError(f"{out} has shards but no {SIDECAR}; it was not written by this job")
+    return done
+
+
+def _parquet_rows(uri: str) -> int | None:
+    """Rows of a Parquet file from its footer; None when it is not readable Parquet (a fetch
+    that fails is an error, not "unreadable": it says nothing about the file)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except pa.ArrowInvalid:
+            return None
+
+
+def _remove_orphan_rejects(out: str, done: dict[int, dict]) -> None:
+    """A shard's rejects file is written just before its shard file (the commit point): one
+    without its shard is left by a run killed in between, and is not this run's to count."""
+    fs, path = storage.filesystem(rejects_dir(out))
+    if not fs.exists(path):
+        return
+    committed = {entry["file"] for entry in done.values()}
+    for entry in fs.ls(path, detail=False):
+        name = posixpath.basename(entry)
+        if shard_number(name) is not None and name not in committed:
+            log.info("%s: removing the rejects of uncommitted shard %s", out, name)
+            storage.remove(storage.join(rejects_dir(out), name))
+
+
+def open_job(out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
+             max_reject_rate: float = 1.0, guard=None) -> ShardCommitter:
+    """Clean up after an interrupted run, find what is committed, and record the job (sidecar
+    with ``complete: false``) before any shard is written. ``guard`` (the lease's check) is
+    called before every write."""
+    if guard is not None:
+        guard()
+    done = committed_shards(out, plan, header["fingerprint"])
+    committer = ShardCommitter(out, kind, rows, plan, header, done, max_reject_rate=max_reject_rate, guard=guard)
+    committer.start()
+    return committer
