@@ -124,6 +124,29 @@ def test_an_exception_from_the_decode_stage_fails_the_build_and_records_nothing(
     assert info["rows"] == 10 and info["rejected"] == 0
 
 
+def test_a_fetch_that_keeps_failing_stops_the_build_instead_of_becoming_a_reject(tmp_path, monkeypatch):
+    from tpr_ray import images, storage
+
+    manifest = _dataset(tmp_path)
+    rows = manifest_split(manifest, "train")
+    out = str(tmp_path / "c")
+    real = storage.read_bytes
+
+    def revoked(uri):
+        if uri.endswith("/6.png"):
+            raise PermissionError("403 Forbidden: credentials revoked")
+        return real(uri)
+
+    monkeypatch.setattr(images, "FETCH_BACKOFF_S", 0.0)
+    monkeypatch.setattr(storage, "read_bytes", revoked)
+    with pytest.raises(images.ImageReadError, match="could not read .*6.png: PermissionError: 403"):
+        decoded_cache.build(rows, out, SIZE, executor="local", rows_per_shard=4)
+    assert not os.path.exists(os.path.join(out, decoded_cache.MARKER))
+    monkeypatch.setattr(storage, "read_bytes", real)  # credentials restored: every image, none rejected
+    info = decoded_cache.build(rows, out, SIZE, executor="local", rows_per_shard=4)
+    assert info["rows"] == 10 and info["rejected"] == 0
+
+
 def test_training_refuses_a_cache_that_lost_images_the_check_read():
     from tpr_ray.train_run import check_cache_rejects
 

@@ -44,11 +44,12 @@ import pyarrow.parquet as pq
 
 from tpr_ray import storage
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.images import decode_batch
+from tpr_ray.images import READ_ERROR_PATTERN, decode_batch, decode_memory_bytes
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+READ_RETRIES = 3  # Ray Data retries of a shard whose images could not be fetched (as the embedding job)
 MARKER = "_COMPLETE.json"
 SHARD_FORMAT = "part-{:05d}.parquet"
 DEFAULT_FOLDER = "tpr-ray-decoded"
@@ -181,9 +182,15 @@ def build(rows: pa.Table, out: str, image_size, *, header: dict | None = None, r
     elif executor == "ray" and blocks:
         import ray.data
 
+        # A fetch that keeps failing raises images.ImageReadError: Ray Data retries the shard
+        # (matched on its message, so a bug is not retried), then the build stops; it is
+        # never recorded as a reject.
+        context = ray.data.DataContext.get_current()
+        context.retried_map_errors = [READ_ERROR_PATTERN]
+        context.max_map_retries = READ_RETRIES
         ds = ray.data.from_arrow(blocks).map_batches(
             write_shard, fn_kwargs={"image_size": image_size, "out": out}, batch_size=None,
-            batch_format="numpy", num_cpus=decode_cpus)
+            batch_format="numpy", num_cpus=decode_cpus, memory=decode_memory_bytes(rows_per_shard, image_size))
         for _ in ds.iter_batches(batch_size=None):  # the rows come back as numbers and reasons only
             pass
     elif executor not in ("ray", "local"):
