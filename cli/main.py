@@ -69,15 +69,18 @@ cli.add_command(reproduce)
                    "or do not check.")
 @mlflow_option
 @click.option("--decoded-cache", metavar="auto|DIR",
-              help="Decode the training images once (Ray Data) into uint8 files, in DIR or next to the data with "
-                   "'auto', and augment whole batches on the training device.")
+              help="Decode the train split once (Ray Data) into a uint8 crop cache in DIR (local or s3://; 'auto': "
+                   "beside the manifest) and augment whole batches on the training device.")
+@click.option("--decoded-stream", is_flag=True,
+              help="With --decoded-cache: stream the cache through Ray Data instead of holding it in each worker's "
+                   "memory (datasets larger than a node).")
 @click.option("--grad-checkpointing", is_flag=True,
               help="Recompute activations in backward: less GPU memory for large batches.")
 @address_option
 @cli_errors
 def train(method, data_uri, out, name, model, pretrained, image_size, epochs, batch_size, lr, sets, workers,
           cpus_per_worker, gpu, loader_workers, max_steps, seed, resume, init_from, stage, max_failures, bad_images,
-          mlflow_uri, decoded_cache, grad_checkpointing, address):
+          mlflow_uri, decoded_cache, decoded_stream, grad_checkpointing, address):
     """Train a method with Ray Train; prints the best checkpoint (selected on val).
 
     Watch it with `tensorboard --logdir OUT` (event files in OUT/NAME/tensorboard)."""
@@ -96,7 +99,8 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
                       cpus_per_worker=cpus_per_worker, loader_workers=loader_workers, max_steps=max_steps,
                       seed=seed, resume=resume, init=init_from, start_stage=stage - 1,
                       max_failures=max_failures, bad_images=bad_images, mlflow=mlflow_uri,
-                      grad_checkpointing=grad_checkpointing, decoded_cache=decoded_cache)
+                      grad_checkpointing=grad_checkpointing, decoded_cache=decoded_cache,
+                      decoded_stream=decoded_stream)
     result = run_training(cfg, address=address)
     click.echo(f"run: {result.run_dir}")
     val_r1 = result.best_metrics.get("val_R1", float("nan"))

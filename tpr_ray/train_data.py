@@ -125,32 +125,10 @@ class CaptionPairs(Dataset):
         return {"image": x, "caption": caption, "person_id": pid, "label": self.labels[pid]}
 
 
-class CachedPairs(CaptionPairs):
-    """Caption pairs over already decoded uint8 images: no fetch or decode per item, and the
-    augmentation is applied later to the whole batch on the training device."""
-
-    def __init__(self, table, labels: dict[int, int], pixels: dict[str, np.ndarray]):
-        super().__init__(table, labels, next(iter(pixels.values())).shape[:2] if pixels else (0, 0), augment=False)
-        missing = [u for u in set(self.uris) if u not in pixels]
-        if missing:
-            raise DataError(f"{len(missing)} training images are not in the decoded cache, e.g. {missing[0]}")
-        self.pixels = pixels
-
-    def __getitem__(self, index: int) -> dict:
-        row, caption = self.items[index]
-        pid = self.pids[row]
-        return {"pixels": torch.from_numpy(self.pixels[self.uris[row]].copy()), "caption": caption,
-                "person_id": pid, "label": self.labels[pid]}
-
-
 def pair_loader(data: TrainingData, image_size, augment: bool, batch_size: int, *, rank: int, world: int,
-                seed: int, loader_workers: int, pin_memory: bool,
-                pixels: dict | None = None) -> tuple[DataLoader, DistributedSampler]:
+                seed: int, loader_workers: int, pin_memory: bool) -> tuple[DataLoader, DistributedSampler]:
     """This worker's share of every epoch's caption pairs (the global batch is batch_size x world)."""
-    if pixels is not None:
-        dataset = CachedPairs(data.train, data.labels, pixels)
-    else:
-        dataset = CaptionPairs(data.train, data.labels, image_size, augment=augment)
+    dataset = CaptionPairs(data.train, data.labels, image_size, augment=augment)
     if len(dataset) < batch_size * world:
         raise ConfigError(f"{len(dataset)} training pairs cannot fill one global batch of "
                           f"{batch_size} x {world} workers; lower --batch-size")
@@ -158,6 +136,29 @@ def pair_loader(data: TrainingData, image_size, augment: bool, batch_size: int, 
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=loader_workers, pin_memory=pin_memory, persistent_workers=loader_workers > 0)
     return loader, sampler
+
+
+def stage_loader(data: TrainingData, recipe, cfg, *, rank: int, world: int, device, cached: tuple | None) -> tuple:
+    """(loader, sampler) of a stage: today's per-sample DataLoader, or batches from the decoded
+    cache (``cfg.decoded_cache``; in memory, or streamed by Ray Data with ``cfg.decoded_stream``)
+    that arrive augmented and normalised on ``device``. ``cached``: the loaded cache, one copy per
+    worker for all stages."""
+    if cfg.decoded_cache and cfg.decoded_stream:
+        import ray.train
+
+        from tpr_ray.decoded_cache import StreamedPairs
+
+        pairs = StreamedPairs(ray.train.get_dataset_shard("train"), cfg.decoded_cache, data.train, recipe.batch_size,
+                              world, device, recipe.augment, seed=cfg.seed * 1009 + rank)
+        return pairs, pairs
+    if cfg.decoded_cache:
+        from tpr_ray.decoded_cache import CachedPairs
+
+        pairs = CachedPairs(cfg.decoded_cache, data.train, data.labels, recipe.batch_size, world, rank, cfg.seed,
+                            device, recipe.augment, loaded=cached)
+        return pairs, pairs
+    return pair_loader(data, cfg.image_size, recipe.augment, recipe.batch_size, rank=rank, world=world,
+                       seed=cfg.seed, loader_workers=cfg.loader_workers, pin_memory=torch.device(device).type == "cuda")
 
 
 def evaluate_split(method, table, image_size, device, batch_size: int = 64) -> dict:
