@@ -54,7 +54,7 @@ def test_random_crop_offsets_stay_within_the_padding():
     offsets = set()
     for k in range(len(images)):
         padded = torch.nn.functional.pad(images[k], (0, 0, 10, 10, 10, 10))
-        found = [(t, l) for t in range(21) for l in range(21) if torch.equal(padded[t:t + 16, l:l + 8], pixels[k])]
+        found = [(t, left) for t in range(21) for left in range(21) if torch.equal(padded[t:t + 16, left:left + 8], pixels[k])]
         assert found, f"output {k} is no crop of its padded input"
         offsets.add(found[0])
     assert len(offsets) > 20  # offsets are drawn, not fixed
