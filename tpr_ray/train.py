@@ -78,11 +78,21 @@ class TrainConfig:
 
 # --- the per-worker loop -----------------------------------------------------------
 
+_RUN_LABEL = ""  # the run this worker process trains, named on each of its progress lines
+
+
 def log(message: str) -> None:
-    """Progress line from a worker. Written to stdout directly: Ray Train's patched
-    ``print`` sends each line to the driver twice."""
-    sys.stdout.write(f"[tpr-ray] {message}\n")
+    """Progress line from a worker, naming its run (several train at once in crosseval).
+    Written to stdout directly: Ray Train's patched ``print`` sends each line to the driver twice."""
+    label = f"{_RUN_LABEL}: " if _RUN_LABEL else ""
+    sys.stdout.write(f"[tpr-ray] {label}{message}\n")
     sys.stdout.flush()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 @dataclass
@@ -170,7 +180,9 @@ def start_worker(cfg: TrainConfig) -> Worker:
     import ray.train
     import ray.train.torch
 
+    global _RUN_LABEL
     ctx = ray.train.get_context()
+    _RUN_LABEL = cfg.run_name()
     torch.manual_seed(cfg.seed)
     return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
@@ -263,8 +275,11 @@ def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, wor
             rate = steps * recipe.batch_size * worker.world / (time.perf_counter() - tick)
             terms = " ".join(f"{k} {v / steps:.4f}" for k, v in sums.items())
             lr = run.scheduler.get_last_lr()[0]
+            # ETA of the stage from this epoch's pace (validation time not included)
+            left = (steps_per_epoch - steps) + (recipe.epochs - epoch - 1) * steps_per_epoch
+            eta = format_eta(left * (time.perf_counter() - tick) / steps)
             log(f"{run.stage.name} epoch {epoch + 1}/{recipe.epochs} step {steps}/{steps_per_epoch} "
-                f"{terms} lr {lr:.3e} samples/s {rate:.1f}")
+                f"{terms} lr {lr:.3e} samples/s {rate:.1f} ETA {eta}")
             tracker.log({**{f"train/{k}": v / steps for k, v in sums.items()}, "lr": lr, "samples_per_s": rate},
                         global_step + steps)
         if stop:
