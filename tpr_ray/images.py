@@ -64,18 +64,47 @@ def decode_memory_bytes(batch_size: int, image_size) -> int:
 
 
 def fetch_bytes(uri: str) -> bytes:
-    """The file's bytes, retried with exponential backoff; :class:`ImageReadError` if it keeps failing."""
+    """The file's bytes, retried with exponential backoff; :class:`ImageReadError` if it keeps failing.
+
+    A file that does not exist is the input's fault, not the store's: :class:`UnreadableImage`
+    at once, without retrying."""
     attempts, backoff_s = FETCH_ATTEMPTS, FETCH_BACKOFF_S
     for attempt in range(attempts):
         try:
             return storage.read_bytes(uri)
-        except Exception as exc:  # noqa: BLE001 - any failure to fetch is "not now", never "bad image"
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any other failure to fetch is "not now", never "bad image"
             reason = f"{type(exc).__name__}: {exc}"[:500]
             if attempt + 1 == attempts:
                 raise ImageReadError(uri, reason) from None
             log.warning("fetching %s failed (%s); retrying", uri, reason)
             time.sleep(backoff_s * 2**attempt)
     raise AssertionError("unreachable")
+
+
+class UnreadableImage(ValueError):
+    """The input is not a readable image (missing, not an image, truncated, too many pixels):
+    a property of the data, recorded as a reject with :attr:`reason`, never retried."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason[:500])
+        self.reason = reason[:500]
+
+
+def load_pixels(uri: str, image_size, out: np.ndarray | None = None) -> np.ndarray:
+    """Fetch, decode and resize one image to ``image_size`` (H, W): HxWx3 uint8 (written into ``out``
+    when given). The one classification of failures, shared by embedding and training's check:
+    :class:`UnreadableImage` when the input is at fault, :class:`ImageReadError` when it could not
+    be read now (fetch faults after retries, or no memory to decode)."""
+    h, w = image_size
+    data = fetch_bytes(uri)
+    try:
+        return resize_uint8(decode_image(data, (h, w)), (h, w), out)
+    except MemoryError:
+        raise ImageReadError(uri, "out of memory while decoding") from None
+    except Exception as exc:  # noqa: BLE001 - bytes in hand: whatever fails is the image's fault
+        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
 
 
 class TooManyPixels(ValueError):
@@ -95,7 +124,7 @@ def decode_image(data: bytes, target_size: tuple[int, int] | None = None) -> Ima
     if img.width * img.height > Image.MAX_IMAGE_PIXELS:
         raise TooManyPixels(f"{img.width}x{img.height} pixels is over the limit of {Image.MAX_IMAGE_PIXELS}")
     img.load()
-    img = ImageOps.exif_transpose(img)
+    ImageOps.exif_transpose(img, in_place=True)  # in place: the usual no-rotation case costs no copy
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         img = Image.fromarray(np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
@@ -103,15 +132,19 @@ def decode_image(data: bytes, target_size: tuple[int, int] | None = None) -> Ima
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def resize_uint8(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Resize to ``size`` (H, W) with bicubic filtering, as CLIP does; returns HxWx3 uint8."""
+def resize_uint8(img: Image.Image, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Resize to ``size`` (H, W) with bicubic filtering, as CLIP does; returns HxWx3 uint8, written
+    into ``out`` when given (one copy, straight into the batch)."""
     h, w = size
     if img.size != (w, h):
         img = img.resize((w, h), Image.BICUBIC)
-    return np.array(img, dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
+    if out is None:
+        return np.array(img, dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
+    out[...] = np.asarray(img)
+    return out
 
 
 def decode_batch(batch: dict, image_size) -> dict:
@@ -124,12 +157,9 @@ def decode_batch(batch: dict, image_size) -> dict:
     pixels = np.zeros((len(batch["image_uri"]), h, w, 3), dtype=np.uint8)
     reasons = []
     for i, uri in enumerate(batch["image_uri"]):
-        data = fetch_bytes(uri)
         try:
-            pixels[i] = resize_uint8(decode_image(data, (h, w)), (h, w))
+            load_pixels(uri, (h, w), out=pixels[i])
             reasons.append("")
-        except MemoryError:
-            raise ImageReadError(uri, "out of memory while decoding") from None
-        except Exception as exc:  # noqa: BLE001 - bytes in hand: whatever fails is the image's fault
-            reasons.append(f"{type(exc).__name__}: {exc}"[:500])
+        except UnreadableImage as exc:
+            reasons.append(exc.reason)
     return {**batch, "pixels": pixels, "reject_reason": np.array(reasons, dtype=object)}
