@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
 
 import numpy as np
@@ -97,14 +98,29 @@ def load_pixels(uri: str, image_size, out: np.ndarray | None = None) -> np.ndarr
     when given). The one classification of failures, shared by embedding and training's check:
     :class:`UnreadableImage` when the input is at fault, :class:`ImageReadError` when it could not
     be read now (fetch faults after retries, or no memory to decode)."""
+    return decode_pixels(fetch_bytes(uri), image_size, out, uri=uri)
+
+
+def decode_pixels(data: bytes, image_size, out: np.ndarray | None = None, *, uri: str = "") -> np.ndarray:
+    """:func:`load_pixels` on bytes already fetched."""
     h, w = image_size
-    data = fetch_bytes(uri)
     try:
         return resize_uint8(decode_image(data, (h, w)), (h, w), out)
     except MemoryError:
         raise ImageReadError(uri, "out of memory while decoding") from None
     except Exception as exc:  # noqa: BLE001 - bytes in hand: whatever fails is the image's fault
-        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
+        # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): noise in a reject record.
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+        raise UnreadableImage(f"{type(exc).__name__}: {message}") from None
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """Width x height from the file's header (no pixel decoded), or None if it has none."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - the full decode will say what is wrong
+        return None
 
 
 class TooManyPixels(ValueError):
