@@ -111,3 +111,47 @@ def test_an_image_over_the_pixel_limit_never_reaches_the_device(monkeypatch, fak
     _, reasons = gpu_decode.decode_on_device([named["crop"], named["crop_small"]], SIZE, torch.device("cpu"),
                                              use_gpu=True)
     assert fake_nvjpeg == [1] and "TooManyPixels" in reasons[0] and reasons[1] == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tests.conftest import TINY
+    from tpr_ray.backbone import BackboneConfig
+    from tpr_ray.checkpoint import read_config, save_checkpoint
+    from tpr_ray.methods import get_method
+
+    torch.manual_seed(1)
+    cls = get_method("baseline")
+    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint")
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 5), path, {})
+    return path, tuple(read_config(path)["backbone"]["image_size"])
+
+
+def test_the_actor_embeds_fetched_bytes_as_the_cpu_stage_pixels(tiny_checkpoint, tmp_path, monkeypatch):
+    """fetch_batch + decode in the actor == decode_batch + actor, rejects included; then the same
+    through the (fake) device decoder within tolerance of the embeddings."""
+    from tpr_ray.embed import Embedder
+
+    checkpoint, size = tiny_checkpoint
+    named = _blobs()
+    for name, data in named.items():
+        (tmp_path / name).write_bytes(data)
+    batch = {"image_uri": np.array([str(tmp_path / n) for n in named] + [str(tmp_path / "gone")], dtype=object)}
+    actor = Embedder(checkpoint, "gallery", size)
+    cpu = actor(images.decode_batch(dict(batch), size))
+    fetched = images.fetch_batch(dict(batch), size)
+    assert "pixels" not in fetched and fetched["reject_reason"][-1].startswith("FileNotFoundError")
+    here = actor(fetched)
+    assert list(here["reject_reason"]) == list(cpu["reject_reason"]) and "image_bytes" not in here
+    assert [bool(r) for r in cpu["reject_reason"]] == [False, False, False, False, True, True, True]
+    np.testing.assert_array_equal(here["embedding"], cpu["embedding"])
+
+    monkeypatch.setattr(gpu_decode, "gpu_decode_available", lambda device: True)
+    from torchvision.io import ImageReadMode, decode_jpeg
+    monkeypatch.setattr(gpu_decode, "_device_decode", lambda t, d: decode_jpeg(t, mode=ImageReadMode.RGB))
+    fake = actor(images.fetch_batch(dict(batch), size))
+    assert list(fake["reject_reason"]) == list(cpu["reject_reason"])
+    ok = ~np.isnan(cpu["embedding"][:, 0])
+    assert np.isnan(fake["embedding"][~ok]).all()
+    cosine = (fake["embedding"][ok] * cpu["embedding"][ok]).sum(1)
+    assert cosine.min() > 0.99

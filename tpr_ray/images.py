@@ -179,3 +179,20 @@ def decode_batch(batch: dict, image_size) -> dict:
         except UnreadableImage as exc:
             reasons.append(exc.reason)
     return {**batch, "pixels": pixels, "reject_reason": np.array(reasons, dtype=object)}
+
+
+def fetch_batch(batch: dict, image_size) -> dict:
+    """Ray Data stage when the model's GPU decodes (see :mod:`tpr_ray.gpu_decode`): fetch only,
+    and ship the encoded bytes, several times smaller than the pixels, to the actor.
+
+    A missing file carries its reject reason here; the decoder decides about the rest."""
+    del image_size  # the actor resizes; kept so both stages take the same arguments
+    blobs, reasons = [], []
+    for uri in batch["image_uri"]:
+        try:
+            blobs.append(fetch_bytes(uri))
+            reasons.append("")
+        except UnreadableImage as exc:
+            blobs.append(b"")
+            reasons.append(exc.reason)
+    return {**batch, "image_bytes": np.array(blobs, dtype=object), "reject_reason": np.array(reasons, dtype=object)}
