@@ -155,3 +155,20 @@ def test_the_actor_embeds_fetched_bytes_as_the_cpu_stage_pixels(tiny_checkpoint,
     assert np.isnan(fake["embedding"][~ok]).all()
     cosine = (fake["embedding"][ok] * cpu["embedding"][ok]).sum(1)
     assert cosine.min() > 0.99
+
+
+def test_a_cpu_model_actor_gets_the_node_cores_not_rays_fractional_share(tiny_checkpoint, monkeypatch):
+    import ray
+
+    from tpr_ray import embed
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 16.0}},
+                                               {"Alive": True, "Resources": {"CPU": 8.0}},
+                                               {"Alive": False, "Resources": {"CPU": 64.0}}])
+    assert [embed._cpu_threads_per_actor(a) for a in (1, 2, 3, 4, 40)] == [8, 8, 4, 4, 1]
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    embed.Embedder(tiny_checkpoint[0], "gallery", tiny_checkpoint[1], cpu_threads=6)
+    embed.Embedder(tiny_checkpoint[0], "gallery", tiny_checkpoint[1])
+    assert calls == [6]

@@ -121,12 +121,16 @@ def plan_fingerprint(columns: pa.Table, settings: dict) -> str:
 class Embedder:
     """Actor: loads the checkpoint once, then embeds batches of pixels or captions."""
 
-    def __init__(self, checkpoint: str, kind: str, image_size=None):
+    def __init__(self, checkpoint: str, kind: str, image_size=None, cpu_threads: int | None = None):
         import torch
 
         from tpr_ray.checkpoint import load_method
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and cpu_threads:
+            # Ray caps an actor's OMP threads at its CPU share (1 for a fractional one); on a
+            # CPU-only node the model is the job's heavy part and gets the node's cores.
+            torch.set_num_threads(cpu_threads)
         self.method, _ = load_method(checkpoint, map_location="cpu")
         self.method.to(self.device)
         self.kind = kind
@@ -205,7 +209,8 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
             ds = ds.map_batches(fetch_batch if on_gpu else decode_batch, fn_kwargs={"image_size": list(image_size)},
                                 num_cpus=cfg.decode_cpus, memory=memory, batch_size=cfg.batch_size,
                                 batch_format="numpy")
-        ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind, tuple(image_size)),
+        ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind, tuple(image_size),
+                                                           None if gpus else _cpu_threads_per_actor(cfg.actors)),
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
                             num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
         try:
@@ -226,6 +231,19 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     info["seconds"] = time.perf_counter() - tick
     info["rows_this_run"] = sum(plan[s][1] - plan[s][0] for s in pending)
     return info
+
+
+def _cpu_threads_per_actor(actors: int) -> int:
+    """Torch threads for each CPU-only model actor: the smallest node's CPUs shared by the actors
+    that land on one node (decode tasks take what the model leaves between batches)."""
+    import math
+
+    import ray
+
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    if not nodes:
+        return 1
+    return max(1, int(min(nodes) // math.ceil(actors / len(nodes))))
 
 
 def _read_failure(exc: BaseException) -> ImageReadError | None:
