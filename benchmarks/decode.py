@@ -28,9 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from PIL import ImageOps  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 from tpr_ray.images import decode_pixels  # noqa: E402
 
@@ -74,6 +72,7 @@ def current_path(data: bytes, size, draft: bool, out: np.ndarray) -> None:
         decode_pixels(data, size, out)
     else:  # the draft only applies with a target size: decode whole, then resize
         from tpr_ray.images import decode_image, resize_uint8
+
         resize_uint8(decode_image(data), size, out)
 
 

@@ -3,12 +3,14 @@
 Kept free of torch so the decode stage of an embedding job (many small Ray tasks) starts
 fast and stays small in memory; the model side lives in `transforms.py`.
 
-Two kinds of failure are kept apart. Bytes that are not a readable image (unidentified,
-truncated, zero bytes, over the pixel limit) are a property of the input: the row becomes a
-recorded reject. Bytes that could not be fetched now (permissions or an expired token,
-network, throttling, timeouts, any OS error of the store), or a decode that ran out of
-memory, say nothing about the image: :class:`ImageReadError` is raised, Ray retries the task,
-and if it keeps failing the job stops without committing the row's shard.
+Two kinds of failure are kept apart, here only (`load_pixels`; the embedding job, its GPU
+decoder and training's pre-check all go through it). A file that does not exist, or bytes that
+are not a readable image (unidentified, truncated, zero bytes, over the pixel limit), are a
+property of the input: :class:`UnreadableImage`, and the row becomes a recorded reject. Bytes
+that could not be fetched now (permissions or an expired token, network, throttling, timeouts,
+any other OS error of the store), or a decode that ran out of memory, say nothing about the
+image: :class:`ImageReadError` is raised, Ray retries the task, and if it keeps failing the job
+stops without committing the row's shard.
 """
 
 from __future__ import annotations
