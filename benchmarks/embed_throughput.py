@@ -136,11 +136,11 @@ def main() -> None:
         save_checkpoint(cls(BackboneConfig(model, None), cls.default_recipe, 10), checkpoint, {})
 
         a = model_only(checkpoint, n, args.batch_size, device)
+        b = pipeline(checkpoint, local, os.path.join(work, model, "emb-local"), args.batch_size, args.actors)
         b0 = float("nan")
         if device.type == "cpu":
             b0 = pipeline(checkpoint, local, os.path.join(work, model, "emb-local0"), args.batch_size, args.actors,
                           ray_default_threads=True)
-        b = pipeline(checkpoint, local, os.path.join(work, model, "emb-local"), args.batch_size, args.actors)
         c = float("nan")
         if not args.no_s3:
             c = pipeline(checkpoint, f"s3://bench/{model}/", f"s3://bench/emb-{model}", args.batch_size, args.actors)

@@ -29,6 +29,13 @@ def _blobs() -> dict[str, bytes]:
     buf = io.BytesIO()
     _textured(rng, 50, 120).save(buf, "PNG")
     out["png"] = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # to be rotated on decode, which nvJPEG through torchvision does not do
+    for name, img, extra in [("rotated", _textured(rng, 60, 170), {"exif": exif}),
+                             ("cmyk", _textured(rng, 60, 170).convert("CMYK"), {})]:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", **extra)
+        out[name] = buf.getvalue()
     out["truncated"] = out["crop"][: len(out["crop"]) // 2]
     out["text"] = b"not an image at all"
     return out
@@ -51,7 +58,7 @@ def test_on_cpu_it_is_the_cpu_path_exactly():
     pixels, reasons = gpu_decode.decode_on_device(blobs, SIZE, torch.device("cpu"))
     expected, expected_reasons = _cpu_path(blobs)
     np.testing.assert_array_equal(pixels.numpy(), expected)
-    assert list(reasons) == expected_reasons and sum(bool(r) for r in reasons) == 2
+    assert list(reasons) == expected_reasons and sum(bool(r) for r in reasons) == 2 and len(reasons) == 8
 
 
 @pytest.fixture
@@ -63,7 +70,7 @@ def fake_nvjpeg(monkeypatch):
 
     def fake(tensors, device):
         seen.append(len(tensors))
-        return decode_jpeg(tensors, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB)  # like CUDA's: no EXIF rotation
 
     monkeypatch.setattr(gpu_decode, "_device_decode", fake)
     return seen
@@ -75,7 +82,8 @@ def test_gpu_path_agrees_with_the_cpu_path_within_tolerance(fake_nvjpeg):
     size = (128, 48)  # under half of every crop: the CPU path decodes at full scale (no JPEG draft)
     pixels, reasons = gpu_decode.decode_on_device(blobs, size, torch.device("cpu"), use_gpu=True)
     expected, expected_reasons = _cpu_path(blobs, size)
-    assert fake_nvjpeg == [3]  # the three whole JPEGs went to the device in one batch; PNG and broken ones did not
+    assert fake_nvjpeg == [3]  # the three plain JPEGs went to the device in one batch; PNG, rotated, CMYK
+    # and broken ones did not
     assert list(reasons) == expected_reasons
     for i, name in enumerate(named):
         diff = np.abs(pixels[i].numpy().astype(int) - expected[i].astype(int))
@@ -143,7 +151,7 @@ def test_the_actor_embeds_fetched_bytes_as_the_cpu_stage_pixels(tiny_checkpoint,
     assert "pixels" not in fetched and fetched["reject_reason"][-1].startswith("FileNotFoundError")
     here = actor(fetched)
     assert list(here["reject_reason"]) == list(cpu["reject_reason"]) and "image_bytes" not in here
-    assert [bool(r) for r in cpu["reject_reason"]] == [False, False, False, False, True, True, True]
+    assert [bool(r) for r in cpu["reject_reason"]] == [False] * 6 + [True] * 3
     np.testing.assert_array_equal(here["embedding"], cpu["embedding"])
 
     monkeypatch.setattr(gpu_decode, "gpu_decode_available", lambda device: True)

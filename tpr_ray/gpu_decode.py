@@ -6,8 +6,8 @@ not bit-identical to the CPU path: the resize is torch's antialiased bicubic, wh
 Pillow's filter but rounds differently, and large JPEGs are decoded whole instead of through
 Pillow's DCT draft. `TOLERANCE` states the agreement that tests pin on crop-sized images.
 
-Anything nvJPEG cannot take (PNG and other formats, CMYK or progressive files it refuses,
-broken bytes) goes through `images.load_pixels`' decode on the CPU, so which images are
+Anything nvJPEG cannot take or would get wrong (PNG and other formats, CMYK, EXIF-rotated,
+truncated or broken files, and any it refuses) goes through `images.load_pixels`' decode on the CPU, so which images are
 rejected, and why, is decided in one place whatever the device.
 """
 
@@ -33,7 +33,7 @@ def _device_decode(tensors: list[torch.Tensor], device: torch.device) -> list[to
     """nvJPEG batch decode to RGB CxHxW uint8 on ``device`` (the seam tests replace)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
 def gpu_decode_available(device: torch.device) -> bool:
@@ -69,10 +69,11 @@ def decode_on_device(blobs, image_size, device: torch.device, *, use_gpu: bool |
     reasons = [""] * len(blobs)
     on_cpu = list(range(len(blobs)))
     if use_gpu:
-        # Only whole JPEGs (nvJPEG may fill a truncated one with grey where Pillow refuses it) whose
-        # header is within the pixel limit go to the GPU; the CPU path decides about the rest.
+        # Only whole, plain JPEGs go to the GPU: nvJPEG may fill a truncated file with grey where
+        # Pillow refuses it, and on CUDA torchvision ignores EXIF rotation; CMYK, rotated, over
+        # the pixel limit or broken ones are the CPU path's to decode or reject.
         jpegs = [i for i, b in enumerate(blobs) if bytes(b[:3]) == JPEG_MAGIC and bytes(b[-2:]) == JPEG_END
-                 and (images.declared_pixels(bytes(b)) or images.MAX_PIXELS + 1) <= images.MAX_PIXELS]
+                 and images.plain_header(bytes(b))]
         decoded = []
         if jpegs:
             tensors = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]

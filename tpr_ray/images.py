@@ -116,13 +116,18 @@ def decode_pixels(data: bytes, image_size, out: np.ndarray | None = None, *, uri
         raise UnreadableImage(f"{type(exc).__name__}: {message}") from None
 
 
-def declared_pixels(data: bytes) -> int | None:
-    """Width x height from the file's header (no pixel decoded), or None if it has none."""
+def plain_header(data: bytes) -> bool:
+    """True when the header (read without decoding a pixel) declares an RGB or grey image within
+    the pixel limit and without an EXIF rotation: one that a plain JPEG decoder gets right."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.width * img.height
+            return (img.mode in ("RGB", "L") and img.width * img.height <= MAX_PIXELS
+                    and img.getexif().get(ORIENTATION_TAG, 1) == 1)
     except Exception:  # noqa: BLE001 - the full decode will say what is wrong
-        return None
+        return False
+
+
+ORIENTATION_TAG = 0x0112
 
 
 class TooManyPixels(ValueError):
