@@ -4,7 +4,6 @@ validation metrics used for model selection."""
 from __future__ import annotations
 
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -12,13 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tpr_ray import storage
 from tpr_ray.data import load_manifest, manifest_info, selection_split
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.images import decode_image, resize_uint8
+from tpr_ray.images import ImageReadError, UnreadableImage, decode_image, load_pixels, resize_uint8
 from tpr_ray.inference import encode_captions, encode_images
 from tpr_ray.metrics import retrieval_metrics_from_embeddings
 from tpr_ray.transforms import train_augment
@@ -49,34 +47,22 @@ def load_training_data(data_uri: str, holdout_fraction: float, seed: int, exclud
 
 
 BAD_IMAGE_CHOICES = ("fail", "skip", "off")
-# Pillow's decoders report truncated or corrupt data as a bare OSError without an errno; the
-# OS reports its own failures (permissions, network, disk) with one.
-_NOT_AN_IMAGE = (UnidentifiedImageError, Image.DecompressionBombError, FileNotFoundError, IsADirectoryError,
-                 SyntaxError, EOFError, zlib.error)
-
-
-def is_unreadable_image(exc: BaseException) -> bool:
-    """True when the bytes are not a decodable image (bad data); False for faults of access
-    (permissions, network, throttling, memory), which a retry may fix and must not be skipped."""
-    if isinstance(exc, _NOT_AN_IMAGE):
-        return True
-    return type(exc) is OSError and exc.errno is None
 
 
 def find_unreadable_images(uris: list[str], image_size, threads: int | None = None) -> list[tuple[str, str]]:
     """(uri, reason) of every image that cannot be decoded, checked in parallel before training.
 
-    Raises DataError at the first image that could not be fetched for another reason."""
+    What counts as unreadable is what the embedding job rejects (`images.load_pixels`); an image
+    that could not be fetched now raises DataError instead of being listed."""
     def check(uri):
         try:
-            resize_uint8(decode_image(storage.read_bytes(uri), tuple(image_size)), tuple(image_size))
+            load_pixels(uri, tuple(image_size))
             return None
-        except Exception as exc:
-            if not is_unreadable_image(exc):
-                raise DataError(f"could not read the image ({type(exc).__name__}: {exc}); this is not a bad "
-                                f"image but a fault of access (permissions, network): fix it and run again",
-                                file=uri) from exc
-            return uri, f"{type(exc).__name__}: {exc}"[:200]
+        except UnreadableImage as exc:
+            return uri, exc.reason[:200]
+        except ImageReadError as exc:
+            raise DataError(f"could not read the image ({exc.reason}); this is not a bad image but a fault "
+                            f"of access (permissions, network): fix it and run again", file=uri) from exc
 
     threads = threads or min(32, 4 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
