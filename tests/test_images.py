@@ -38,7 +38,7 @@ def _train_outcome(uri):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("good", "ok"), ("truncated", "reject"), ("empty", "reject"), ("text", "reject"), ("missing", "reject"),
+    ("good", "ok"), ("truncated", "reject"), ("empty", "reject"), ("text", "reject"), ("missing", "fault"),
     ("directory", "reject"), ("denied", "fault"), ("oom", "fault"),
 ])
 def test_embedding_and_training_classify_every_failure_alike(tmp_path, monkeypatch, case, expected):
@@ -62,7 +62,10 @@ def test_embedding_and_training_classify_every_failure_alike(tmp_path, monkeypat
     assert (_embed_outcome(uri), _train_outcome(uri)) == (expected, expected)
 
 
-def test_a_missing_file_is_rejected_at_once_not_retried(tmp_path, monkeypatch):
+def test_a_missing_file_is_retried_then_stops_the_batch_never_a_reject(tmp_path, monkeypatch):
+    """A path that exists on another node only (or an object not visible yet) must not leave
+    the gallery as a reject: it is retried, then the batch fails naming the file."""
+    monkeypatch.setattr(images, "FETCH_BACKOFF_S", 0.0)
     calls = []
     real = storage.read_bytes
 
@@ -71,8 +74,10 @@ def test_a_missing_file_is_rejected_at_once_not_retried(tmp_path, monkeypatch):
         return real(uri)
 
     monkeypatch.setattr(storage, "read_bytes", counting)
-    out = images.decode_batch({"image_uri": np.array([str(tmp_path / "gone.jpg")], dtype=object)}, SIZE)
-    assert out["reject_reason"][0].startswith("FileNotFoundError") and len(calls) == 1
+    gone = str(tmp_path / "gone.jpg")
+    with pytest.raises(images.ImageReadError, match="gone.jpg"):
+        images.decode_batch({"image_uri": np.array([gone], dtype=object)}, SIZE)
+    assert len(calls) == images.FETCH_ATTEMPTS
 
 
 def _reference(data: bytes, size) -> np.ndarray:

@@ -144,11 +144,12 @@ def test_the_actor_embeds_fetched_bytes_as_the_cpu_stage_pixels(tiny_checkpoint,
     named = _blobs()
     for name, data in named.items():
         (tmp_path / name).write_bytes(data)
-    batch = {"image_uri": np.array([str(tmp_path / n) for n in named] + [str(tmp_path / "gone")], dtype=object)}
+    (tmp_path / "folder").mkdir()  # not an image: a reject in either stage
+    batch = {"image_uri": np.array([str(tmp_path / n) for n in named] + [str(tmp_path / "folder")], dtype=object)}
     actor = Embedder(checkpoint, "gallery", size)
     cpu = actor(images.decode_batch(dict(batch), size))
     fetched = images.fetch_batch(dict(batch), size)
-    assert "pixels" not in fetched and fetched["reject_reason"][-1].startswith("FileNotFoundError")
+    assert "pixels" not in fetched and fetched["reject_reason"][-1].startswith("IsADirectoryError")
     here = actor(fetched)
     assert list(here["reject_reason"]) == list(cpu["reject_reason"]) and "image_bytes" not in here
     assert [bool(r) for r in cpu["reject_reason"]] == [False] * 6 + [True] * 3

@@ -69,13 +69,15 @@ def decode_memory_bytes(batch_size: int, image_size) -> int:
 def fetch_bytes(uri: str) -> bytes:
     """The file's bytes, retried with exponential backoff; :class:`ImageReadError` if it keeps failing.
 
-    A file that does not exist is the input's fault, not the store's: :class:`UnreadableImage`
-    at once, without retrying."""
+    A file that does not exist is a fault too, never a reject: a path mounted on one node only,
+    an object not yet visible or a key the credentials cannot list all look like this, and a
+    reject would drop the image from the gallery for good. A directory is the input's fault:
+    :class:`UnreadableImage` at once."""
     attempts, backoff_s = FETCH_ATTEMPTS, FETCH_BACKOFF_S
     for attempt in range(attempts):
         try:
             return storage.read_bytes(uri)
-        except (FileNotFoundError, IsADirectoryError) as exc:
+        except IsADirectoryError as exc:
             raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any other failure to fetch is "not now", never "bad image"
             reason = f"{type(exc).__name__}: {exc}"[:500]
@@ -87,7 +89,7 @@ def fetch_bytes(uri: str) -> bytes:
 
 
 class UnreadableImage(ValueError):
-    """The input is not a readable image (missing, not an image, truncated, too many pixels):
+    """The input is not a readable image (a directory, not an image, truncated, too many pixels):
     a property of the data, recorded as a reject with :attr:`reason`, never retried."""
 
     def __init__(self, reason: str):
@@ -192,7 +194,7 @@ def fetch_batch(batch: dict, image_size) -> dict:
     """Ray Data stage when the model's GPU decodes (see :mod:`tpr_ray.gpu_decode`): fetch only,
     and ship the encoded bytes, several times smaller than the pixels, to the actor.
 
-    A missing file carries its reject reason here; the decoder decides about the rest."""
+    A directory carries its reject reason here; the decoder decides about the rest."""
     del image_size  # the actor resizes; kept so both stages take the same arguments
     blobs, reasons = [], []
     for uri in batch["image_uri"]:
