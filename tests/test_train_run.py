@@ -183,3 +183,13 @@ def test_the_driver_applies_the_from_scratch_recipe_and_says_so(cuhk_small, tmp_
         train(_config(cuhk_small, tmp_path, resume=False, use_gpu=False, overrides={"epochs": 2}, bad_images="off"))
     assert seen["overrides"] == {"lr": 1e-3, "warmup_epochs": 1, "weight_decay": 1e-4, "epochs": 2}
     assert "random-init backbone" in caplog.text and "--lr" in caplog.text
+
+
+def test_a_recipe_tuple_recorded_as_a_json_list_is_the_same_setting():
+    from tpr_ray.train_run import resume_mismatches
+
+    base = {"method": "cfine", "model": "m", "pretrained": None, "image_size": [8, 4], "data": "d",
+            "data_version": "v"}
+    recorded = {**base, "recipe": {"step_milestones": [20, 25, 35]}}
+    assert resume_mismatches(recorded, {**base, "recipe": {"step_milestones": (20, 25, 35)}}) == []
+    assert resume_mismatches(recorded, {**base, "recipe": {"step_milestones": (20, 30)}})

@@ -63,6 +63,10 @@ def recorded_identity(checkpoint_config: dict) -> dict:
     return run_identity(c["method"], c.get("data"), c.get("data_version"), c["backbone"], c["recipe"])
 
 
+def _as_json(value):
+    return json.loads(json.dumps(value))
+
+
 def resume_mismatches(recorded: dict, requested: dict) -> list[str]:
     """One line per field that differs. Data counts as the same when the manifest versions agree
     (a dataset may move); fields a checkpoint did not record yet are not compared."""
@@ -81,7 +85,7 @@ def resume_mismatches(recorded: dict, requested: dict) -> list[str]:
         differ("data", recorded["data"], requested["data"])
     for key, old in recorded["recipe"].items():
         new = requested["recipe"].get(key, old)
-        if old != new:
+        if _as_json(old) != _as_json(new):  # the record went through JSON: tuples came back as lists
             differ(f"recipe {key}", old, new)
     return lines
 
