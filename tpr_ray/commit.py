@@ -2,7 +2,8 @@
 
 The driver gathers each shard's results as they come back from the pipeline and commits a
 shard once all of its rows are in: its rejects file first (if any), then its Parquet file
-(the commit point), then the sidecar that lists it. Every file is written atomically
+(the commit point). The sidecar is written before the first shard (``complete: false``) and
+once more when every shard is in (``complete: true``, with the list of shards). Every file is written atomically
 (:func:`tpr_ray.storage.write_bytes_atomic`). On resume, :func:`committed_shards` cleans up
 what an interrupted run left (temporary files, rejects of a shard that was never committed,
 a committed shard that came back unreadable after a power loss) and lists the rest.
@@ -28,39 +29,62 @@ log = logging.getLogger(__name__)
 # The input columns each table carries (the embedding and provenance columns are added).
 DATA_COLUMNS = {"gallery": ["image_id", "person_id", "image_uri"],
                 "queries": ["query_id", "image_id", "person_id", "caption"]}
+COLUMN_TYPES = {"image_id": pa.string(), "person_id": pa.int64(), "image_uri": pa.string(),
+                "query_id": pa.int64(), "caption": pa.string()}
 
 
 class _Pending:
-    """One shard's results as they arrive, by position in the shard; a row delivered twice
-    (a retried task) is stored once."""
+    """One shard's results as they arrive, as the batches' slices; a row delivered twice (a
+    retried task) counts once, and its last copy is the one kept."""
 
-    def __init__(self, size: int, dim: int):
+    def __init__(self, size: int):
         self.seen = np.zeros(size, dtype=bool)
-        self.embedding = np.zeros((size, dim), dtype=np.float32)
-        self.reason = np.full(size, "", dtype=object)
         self.count = 0
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, pa.Table | None]] = []
 
-    def put(self, positions: np.ndarray, embeddings: np.ndarray, reasons: np.ndarray | None) -> None:
-        self.count += len(np.unique(positions[~self.seen[positions]]))
+    def put(self, positions: np.ndarray, embeddings: np.ndarray, reasons: np.ndarray | None,
+            columns: pa.Table | None) -> None:
+        fresh = positions[~self.seen[positions]]
+        self.count += len(np.unique(fresh)) if len(fresh) else 0
         self.seen[positions] = True
-        self.embedding[positions] = embeddings
-        if reasons is not None:
-            self.reason[positions] = reasons
+        self.parts.append((positions, embeddings, reasons, columns))
 
     def complete(self) -> bool:
         return self.count == len(self.seen)
+
+    def gather(self) -> tuple[np.ndarray, np.ndarray, pa.Table | None]:
+        """(embeddings, reasons, columns) in shard order, one row per position."""
+        positions = np.concatenate([p[0] for p in self.parts])
+        last = np.empty(len(self.seen), dtype=np.int64)
+        last[positions] = np.arange(len(positions))  # a later copy overwrites an earlier one
+        embeddings = np.concatenate([p[1] for p in self.parts])[last]
+        reasons = np.full(len(positions), "", dtype=object)
+        offset = 0
+        for part_positions, _, part_reasons, _ in self.parts:
+            if part_reasons is not None:
+                reasons[offset:offset + len(part_positions)] = part_reasons
+            offset += len(part_positions)
+        columns = None
+        if self.parts[0][3] is not None:
+            columns = pa.concat_tables([p[3] for p in self.parts]).take(pa.array(last))
+        return embeddings, reasons[last], columns
 
 
 class ShardCommitter:
     """Driver side: gathers rows by shard and commits each shard once it is complete.
 
-    Only row numbers, embeddings and reject reasons travel through the pipeline; the other
-    columns are taken from the input table here. Rows are keyed by their global row number,
-    so a row delivered twice (a retried task) is stored once. The shard file is the commit
-    point: its rejects file is written first, the job manifest after.
+    The pipeline's batches carry the row number, the shard, the embedding, the reject reason
+    and the shard's input columns (the workers read them from the shard plan), so the driver
+    holds no listing: only the shards in flight and one small entry per committed shard. For
+    callers that hold the inputs, ``rows`` (the whole input table) supplies the columns of
+    batches that do not carry them. Rows are keyed by their global row number, so a row
+    delivered twice (a retried task) is stored once. The shard file is the commit point: its
+    rejects file is written first. The sidecar is written when the job starts and when it is
+    complete, never per shard (that would be quadratic in the shards): which shards are done
+    is what the folder holds (:func:`committed_shards`).
     """
 
-    def __init__(self, out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
+    def __init__(self, out: str, kind: str, rows: pa.Table | None, plan: list[tuple[int, int]], header: dict,
                  committed: dict[int, dict], max_reject_rate: float = 1.0, guard=None):
         self.out, self.kind, self.rows, self.plan, self.header = out, kind, rows, plan, header
         self.guard = guard or (lambda: None)
@@ -68,41 +92,59 @@ class ShardCommitter:
         self.pending: dict[int, _Pending] = {}
         self.tick = time.perf_counter()
         self.rows_done = 0
+        self.started = False
+        self.num_inputs = plan[-1][1] if plan else 0
+        self.rejected = sum(s["rejects"] for s in self.committed.values())
         # A budget on the whole job's inputs, not on the rows seen so far: crossing it means the
         # final rate is over the limit whatever the rest holds, so stopping early is never wrong.
         self.max_reject_rate = max_reject_rate
-        self.max_rejects = int(max_reject_rate * rows.num_rows)
+        self.max_rejects = int(max_reject_rate * self.num_inputs)
         self.check_reject_budget()
 
     def start(self) -> None:
-        """Write the job manifest (``complete: false``) before the first shard, so that a kill
+        """Write the job's sidecar (``complete: false``) before the first shard, so that a kill
         right after the first shard file leaves an output the next run recognises as its own."""
         if not storage.exists(storage.join(self.out, SIDECAR)):
             self._write_manifest(complete=False)
+        self.started = True
 
     def check_reject_budget(self) -> None:
-        rejected = sum(s["rejects"] for s in self.committed.values())
-        if rejected > self.max_rejects:
-            raise DataError(f"{self.kind}: {rejected} of {self.rows.num_rows} inputs were rejected as unreadable, "
+        if self.rejected > self.max_rejects:
+            raise DataError(f"{self.kind}: {self.rejected} of {self.num_inputs} inputs were rejected as unreadable, "
                             f"over --max-reject-rate {self.max_reject_rate:g}; the job stopped. See the reasons in "
                             f"{rejects_dir(self.out)}/; if they are expected, re-run with a higher --max-reject-rate "
                             f"to continue", file=self.out)
 
     def add(self, batch: dict) -> None:
-        """Take one batch of results (``row``, ``shard``, ``embedding``, optional ``reject_reason``)."""
+        """Take one batch of results: ``row``, ``shard``, ``embedding``, optional ``reject_reason``,
+        and the table's input columns (unless ``rows`` was given)."""
         rows = np.asarray(batch["row"], dtype=np.int64)
         shards = np.asarray(batch["shard"], dtype=np.int64)
         embeddings = np.asarray(batch["embedding"], dtype=np.float32)
         reasons = batch.get("reject_reason")
-        for shard in np.unique(shards).tolist():
+        reasons = None if reasons is None else np.asarray(reasons, dtype=object)
+        carried = all(c in batch for c in DATA_COLUMNS[self.kind])
+        if not carried and self.rows is None:
+            missing = [c for c in DATA_COLUMNS[self.kind] if c not in batch]
+            raise ValueError(f"a result batch lacks the input columns {missing}")
+        order = np.argsort(shards, kind="stable")  # one slice per shard, whatever the batch mixes
+        bounds = np.flatnonzero(np.diff(shards[order])) + 1
+        for pick in np.split(order, bounds):
+            if not len(pick):
+                continue
+            shard = int(shards[pick[0]])
             if shard in self.committed:
                 continue
-            pick = np.flatnonzero(shards == shard)
+            contiguous = pick[-1] - pick[0] + 1 == len(pick)
+            columns = None
+            if carried:
+                columns = pa.table({c: _column(batch[c], pick, contiguous, COLUMN_TYPES[c])
+                                    for c in DATA_COLUMNS[self.kind]})
             pending = self.pending.get(shard)
             if pending is None:
-                pending = self.pending[shard] = _Pending(self._size(shard), self.header["dim"])
+                pending = self.pending[shard] = _Pending(self._size(shard))
             pending.put(rows[pick] - self.plan[shard][0], embeddings[pick],
-                        None if reasons is None else np.asarray(reasons, dtype=object)[pick])
+                        None if reasons is None else reasons[pick], columns)
             if pending.complete():
                 self._commit(shard, self.pending.pop(shard))
 
@@ -112,49 +154,55 @@ class ShardCommitter:
 
     def _commit(self, shard: int, results: "_Pending") -> None:
         start = self.plan[shard][0]
-        ok = results.reason == ""
-        kept, rejected = start + np.flatnonzero(ok), start + np.flatnonzero(~ok)
+        embeddings, reasons, columns = results.gather()
+        if columns is None:
+            columns = self.rows.slice(start, len(reasons)).select(DATA_COLUMNS[self.kind])
+        ok = reasons == ""
+        kept, rejected = np.flatnonzero(ok), np.flatnonzero(~ok)
         name = SHARD_FORMAT.format(shard)
-        self._check_finite(name, kept, results.embedding[ok])
+        self._check_finite(name, columns, kept, embeddings[kept])
         self.guard()
+        if not self.started:
+            self.start()
         if len(rejected):
-            bad = self.rows.take(pa.array(rejected))
-            _write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
+            bad = columns.take(pa.array(rejected))
+            write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
                 "image_id": bad.column("image_id"), "image_uri": bad.column("image_uri"),
-                "reason": pa.array([str(r) for r in results.reason[~ok]], pa.string())}))
-        _write_parquet(storage.join(self.out, name), self._table(kept, results.embedding[ok]))
+                "reason": pa.array([str(r) for r in reasons[rejected]], pa.string())}))
+        kept_columns = columns if not len(rejected) else columns.take(pa.array(kept))
+        write_parquet(storage.join(self.out, name), self._table(kept_columns, embeddings[kept]))
         self.committed[shard] = {"file": name, "rows": len(kept), "rejects": len(rejected)}
         self.rows_done += len(ok)
-        self._write_manifest(complete=False)
+        self.rejected += len(rejected)
         rate = self.rows_done / max(time.perf_counter() - self.tick, 1e-9)
         log.info("%s: committed %s (%d rows, %d rejects); %d/%d shards, %.1f rows/s", self.kind, name, len(kept),
                  len(rejected), len(self.committed), len(self.plan), rate)
         self.check_reject_budget()
 
-    def _check_finite(self, name: str, kept: np.ndarray, embeddings: np.ndarray) -> None:
+    def _check_finite(self, name: str, columns: pa.Table, kept: np.ndarray, embeddings: np.ndarray) -> None:
         """NaN or inf features (bf16 overflow, a broken checkpoint) stop the job before the commit:
         they are the model's fault, not the input's, and a committed shard is never redone."""
         bad = kept[~np.isfinite(embeddings).all(axis=1)]
         if len(bad):
             key = "query_id" if self.kind == "queries" else "image_id"
-            ids = self.rows.column(key).take(pa.array(bad[:5])).to_pylist()
+            ids = columns.column(key).take(pa.array(bad[:5])).to_pylist()
             raise DataError(f"{self.kind}: the model gave non-finite embeddings for {len(bad)} row(s) of shard {name} "
                             f"(first {key}s: {ids}); nothing of that shard was committed. Check the checkpoint "
                             f"(and bf16 overflow on GPU)", file=self.header["checkpoint"])
 
-    def _table(self, row_numbers: np.ndarray, embeddings: np.ndarray) -> pa.Table:
-        source = self.rows.take(pa.array(row_numbers, pa.int64()))
-        table = {c: source.column(c) for c in DATA_COLUMNS[self.kind]}
+    def _table(self, columns: pa.Table, embeddings: np.ndarray) -> pa.Table:
+        table = {c: columns.column(c) for c in DATA_COLUMNS[self.kind]}
         table["embedding"] = embedding_array(embeddings.reshape(-1, self.header["dim"]))
         for key in PROVENANCE:
-            table[key] = pa.array([self.header[key]] * len(row_numbers), pa.string())
+            table[key] = pa.repeat(pa.scalar(self.header[key], pa.string()), columns.num_rows)
         return pa.table(table)
 
     def _write_manifest(self, complete: bool) -> dict:
-        shards = [self.committed[s] for s in sorted(self.committed)]
-        info = {**self.header, "kind": self.kind, "complete": complete, "num_shards": len(self.plan),
-                "rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejects"] for s in shards),
-                "shards": shards}
+        info = {**self.header, "kind": self.kind, "complete": complete, "num_shards": len(self.plan)}
+        if complete:  # the shard list once, at the end; while running, the folder is the record
+            shards = [self.committed[s] for s in sorted(self.committed)]
+            info.update(rows=sum(s["rows"] for s in shards), rejected=sum(s["rejects"] for s in shards),
+                        shards=shards)
         write_sidecar(self.out, info)
         return info
 
@@ -166,7 +214,20 @@ class ShardCommitter:
         return self._write_manifest(complete=True)
 
 
-def _write_parquet(uri: str, table: pa.Table) -> None:
+def _column(values, pick: np.ndarray, contiguous: bool, kind: pa.DataType):
+    """Rows ``pick`` of one carried input column (numpy or Arrow), as Arrow of the table's type.
+
+    Ray Data hands an int64 column with nulls to numpy as float64 with NaN; ``from_pandas``
+    turns the NaN back into nulls.
+    """
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = values.slice(int(pick[0]), len(pick)) if contiguous else values.take(pa.array(pick))
+        return values.cast(kind)
+    values = values[pick[0]:pick[-1] + 1] if contiguous else values[pick]
+    return pa.array(values, type=kind, from_pandas=True)
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes_atomic(uri, buf.getvalue())
@@ -242,7 +303,7 @@ def _remove_orphan_rejects(out: str, done: dict[int, dict]) -> None:
             storage.remove(storage.join(rejects_dir(out), name))
 
 
-def open_job(out: str, kind: str, rows: pa.Table, plan: list[tuple[int, int]], header: dict,
+def open_job(out: str, kind: str, rows: pa.Table | None, plan: list[tuple[int, int]], header: dict,
              max_reject_rate: float = 1.0, guard=None) -> ShardCommitter:
     """Clean up after an interrupted run, find what is committed, and record the job (sidecar
     with ``complete: false``) before any shard is written. ``guard`` (the lease's check) is
