@@ -260,7 +260,8 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
                             num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            # Arrow: the input columns pass to the shard files without a round trip through Python
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
         except Exception as exc:
             failure = _read_failure(exc)
