@@ -11,10 +11,11 @@ a committed shard that came back unreadable after a power loss) and lists the re
 
 from __future__ import annotations
 
-import io
+import collections
 import logging
 import posixpath
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -94,6 +95,9 @@ class ShardCommitter:
         self.tick = time.perf_counter()
         self.rows_done = 0
         self.started = False
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: collections.deque = collections.deque()
+        self._failed = False
         self.num_inputs = plan[-1][1] if plan else 0
         self.rejected = sum(s["rejects"] for s in self.committed.values())
         # A budget on the whole job's inputs, not on the rows seen so far: crossing it means the
@@ -109,8 +113,42 @@ class ShardCommitter:
             self._write_manifest(complete=False)
         self.started = True
 
+    # Writes run on one thread of their own, overlapping the next shards' gathering (Parquet
+    # encoding, fsync and upload release the GIL); at most this many shards wait to be written.
+    WRITES_IN_FLIGHT = 2
+
+    def _submit(self, write) -> None:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        while len(self._writes) >= self.WRITES_IN_FLIGHT:
+            self._writes.popleft().result()
+        self._writes.append(self._writer.submit(self._write_unless_failed, write))
+
+    def _write_unless_failed(self, write) -> None:
+        if self._failed:  # as after a kill: nothing is written after a write that failed
+            return
+        try:
+            write()
+        except BaseException:
+            self._failed = True
+            raise
+
+    def drain(self) -> None:
+        """Wait for every shard handed to the writer; a failed write raises here."""
+        while self._writes:
+            self._writes.popleft().result()
+
+    def settle(self) -> None:
+        """Let the writes in flight end (they are whole commits) when the job stops for another reason."""
+        while self._writes:
+            try:
+                self._writes.popleft().result()
+            except BaseException:  # noqa: BLE001 - the error that stopped the job is the one to report
+                pass
+
     def check_reject_budget(self) -> None:
         if self.rejected > self.max_rejects:
+            self.settle()
             raise DataError(f"{self.kind}: {self.rejected} of {self.num_inputs} inputs were rejected as unreadable, "
                             f"over --max-reject-rate {self.max_reject_rate:g}; the job stopped. See the reasons in "
                             f"{rejects_dir(self.out)}/; if they are expected, re-run with a higher --max-reject-rate "
@@ -119,6 +157,13 @@ class ShardCommitter:
     def add(self, batch: dict) -> None:
         """Take one batch of results: ``row``, ``shard``, ``embedding``, optional ``reject_reason``,
         and the table's input columns (unless ``rows`` was given)."""
+        try:
+            self._add(batch)
+        except BaseException:
+            self.settle()
+            raise
+
+    def _add(self, batch) -> None:
         if isinstance(batch, pa.Table):  # Arrow from the pipeline: the input columns stay Arrow
             batch = {name: batch.column(name) for name in batch.column_names}
         rows = _numpy(batch["row"]).astype(np.int64, copy=False)
@@ -167,13 +212,20 @@ class ShardCommitter:
         self.guard()
         if not self.started:
             self.start()
+        rejects = None
         if len(rejected):
             bad = columns.take(pa.array(rejected))
-            write_parquet(storage.join(rejects_dir(self.out), name), pa.table({
-                "image_id": bad.column("image_id"), "image_uri": bad.column("image_uri"),
-                "reason": pa.array([str(r) for r in reasons[rejected]], pa.string())}))
+            rejects = pa.table({"image_id": bad.column("image_id"), "image_uri": bad.column("image_uri"),
+                                "reason": pa.array([str(r) for r in reasons[rejected]], pa.string())})
         kept_columns = columns if not len(rejected) else columns.take(pa.array(kept))
-        write_parquet(storage.join(self.out, name), self._table(kept_columns, embeddings[kept]))
+        table = self._table(kept_columns, embeddings[kept])
+
+        def write():  # the rejects first: the shard file is the commit point
+            if rejects is not None:
+                write_parquet(storage.join(rejects_dir(self.out), name), rejects)
+            write_parquet(storage.join(self.out, name), table)
+
+        self._submit(write)
         self.committed[shard] = {"file": name, "rows": len(kept), "rejects": len(rejected)}
         self.rows_done += len(ok)
         self.rejected += len(rejected)
@@ -213,6 +265,9 @@ class ShardCommitter:
         if len(self.committed) != len(self.plan):
             missing = sorted(set(range(len(self.plan))) - set(self.committed))
             raise DataError(f"{self.kind}: {len(missing)} shard(s) never completed (first: {missing[:5]})", file=self.out)
+        self.drain()
+        if self._writer is not None:
+            self._writer.shutdown()
         self.guard()
         return self._write_manifest(complete=True)
 

@@ -263,7 +263,10 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
             # Arrow: the input columns pass to the shard files without a round trip through Python
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
-        except Exception as exc:
+        except BaseException as exc:
+            committer.settle()  # the shards already handed to the writer are whole: let them land
+            if not isinstance(exc, Exception):
+                raise
             failure = _read_failure(exc)
             if failure is None:
                 raise
@@ -348,10 +351,11 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     identity = {"method": ckpt_config["method"], "model": ckpt_config["backbone"]["model"],
                 "checkpoint": checkpoint, "dim": ckpt_config["embed_dim"]}
     image_size = tuple(ckpt_config["backbone"]["image_size"])
-    gallery = gallery_rows(cfg.data, cfg.images, cfg.split)
-    jobs = [("gallery", gallery)]
+    # Read before Ray starts, so a wrong path is one line at once; each listing is handed to its
+    # job (not kept here), which writes it to plan files and lets it go.
+    listings = {"gallery": gallery_rows(cfg.data, cfg.images, cfg.split)}
     if cfg.queries and cfg.data is not None:
-        jobs.append(("queries", query_rows(manifest_split(cfg.data, cfg.split))))
+        listings["queries"] = query_rows(manifest_split(cfg.data, cfg.split))
 
     init_ray(address)
     require_shared_storage(cfg.out, "--out")
@@ -364,8 +368,9 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     if cfg.batch_size is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
         cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
-    version = manifest_info(gallery).get("version") if cfg.data is not None else None
+    version = manifest_info(listings["gallery"]).get("version") if cfg.data is not None else None
     with Lease(cfg.out, ttl_s=cfg.lease_ttl_s) as lease:
-        return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size, version, lease.check)
-                for kind, rows in jobs}
+        return {kind: _run_table(kind, listings.pop(kind), cfg, checkpoint, identity, image_size, version,
+                                 lease.check)
+                for kind in list(listings)}
 
