@@ -24,7 +24,15 @@ import pyarrow.parquet as pq
 
 from tpr_ray import storage
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.tables import PROVENANCE, SHARD_FORMAT, SIDECAR, embedding_array, rejects_dir, shard_number, write_sidecar
+from tpr_ray.tables import (
+    PROVENANCE,
+    SHARD_FORMAT,
+    SIDECAR,
+    embedding_array,
+    rejects_dir,
+    shard_number,
+    write_sidecar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +151,8 @@ class ShardCommitter:
         while self._writes:
             try:
                 self._writes.popleft().result()
-            except BaseException:  # noqa: BLE001 - the error that stopped the job is the one to report
-                pass
+            except BaseException as exc:  # noqa: BLE001 - the error that stopped the job is the one to report
+                log.debug("%s: a shard write failed while the job was stopping: %r", self.out, exc)
 
     def check_reject_budget(self) -> None:
         if self.rejected > self.max_rejects:
@@ -200,7 +208,7 @@ class ShardCommitter:
         start, stop = self.plan[shard]
         return stop - start
 
-    def _commit(self, shard: int, results: "_Pending") -> None:
+    def _commit(self, shard: int, results: _Pending) -> None:
         start = self.plan[shard][0]
         embeddings, reasons, columns = results.gather()
         if columns is None:

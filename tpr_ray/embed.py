@@ -2,12 +2,17 @@
 
 The input (a manifest split, or every image under a prefix/glob) is put in a fixed order
 and cut into shards of ``rows_per_shard`` rows: the *shard plan*, the same for the same
-input and settings. Pending shards stream through
+input and settings. The driver streams the listing once for the resume fingerprint
+(:class:`Fingerprint`, from the Arrow buffers) and once to write the input columns of each
+pending shard to ``<table>-plan/`` (:func:`plan_job`), then lets it go: from there on it
+holds shard ids, the shards in flight and one entry per committed shard, so its memory grows
+with the number of shards, not rows. Pending shards stream through
 
-    read + decode + resize (CPU tasks) -> the model (actor pool, a GPU each, bf16) -> driver
+    read plan file (by shard id) + decode + resize (CPU tasks) -> the model (actor pool,
+    a GPU each, bf16) -> driver
 
-and the driver commits a shard once all of its rows have come back (see
-:mod:`tpr_ray.commit`). Committed shards are never redone, so re-running an interrupted or
+with the input columns travelling alongside, and the driver commits a shard once all of its
+rows have come back (see :mod:`tpr_ray.commit`). Committed shards are never redone, so re-running an interrupted or
 finished job only does what is missing, and every readable input row ends up in exactly one
 committed shard. Images that are not readable are recorded per shard in
 ``<out>/gallery-rejects/`` with the reason, and counted; the job stops once they pass
@@ -35,11 +40,22 @@ import pyarrow.compute as pc
 
 from tpr_ray import storage
 from tpr_ray.checkpoint import checkpoint_digest, read_config, resolve_checkpoint
-from tpr_ray.commit import DATA_COLUMNS, ShardCommitter, committed_shards, open_job, write_parquet  # noqa: F401
+from tpr_ray.commit import (  # noqa: F401
+    DATA_COLUMNS,
+    ShardCommitter,
+    committed_shards,
+    open_job,
+    write_parquet,
+)
 from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
-from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes
+from tpr_ray.images import (
+    READ_ERROR_PATTERN,
+    ImageReadError,
+    decode_batch,
+    decode_memory_bytes,
+)
 from tpr_ray.lease import Lease
 from tpr_ray.tables import SIDECAR, plan_dir, rejects_dir, shard_name  # noqa: F401 - SIDECAR re-exported
 
@@ -101,7 +117,7 @@ class Fingerprint:
         self.kinds: dict[str, str] = {}
         self.streams = {name: [hashlib.sha256() for _ in range(3)] for name in self.names}  # validity, lengths, data
 
-    def update(self, batch: pa.Table | pa.RecordBatch) -> "Fingerprint":
+    def update(self, batch: pa.Table | pa.RecordBatch) -> Fingerprint:
         for name in self.names:
             column = batch.column(name)
             for array in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
@@ -240,10 +256,12 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     out = storage.join(cfg.out, kind)
     columns = DATA_COLUMNS[kind]
     settings = job_settings(kind, checkpoint, cfg.rows_per_shard, image_size, manifest_version)
-    committer, pending = plan_job(out, kind, lambda: rows.select(columns).to_batches(max_chunksize=65536),
+    listing = [rows]
+    del rows
+    committer, pending = plan_job(out, kind, lambda: listing[0].select(columns).to_batches(max_chunksize=65536),
                                   settings, cfg, identity, guard)
+    listing.clear()  # from here on the listing lives in the plan files; the driver holds shard ids
     plan = committer.plan
-    del rows  # from here on the listing lives in the plan files; the driver holds shard ids
     tick = time.perf_counter()
     if pending:
         ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
