@@ -6,7 +6,10 @@
 Prints images/s for (a) the model in a plain in-process loop on pre-decoded uint8 tensors,
 (b) `tpr_ray.embed` (Ray Data: read, decode + resize, actor pool, shard commits) reading JPEGs
 from local disk, and (c) the same reading from an S3 endpoint (moto's server on loopback),
-with the ratios (b)/(a) and (c)/(a), all in one run on the same model and images.
+with the ratios (b)/(a) and (c)/(a), all in one run on the same model and images. On CPU it also
+runs (b) with the model actor left at Ray's default thread count (one OMP thread for a
+fractional-CPU actor), the pipeline as it was before the actor took its node's cores: column
+(b0). ``--no-s3`` skips (c).
 """
 
 from __future__ import annotations
@@ -72,7 +75,19 @@ def model_only(checkpoint: str, n: int, batch: int, device: torch.device) -> flo
     return done / (time.perf_counter() - tick)
 
 
-def pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int) -> float:
+def pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int, ray_default_threads=False) -> float:
+    import tpr_ray.embed as embed_module
+
+    saved = embed_module._cpu_threads_per_actor
+    if ray_default_threads:
+        embed_module._cpu_threads_per_actor = lambda actors: None
+    try:
+        return _pipeline(checkpoint, images, out, batch, actors)
+    finally:
+        embed_module._cpu_threads_per_actor = saved
+
+
+def _pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int) -> float:
     tick = time.perf_counter()
     info = embed(EmbedConfig(checkpoint=checkpoint, images=images, out=out, batch_size=batch, actors=actors,
                              rows_per_shard=1024))["gallery"]
@@ -85,6 +100,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="images per measurement (tpr-tiny; x1/4 for larger models)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--no-s3", action="store_true", help="skip (c), the pipeline reading from S3")
     args = parser.parse_args()
 
     import boto3
@@ -103,7 +119,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = tempfile.mkdtemp(prefix="tpr-bench-")
     print(f"device {device}, {os.cpu_count()} CPUs, ray {ray.__version__}, torch {torch.__version__}")
-    print(f"{'model':<10} {'images':>6} {'(a) model':>10} {'(b) local':>10} {'(c) s3':>10} {'b/a':>6} {'c/a':>6}")
+    print(f"{'model':<10} {'images':>6} {'(a) model':>10} {'(b0) local':>10} {'(b) local':>10} {'(c) s3':>10} "
+          f"{'b0/a':>6} {'b/a':>6} {'c/a':>6}")
     for model in args.models.split(","):
         n = args.images if model == "tpr-tiny" else max(args.batch_size, args.images // 4)
         files = make_images(n)
@@ -120,8 +137,15 @@ def main() -> None:
 
         a = model_only(checkpoint, n, args.batch_size, device)
         b = pipeline(checkpoint, local, os.path.join(work, model, "emb-local"), args.batch_size, args.actors)
-        c = pipeline(checkpoint, f"s3://bench/{model}/", f"s3://bench/emb-{model}", args.batch_size, args.actors)
-        print(f"{model:<10} {n:>6} {a:>10.1f} {b:>10.1f} {c:>10.1f} {b / a:>6.2f} {c / a:>6.2f}", flush=True)
+        b0 = float("nan")
+        if device.type == "cpu":
+            b0 = pipeline(checkpoint, local, os.path.join(work, model, "emb-local0"), args.batch_size, args.actors,
+                          ray_default_threads=True)
+        c = float("nan")
+        if not args.no_s3:
+            c = pipeline(checkpoint, f"s3://bench/{model}/", f"s3://bench/emb-{model}", args.batch_size, args.actors)
+        print(f"{model:<10} {n:>6} {a:>10.1f} {b0:>10.1f} {b:>10.1f} {c:>10.1f} {b0 / a:>6.2f} {b / a:>6.2f} "
+              f"{c / a:>6.2f}", flush=True)
     ray.shutdown()
     server.stop()
 

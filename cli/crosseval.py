@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.evaluate import _parse_ks
-from cli.options import parse_overrides, parse_size
-from tpr_ray.errors import ConfigError, DataError
+from .options import (address_option, block_size_option, cli_errors, collect_overrides, ks_option, method_names,
+                      mlflow_option, parse_size, recipe_options, train_resource_options)
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -18,7 +17,7 @@ def _names(value: str) -> tuple[str, ...]:
 
 @click.command("crosseval")
 @click.option("--methods", default="baseline", show_default=True, callback=lambda c, p, v: _names(v),
-              help="Comma-separated methods (baseline, cskt, pd, cfine).")
+              help=f"Comma-separated methods ({', '.join(method_names())}).")
 @click.option("--train", "train_sets", default="cuhk,icfg,rstp", show_default=True,
               callback=lambda c, p, v: _names(v),
               help="Training sets: registry names, built-in synthetic names (cuhk, icfg, rstp) or folders/URIs.")
@@ -32,29 +31,30 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--pretrained", default="default", show_default=True,
               help="open_clip tag, local file or 'none' (default: none for tpr-tiny, else openai).")
 @click.option("--image-size", default="384x128", show_default=True, help="Input H x W.")
-@click.option("--epochs", type=int, help="Override every method's epochs.")
-@click.option("--batch-size", type=int, help="Override every method's per-worker batch size.")
-@click.option("--lr", type=float, help="Override every method's base learning rate.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe option of every method.")
-@click.option("--max-steps", type=int, help="Stop each training after this many steps (smoke runs).")
-@click.option("--workers", default=1, show_default=True, help="Ray Train workers per training.")
-@click.option("--cpus-per-worker", default=1.0, show_default=True)
-@click.option("--gpu/--no-gpu", default=None, help="Use GPUs (default: when the cluster has them).")
-@click.option("--loader-workers", default=1, show_default=True, help="DataLoader processes per training worker.")
-@click.option("--ids", default=200, show_default=True, help="Identities of each built-in synthetic dataset.")
+@recipe_options
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop each training after this many steps (smoke runs).")
+@train_resource_options
+@click.option("--ids", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Identities of each built-in synthetic dataset.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--k", "ks", default="1,5,10", show_default=True, callback=_parse_ks, help="K values for R@K.")
-@click.option("--top-k", default=10, show_default=True, help="Retrieved images shown per sample query.")
-@click.option("--samples", default=6, show_default=True, help="Sample queries per cell in the HTML report.")
-@click.option("--block-size", default=1024, show_default=True, help="Queries scored at a time per gallery shard.")
-@click.option("--rows-per-shard", default=10_000, show_default=True, help="Embedding shard size.")
-@click.option("--max-parallel", type=int, help="Jobs at a time (default: as many as the cluster's CPUs/GPUs fit).")
+@ks_option
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Retrieved images shown per sample query.")
+@click.option("--samples", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Sample queries per cell in the HTML report.")
+@block_size_option
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Embedding shard size.")
+@click.option("--max-parallel", type=click.IntRange(min=1),
+              help="Jobs at a time (default: as many as the cluster's CPUs/GPUs fit).")
 @click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
               help="Also read manifest images under PREFIX (by default only the dataset's own imgs/ folder).")
-@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
+@mlflow_option
+@address_option
+@cli_errors
 def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, image_size, epochs, batch_size, lr,
               sets, max_steps, workers, cpus_per_worker, gpu, loader_workers, ids, seed, ks, top_k, samples,
-              block_size, rows_per_shard, max_parallel, allow_uri_prefixes, address):
+              block_size, rows_per_shard, max_parallel, allow_uri_prefixes, mlflow_uri, address):
     """Train every method on every training set, test on every test set, report the matrix.
 
     Finished cells are skipped on a re-run, checkpoints and embeddings of the same
@@ -66,20 +66,14 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
     from tpr_ray import storage
     from tpr_ray.crosseval import CrossEvalConfig, crosseval as run_matrix
 
-    overrides = parse_overrides(sets)
-    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
-        if value is not None:
-            overrides[key] = value
+    overrides = collect_overrides(sets, epochs, batch_size, lr)
     cfg = CrossEvalConfig(out=out, methods=methods, train=train_sets, test=test_sets, registry=registry, model=model,
                           pretrained=pretrained, image_size=parse_size(image_size), overrides=overrides,
                           max_steps=max_steps, num_workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=gpu,
                           loader_workers=loader_workers, seed=seed, synthetic_ids=ids, ks=ks, top_k=top_k,
                           samples=samples, block_size=block_size, rows_per_shard=rows_per_shard,
-                          max_parallel=max_parallel, allow_uri_prefixes=allow_uri_prefixes)
-    try:
-        result = run_matrix(cfg, address=address)
-    except (ConfigError, DataError) as error:
-        raise click.ClickException(str(error)) from error
+                          max_parallel=max_parallel, allow_uri_prefixes=allow_uri_prefixes, mlflow=mlflow_uri)
+    result = run_matrix(cfg, address=address)
 
     counts = result.counts
     click.echo(f"{len(result.cells)} cells: {counts['ok']} evaluated, {counts['skipped']} already done, "

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import posixpath
 
 import click
 
+from .options import cli_errors
 from tpr_ray.data import STYLES, load_manifest, manifest_info, read_dataset, split_stats, synthesize, write_manifest
 from tpr_ray.data.uris import env_prefixes
-from tpr_ray.errors import ConfigError, DataError
-
-
-def _clean_errors(command):
-    """Bad data or options end the command with one readable line instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (DataError, ConfigError) as error:
-            raise click.ClickException(str(error)) from error
-
-    return wrapper
 
 
 def format_stats(stats: dict) -> str:
@@ -47,7 +33,7 @@ def data():
 @click.option("--ids", "n_ids", type=click.IntRange(min=1), required=True, help="Number of identities.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="New or empty folder (path or URI).")
-@_clean_errors
+@cli_errors
 def synth_command(style, n_ids, seed, out_dir):
     """Write a synthetic dataset in a real dataset's on-disk format."""
     synthesize(style, n_ids, seed, out_dir)
@@ -65,7 +51,7 @@ def synth_command(style, n_ids, seed, out_dir):
               help="Also decode every image (in parallel; as Ray tasks above 20,000 images) and list the "
                    "unreadable ones. Without it, only that each image file exists is checked.")
 @click.option("--address", help="Ray cluster for --check-images on large datasets (default: RAY_ADDRESS, else local).")
-@_clean_errors
+@cli_errors
 def prepare_command(data_uri, out_uri, skip_bad, rejects_uri, check_images, address):
     """Read the dataset folder DATA (format auto-detected) and write its manifest.
 
@@ -91,7 +77,7 @@ def prepare_command(data_uri, out_uri, skip_bad, rejects_uri, check_images, addr
 @click.option("--skip-bad", is_flag=True, help="Count only good entries of a dataset folder instead of failing.")
 @click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
               help="Also accept manifest images under PREFIX (by default only the dataset's own imgs/ folder).")
-@_clean_errors
+@cli_errors
 def stats_command(data_uri, skip_bad, allow_uri_prefixes):
     """Identities, images and captions per split of a dataset folder or manifest DATA."""
     table = load_manifest(data_uri, on_error="skip" if skip_bad else "raise",

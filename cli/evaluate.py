@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import click
 
+from .options import block_size_option, cli_errors, ks_option
 from tpr_ray import storage
-from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.evaluate import evaluate_embeddings, format_metrics_table, write_metrics_json
 
 # Above this many gallery rows `eval` streams the gallery shard by shard (bounded memory)
 # unless told otherwise; the in-memory evaluator holds the gallery and a chunk x gallery matrix.
 STREAMING_ABOVE_ROWS = 500_000
-
-
-def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 1,5,10, got {value!r}")
-    if not ks or any(k < 1 for k in ks):
-        raise click.BadParameter(f"each K must be a positive integer, got {value!r}")
-    return ks
 
 
 @click.command("eval")
@@ -29,40 +19,36 @@ def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--gallery", "gallery_uri", metavar="DIR", help="Gallery embedding table (instead of DIR/gallery).")
 @click.option("--queries", "queries_uri", metavar="DIR", help="Query embedding table (instead of DIR/queries).")
 @click.option("--out", "out_uri", metavar="FILE", help="Write the metrics as JSON here (local path or URI).")
-@click.option("--k", "ks", default="1,5,10", show_default=True, callback=_parse_ks,
-              help="Comma-separated K values for R@K.")
+@ks_option
 @click.option("--allow-mismatch", is_flag=True,
               help="Evaluate even if gallery and queries come from different models or checkpoints.")
 @click.option("--skip-queries-without-positives", is_flag=True,
               help="Leave out queries whose person has no gallery image (otherwise an error).")
 @click.option("--allow-incomplete", is_flag=True,
               help="Evaluate tables whose embedding job has not finished (only the shards done so far).")
-@click.option("--chunk-size", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="Queries scored at a time; memory grows with chunk size x gallery size.")
+@block_size_option
 @click.option("--streaming/--in-memory", default=None,
               help=f"Stream the gallery shard by shard in bounded memory (default: above {STREAMING_ABOVE_ROWS:,} "
                    "gallery rows); same metrics.")
 @click.option("--address", help="With --streaming: run the shard tasks on this Ray cluster ('auto': RAY_ADDRESS).")
+@cli_errors
 def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mismatch,
-                 skip_queries_without_positives, allow_incomplete, chunk_size, streaming, address):
+                 skip_queries_without_positives, allow_incomplete, block_size, streaming, address):
     """Text-to-image R@K, mAP and mINP of an embedding run (IRRA protocol)."""
     if embeddings_dir is None and (gallery_uri is None or queries_uri is None):
         raise click.UsageError("give --embeddings DIR, or both --gallery and --queries")
     gallery_uri = gallery_uri or storage.join(embeddings_dir, "gallery")
     queries_uri = queries_uri or storage.join(embeddings_dir, "queries")
 
-    try:
-        if streaming is None:
-            streaming = _gallery_rows(gallery_uri) > STREAMING_ABOVE_ROWS
-        if streaming:
-            metrics = _evaluate_streaming(gallery_uri, queries_uri, ks, allow_mismatch, skip_queries_without_positives,
-                                          allow_incomplete, chunk_size, address)
-        else:
-            metrics = evaluate_embeddings(gallery_uri, queries_uri, ks, allow_mismatch=allow_mismatch,
-                                          skip_queries_without_positives=skip_queries_without_positives,
-                                          chunk_size=chunk_size, allow_incomplete=allow_incomplete)
-    except (DataError, ConfigError) as error:
-        raise click.ClickException(str(error)) from error
+    if streaming is None:
+        streaming = _gallery_rows(gallery_uri) > STREAMING_ABOVE_ROWS
+    if streaming:
+        metrics = _evaluate_streaming(gallery_uri, queries_uri, ks, allow_mismatch, skip_queries_without_positives,
+                                      allow_incomplete, block_size, address)
+    else:
+        metrics = evaluate_embeddings(gallery_uri, queries_uri, ks, allow_mismatch=allow_mismatch,
+                                      skip_queries_without_positives=skip_queries_without_positives,
+                                      chunk_size=block_size, allow_incomplete=allow_incomplete)
 
     skipped = metrics["num_queries_skipped"]
     click.echo(f"gallery {gallery_uri}: {metrics['num_gallery']} images; "

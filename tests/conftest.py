@@ -1,40 +1,41 @@
-"""Shared fixtures: one local Ray cluster and one small synthetic dataset per test session."""
+"""Shared fixtures: one local Ray cluster, one moto S3 server and small synthetic datasets per
+test session. Constants shared by test modules are in tests/helpers.py."""
 
 import os
-import socket
 
+# Tests, and only tests, run Ray without token authentication (the product keeps it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# The S3 endpoint is fixed before any Ray worker starts, so workers inherit it with the
-# standard AWS variables (dummy credentials; moto accepts any).
-S3_PORT = _free_port()
-os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="tpr-test-key-id",
-                  AWS_SECRET_ACCESS_KEY="tpr-test-secret", AWS_DEFAULT_REGION="us-east-1")
-S3_BUCKET = "tpr-test"
+from tests.helpers import S3_BUCKET, S3_ENV, S3_PORT, SOURCE_RECIPE, TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def s3_bucket():
-    """A real S3 endpoint on loopback (moto's server) with one bucket; yields the bucket URI."""
+def s3_server():
+    """moto's S3 server on loopback with one bucket, for the whole session."""
     import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
-    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+    boto3.client("s3", endpoint_url=S3_ENV["AWS_ENDPOINT_URL"], aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                 region_name=S3_ENV["AWS_DEFAULT_REGION"]).create_bucket(Bucket=S3_BUCKET)
     yield f"s3://{S3_BUCKET}"
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(s3_server):
+    """The bucket URI, with the endpoint and dummy credentials in the environment for the
+    module's tests only (nothing else sees AWS variables)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in S3_ENV.items():
+            patch.setenv(key, value)
+        yield s3_server
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +43,11 @@ def ray_cluster():
     import ray
     import ray.data
 
-    # address="local": always a fresh cluster, never one a simulated multi-node test left behind
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
+    # address="local": always a fresh cluster, never one a simulated multi-node test left behind.
+    # Workers get the loopback S3 endpoint and its dummy credentials: they start once per
+    # session, before any test module's environment applies.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             runtime_env={"env_vars": S3_ENV})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -56,11 +60,6 @@ def cuhk_small(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("cuhk_small")
     return synthesize("cuhk", 24, 0, str(root / "CUHK-PEDES"))
-
-
-TINY = {"model": "tpr-tiny", "pretrained": None}
-
-SOURCE_RECIPE = {"lr": 1e-3, "batch_size": 32, "epochs": 10, "warmup_epochs": 1, "weight_decay": 1e-4}
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 Each scenario runs in its own process (``python -m tests.fault_scenarios NAME WORKDIR``),
 because a ``ray.cluster_utils.Cluster`` cannot share a process with the test session's
 local cluster. It prints one JSON line of findings that tests/test_fault_tolerance.py checks.
-The S3 endpoint and dummy credentials come from the environment (set by tests/conftest.py).
+The S3 endpoint and dummy credentials come from the environment (set by the s3_bucket fixture).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from tpr_ray.methods.cfine import (
     CFine, CFineRecipe, cfr_scores, fcd_scores, select_groups, select_patches, select_words, topk_count,
 )
 from tpr_ray.train import build_optimizer, lr_factor
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 SOS, EOS = 49406, 49407
 CAPTIONS = ["a man in a red coat with a black backpack and blue jeans", "a woman in a green dress",
@@ -365,10 +365,11 @@ def test_recipe_defaults_are_the_papers_and_new_modules_learn_ten_times_faster()
             r.triplet_weight, r.triplet_margin) == (1.0, 1.0, 0.1, 1.0, 0.2, 10.0, 0.2)
     assert r.schedule_unit == "epoch" and r.adam_eps == 1e-8
     assert not hasattr(r, "temperature") and not hasattr(r, "id_loss_weight")
-    # warm-up from 1 % over 10 epochs, then x0.1 at epochs 20, 30 and 40 (one step per epoch here)
-    factors = [lr_factor(e, r.warmup_epochs, r.epochs, r.warmup_factor, r.schedule, r.step_decay_epochs, r.step_gamma)
-               for e in (0, 10, 19, 20, 29, 30, 40, 49)]
-    assert factors == pytest.approx([0.01, 1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
+    # warm-up from 1 % over 10 epochs, then x0.1 at epochs 20, 25 and 35 (WarmupMultiStepLR; one step per epoch)
+    assert r.step_milestones == (20, 25, 35)
+    factors = [lr_factor(e, r.warmup_epochs, r.epochs, r.warmup_factor, r.schedule, r.step_decay_epochs, r.step_gamma,
+                         r.step_milestones) for e in (0, 10, 19, 20, 24, 25, 34, 35, 49)]
+    assert factors == pytest.approx([0.01, 1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 def test_param_groups_and_trainable_set(model):

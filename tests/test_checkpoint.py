@@ -9,7 +9,7 @@ from tpr_ray.checkpoint import BEST_FILE, load_method, resolve_checkpoint, save_
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
 from tpr_ray.storage import write_json
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def tiny_baseline(num_classes=7):

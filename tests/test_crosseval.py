@@ -201,12 +201,14 @@ def test_jobs_receive_their_config_objects_and_declare_what_those_ask_for(fake, 
     submit = Runner.submit
     monkeypatch.setattr(Runner, "submit", lambda self, job: (submitted.append(job), submit(self, job))[1])
     result = crosseval(matrix_config(tmp_path, registry, methods=["baseline"], train=["cuhk"], test=["cuhk"],
-                                     num_workers=2, cpus_per_worker=1.5, loader_workers=3))
+                                     num_workers=2, cpus_per_worker=1.5, loader_workers=3,
+                                     mlflow="file:///tmp/mlruns"))
     assert result.counts["ok"] == 1
     by_kind = {job.kind: job for job in submitted}
     train = by_kind["train"]
     assert isinstance(train.config, TrainConfig)
     assert (train.config.num_workers, train.config.cpus_per_worker, train.config.loader_workers) == (2, 1.5, 3)
+    assert train.config.mlflow == "file:///tmp/mlruns"  # one MLflow run per training cell
     # Run inline there are no cluster resources to look at: the jobs decide about GPUs themselves.
     assert (train.cpus, train.gpus) == (3.0, 0.0) and train.config.use_gpu is None
     embed = by_kind["embed"]

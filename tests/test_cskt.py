@@ -9,7 +9,7 @@ from tpr_ray.checkpoint import MODEL_FILE, load_method, read_config, save_checkp
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
 from tpr_ray.train import build_optimizer
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 CSKT = get_method("cskt")
 CAPTIONS = ["a man", "a woman in a red coat with a black backpack", " ".join(["tall"] * 100)]

@@ -17,7 +17,7 @@ from tpr_ray.methods import get_method
 from tpr_ray.metrics import retrieval_metrics
 from tpr_ray.storage import read_bytes
 from tpr_ray.images import decode_image, resize_uint8
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")

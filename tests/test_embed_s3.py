@@ -20,7 +20,7 @@ from tpr_ray.checkpoint import save_checkpoint
 from tpr_ray.embed import SIDECAR, rejects_dir, EmbedConfig, embed, plan_fingerprint, plan_shards
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.methods import get_method
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def test_shard_plan_covers_every_row_once():

@@ -10,15 +10,15 @@ import time
 
 import pytest
 
-from tests.conftest import S3_BUCKET
+from tests.helpers import S3_BUCKET, S3_ENV
 
-SECRETS = (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"])
+SECRETS = (S3_ENV["AWS_SECRET_ACCESS_KEY"], S3_ENV["AWS_ACCESS_KEY_ID"])
 
 
 def run_scenario(name: str, work) -> dict:
     proc = subprocess.run([sys.executable, "-m", "tests.fault_scenarios", name, str(work)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "TPR_TEST_BUCKET": f"s3://{S3_BUCKET}"})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("FINDINGS ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("FINDINGS ")]
     assert proc.returncode == 0 and lines, f"scenario {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     findings = json.loads(lines[-1][len("FINDINGS "):])
     print(name, {k: v for k, v in findings.items() if k != "driver_log"})
@@ -177,7 +177,7 @@ KILL_POINTS = [(JOB, "after", None), (SHARD_0, "before", None), (SHARD_0, "after
                (JOB, "temp", 1), (JOB, "after", 1)]  # the sidecar that lists shard 1
 
 
-@pytest.mark.parametrize("name,step,listing", KILL_POINTS, ids=[f"{n}-{s}-{l}" for n, s, l in KILL_POINTS])
+@pytest.mark.parametrize("name,step,listing", KILL_POINTS, ids=[f"{n}-{s}-{where}" for n, s, where in KILL_POINTS])
 def test_a_kill_at_any_commit_step_loses_and_duplicates_nothing(tmp_path, monkeypatch, name, step, listing):
     out = str(tmp_path / "gallery")
     with monkeypatch.context() as m:

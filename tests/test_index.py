@@ -16,7 +16,7 @@ from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.index import build_index, fill_index, load_index, make_index, measure_recall, recall_at_k
 from tpr_ray.inference import encode_captions
 from tpr_ray.methods import get_method
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def unit(rng, n, dim):
@@ -82,7 +82,7 @@ def test_search_embeds_text_with_the_indexed_checkpoint(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["search", "a man in a blue jacket", "--index", str(tmp_path / "idx"), "--k", "3",
+    result = runner.invoke(cli, ["search", "a man in a blue jacket", "--index", str(tmp_path / "idx"), "--top", "3",
                                  "--json", str(tmp_path / "hits.json")])
     assert result.exit_code == 0, result.output
     hits = json.loads((tmp_path / "hits.json").read_text())[0]["results"]
@@ -226,7 +226,7 @@ def test_search_reads_queries_from_stdin_loading_the_model_once(two_checkpoints,
     loads = []
     real_load = checkpoint_module.load_method
     monkeypatch.setattr(checkpoint_module, "load_method", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
-    result = CliRunner().invoke(cli, ["search", "--index", index_dir, "--k", "2", "--interactive",
+    result = CliRunner().invoke(cli, ["search", "--index", index_dir, "--top", "2", "--interactive",
                                       "--json", str(tmp_path / "hits.json")], input="a man\n\na woman\n")
     assert result.exit_code == 0, result.output
     assert result.output.count("query: ") == 2 and len(loads) == 1

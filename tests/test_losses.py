@@ -16,8 +16,8 @@ def sdm_reference(img, txt, pids, temperature, eps=1e-8):
         for i in range(len(a)):
             logits = [float(a[i] @ b[j]) / temperature for j in range(len(b))]
             m = max(logits)
-            z = sum(math.exp(l - m) for l in logits)
-            pred = [math.exp(l - m) / z for l in logits]
+            z = sum(math.exp(x - m) for x in logits)
+            pred = [math.exp(x - m) / z for x in logits]
             same = [1.0 if pids[i] == pids[j] else 0.0 for j in range(len(b))]
             target = [s / sum(same) for s in same]
             rows.append(sum(p * (math.log(p) - math.log(t + eps)) for p, t in zip(pred, target)))

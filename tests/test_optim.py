@@ -10,7 +10,7 @@ import tpr_ray.optim as optim
 from tpr_ray.backbone import BackboneConfig
 from tpr_ray.methods import get_method
 from tpr_ray.train import TrainConfig, build_method
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _param(device: str, floating: bool = True):

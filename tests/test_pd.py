@@ -13,7 +13,7 @@ from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
 from tpr_ray.methods.pd import PD, PDRecipe, fit_tokens
 from tpr_ray.train import TrainConfig, build_optimizer, evaluate_split, train
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 PROMPTS = ("text_prompts", "image_prompts")
 CAPTION = "a woman in a red coat with a black backpack"

@@ -160,6 +160,7 @@ def images_loaded(tmp_path, page: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+@pytest.mark.slow
 def test_report_opens_in_chromium_with_every_image_loaded(records, tmp_path):
     paths = write_report(records, str(tmp_path / "report"))
     loaded, total = images_loaded(tmp_path, paths["html"])

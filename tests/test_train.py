@@ -9,7 +9,7 @@ from tpr_ray.errors import ConfigError
 from tpr_ray.methods import Recipe, get_method
 from tpr_ray.backbone import BackboneConfig
 from tpr_ray.train import TrainConfig, lr_factor, train
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def test_lr_factor_warms_up_linearly_then_follows_cosine():
@@ -147,3 +147,12 @@ def test_schedule_stepped_per_iteration_warms_up_and_decays_within_epochs():
 def test_unknown_schedule_unit_is_a_config_error():
     with pytest.raises(ConfigError, match="schedule_unit 'batch'"):
         _lrs_seen({**SCHEDULE, "schedule_unit": "batch"}, 3)
+
+
+def test_worker_progress_lines_name_their_run_and_give_an_eta(capsys, monkeypatch):
+    import tpr_ray.train as train
+
+    monkeypatch.setattr(train, "_RUN_LABEL", "baseline-cuhk")
+    train.log("baseline epoch 1/20 step 5/10")
+    assert capsys.readouterr().out == "[tpr-ray] baseline-cuhk: baseline epoch 1/20 step 5/10\n"
+    assert (train.format_eta(59.6), train.format_eta(61), train.format_eta(3725)) == ("1:00", "1:01", "1:02:05")

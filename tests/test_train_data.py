@@ -32,12 +32,19 @@ def broken_copy(cuhk_small, tmp_path):
 def test_unreadable_images_are_listed_with_their_reason(broken_copy, tmp_path):
     root, uris = broken_copy
     (tmp_path / "notes.jpg").write_text("not an image")
-    candidates = uris + [str(tmp_path / "notes.jpg"), str(tmp_path / "missing.jpg")]
+    candidates = uris + [str(tmp_path / "notes.jpg")]
     bad = dict(find_unreadable_images(candidates, SIZE, threads=2))
     assert set(bad) == set(candidates)
     assert "truncated" in bad[uris[0]]
     assert bad[uris[1]].startswith("UnidentifiedImageError")
-    assert bad[str(tmp_path / "missing.jpg")].startswith("FileNotFoundError")
+
+
+def test_a_missing_image_stops_the_check_instead_of_being_skipped(broken_copy, tmp_path, monkeypatch):
+    """Missing on this node is not proof of a bad image (a mount, an object not visible yet):
+    the check stops naming it rather than let --bad-images skip drop it."""
+    monkeypatch.setattr("tpr_ray.images.FETCH_BACKOFF_S", 0.0)
+    with pytest.raises(DataError, match="missing.jpg"):
+        find_unreadable_images([str(tmp_path / "missing.jpg")], SIZE, threads=1)
 
 
 def test_a_fault_of_access_stops_the_check_instead_of_skipping_the_image(broken_copy, monkeypatch):

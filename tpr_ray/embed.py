@@ -50,12 +50,7 @@ from tpr_ray.commit import (  # noqa: F401
 from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
-from tpr_ray.images import (
-    READ_ERROR_PATTERN,
-    ImageReadError,
-    decode_batch,
-    decode_memory_bytes,
-)
+from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes, fetch_batch
 from tpr_ray.lease import Lease
 from tpr_ray.tables import SIDECAR, plan_dir, rejects_dir, shard_name  # noqa: F401 - SIDECAR re-exported
 
@@ -79,6 +74,9 @@ class EmbedConfig:
     # the batch's output; see images.decode_memory_bytes). It also keeps decoding a stage of
     # its own: Ray Data fuses maps whose resources are equal.
     decode_memory: int | None = None
+    # JPEGs decoded by the model's GPU (nvJPEG; see tpr_ray.gpu_decode): the decode tasks only
+    # fetch. None: when the actors have a GPU.
+    decode_on_gpu: bool | None = None
     rows_per_shard: int = 10_000
     block_rows: int = 256
     queries: bool = True
@@ -206,27 +204,44 @@ def read_plan(batch: dict, plan_uri: str, block_rows: int):
 class Embedder:
     """Actor: loads the checkpoint once, then embeds batches of pixels or captions."""
 
-    def __init__(self, checkpoint: str, kind: str):
+    def __init__(self, checkpoint: str, kind: str, image_size=None, cpu_threads: int | None = None):
         import torch
 
         from tpr_ray.checkpoint import load_method
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and cpu_threads:
+            # Ray caps an actor's OMP threads at its CPU share (1 for a fractional one); on a
+            # CPU-only node the model is the job's heavy part and gets the node's cores.
+            torch.set_num_threads(cpu_threads)
         self.method, _ = load_method(checkpoint, map_location="cpu")
         self.method.to(self.device)
         self.kind = kind
+        self.image_size = image_size
 
     def __call__(self, batch: dict) -> dict:
         from tpr_ray.inference import encode_captions, encode_images
 
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "image_bytes")}
         if self.kind == "queries":
             out["embedding"] = encode_captions(self.method, list(batch["caption"]), self.device)
             return out
         ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
+        if "image_bytes" in batch:  # the decode stage only fetched: decode here, on the model's device
+            import torch
+
+            from tpr_ray.gpu_decode import decode_on_device
+
+            reasons = np.array(batch["reject_reason"], dtype=object)
+            pixels, reasons[ok] = decode_on_device(list(batch["image_bytes"][ok]), self.image_size, self.device)
+            decoded = np.array([not r for r in reasons[ok]], dtype=bool)
+            pixels, ok = pixels[torch.from_numpy(decoded).to(pixels.device)], np.array([not r for r in reasons], dtype=bool)
+            out["reject_reason"] = reasons
+        else:
+            pixels = batch["pixels"][ok]
         embedding = np.full((len(ok), self.method.embed_dim), np.nan, dtype=np.float32)
         if ok.any():
-            embedding[ok] = encode_images(self.method, batch["pixels"][ok], self.device)
+            embedding[ok] = encode_images(self.method, pixels, self.device)
         out["embedding"] = embedding
         return out
 
@@ -267,14 +282,17 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
         ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(read_plan, fn_kwargs={"plan_uri": plan_dir(out), "block_rows": cfg.block_rows},
                             batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus)
-        if kind == "gallery":
-            memory = cfg.decode_memory or decode_memory_bytes(cfg.batch_size, image_size)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": list(image_size)}, num_cpus=cfg.decode_cpus,
-                                memory=memory, batch_size=cfg.batch_size, batch_format="numpy")
         gpus = cfg.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind),
+        on_gpu = cfg.decode_on_gpu if cfg.decode_on_gpu is not None else gpus > 0
+        if kind == "gallery":
+            memory = cfg.decode_memory or decode_memory_bytes(cfg.batch_size, image_size)
+            ds = ds.map_batches(fetch_batch if on_gpu else decode_batch, fn_kwargs={"image_size": list(image_size)},
+                                num_cpus=cfg.decode_cpus, memory=memory, batch_size=cfg.batch_size,
+                                batch_format="numpy")
+        ds = ds.map_batches(Embedder, fn_constructor_args=(checkpoint, kind, tuple(image_size),
+                                                           None if gpus else _cpu_threads_per_actor(cfg.actors)),
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
                             num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
         try:
@@ -332,6 +350,19 @@ def remove_plan(out: str) -> None:
     fs, path = storage.filesystem(plan_dir(out))
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def _cpu_threads_per_actor(actors: int) -> int:
+    """Torch threads for each CPU-only model actor: the smallest node's CPUs shared by the actors
+    that land on one node (decode tasks take what the model leaves between batches)."""
+    import math
+
+    import ray
+
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    if not nodes:
+        return 1
+    return max(1, int(min(nodes) // math.ceil(actors / len(nodes))))
 
 
 def _read_failure(exc: BaseException) -> ImageReadError | None:

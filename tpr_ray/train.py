@@ -28,9 +28,8 @@ from tpr_ray.inference import autocast
 from tpr_ray.methods import Method, Stage, get_method
 from tpr_ray.optim import advance, build_optimizer, build_scheduler, lr_factor
 from tpr_ray.tracking import NoTracker, Tracker, epoch_scalars
-from tpr_ray.train_data import CaptionPairs, TrainingData, evaluate_split, load_training_data, pair_loader
-from tpr_ray.train_cache import load_cache
-from tpr_ray.transforms import batch_augment, normalize
+from tpr_ray.train_data import CaptionPairs, TrainingData, evaluate_split, load_training_data, stage_loader
+from tpr_ray.transforms import normalize
 
 # Re-exported: callers import the training pieces from here.
 __all__ = ["CaptionPairs", "TrainConfig", "TrainResult", "build_optimizer", "evaluate_split", "lr_factor", "train",
@@ -67,7 +66,8 @@ class TrainConfig:
     mlflow: str | None = None  # MLflow tracking URI (default: MLFLOW_TRACKING_URI); TensorBoard files are always written
     mlflow_run_id: str | None = None  # filled by the driver
     grad_checkpointing: bool = False  # recompute activations in backward: less memory for large batches
-    decoded_cache: str | None = None  # "auto" (next to the data) or a folder: train from decoded uint8 images
+    decoded_cache: str | None = None  # "auto" (beside the manifest) or a folder: train from decoded uint8 crops
+    decoded_stream: bool = False  # with decoded_cache: stream it through Ray Data instead of loading it per worker
 
     def run_name(self) -> str:
         if self.name:
@@ -78,11 +78,21 @@ class TrainConfig:
 
 # --- the per-worker loop -----------------------------------------------------------
 
+_RUN_LABEL = ""  # the run this worker process trains, named on each of its progress lines
+
+
 def log(message: str) -> None:
-    """Progress line from a worker. Written to stdout directly: Ray Train's patched
-    ``print`` sends each line to the driver twice."""
-    sys.stdout.write(f"[tpr-ray] {message}\n")
+    """Progress line from a worker, naming its run (several train at once in crosseval).
+    Written to stdout directly: Ray Train's patched ``print`` sends each line to the driver twice."""
+    label = f"{_RUN_LABEL}: " if _RUN_LABEL else ""
+    sys.stdout.write(f"[tpr-ray] {label}{message}\n")
     sys.stdout.flush()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 @dataclass
@@ -133,10 +143,13 @@ def train_loop_per_worker(config: dict) -> None:
     epoch by epoch: train, validate (rank 0), report with a checkpoint."""
     import ray.train
 
+    from tpr_ray import decoded_cache
+
     worker = start_worker(TrainConfig(**config))
     cfg = worker.cfg
     data = load_training_data(cfg.data, cfg.holdout_fraction, cfg.seed, exclude=cfg.exclude_images)
-    pixels = load_cache(cfg.decoded_cache, cfg.image_size) if cfg.decoded_cache else None
+    # One copy of the decoded crops per worker, shared by every stage's loader.
+    cached = decoded_cache.load(cfg.decoded_cache) if cfg.decoded_cache and not cfg.decoded_stream else None
     method = build_method(cfg, data.num_classes).to(worker.device)
     resumed = restore_or_initialise(method, worker, ray.train.get_checkpoint())
     stages = method.stages()
@@ -144,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = open_tracker(worker)
     try:
         for stage_index in range(start_stage, len(stages)):
-            run = prepare_stage(method, stages, stage_index, data, worker, resumed, pixels)
+            run = prepare_stage(method, stages, stage_index, data, worker, resumed, cached)
             for epoch in range(run.start_epoch, run.recipe.epochs):
                 result = train_epoch(method, run, epoch, global_step, worker, tracker)
                 global_step += result.steps
@@ -167,7 +180,9 @@ def start_worker(cfg: TrainConfig) -> Worker:
     import ray.train
     import ray.train.torch
 
+    global _RUN_LABEL
     ctx = ray.train.get_context()
+    _RUN_LABEL = cfg.run_name()
     torch.manual_seed(cfg.seed)
     return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
@@ -219,7 +234,7 @@ def start_position(cfg: TrainConfig, stages: list[Stage], resumed: dict | None) 
 
 
 def prepare_stage(method: Method, stages: list[Stage], index: int, data: TrainingData, worker: Worker,
-                  resumed: dict | None, pixels: dict | None = None) -> StageRun:
+                  resumed: dict | None, cached: tuple | None = None) -> StageRun:
     """Trainable set, DDP wrapper, loader and optimizer of one stage (state restored when resuming in it)."""
     import ray.train.torch
 
@@ -231,10 +246,8 @@ def prepare_stage(method: Method, stages: list[Stage], index: int, data: Trainin
             f"{counts['trainable']:,} of {counts['total']:,} parameters "
             f"({100.0 * counts['trainable'] / counts['total']:.2f} %)")
     model = ray.train.torch.prepare_model(method, move_to_device=False)
-    loader, sampler = pair_loader(data, cfg.image_size, stage.recipe.augment, stage.recipe.batch_size,
-                                  rank=worker.rank, world=worker.world, seed=cfg.seed,
-                                  loader_workers=cfg.loader_workers, pin_memory=worker.device.type == "cuda",
-                                  pixels=pixels)
+    loader, sampler = stage_loader(data, stage.recipe, cfg, rank=worker.rank, world=worker.world,
+                                   device=worker.device, cached=cached)
     optimizer = build_optimizer(method, stage)
     scheduler = build_scheduler(optimizer, stage.recipe, len(loader))
     start_epoch = 0
@@ -262,8 +275,11 @@ def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, wor
             rate = steps * recipe.batch_size * worker.world / (time.perf_counter() - tick)
             terms = " ".join(f"{k} {v / steps:.4f}" for k, v in sums.items())
             lr = run.scheduler.get_last_lr()[0]
+            # ETA of the stage from this epoch's pace (validation time not included)
+            left = (steps_per_epoch - steps) + (recipe.epochs - epoch - 1) * steps_per_epoch
+            eta = format_eta(left * (time.perf_counter() - tick) / steps)
             log(f"{run.stage.name} epoch {epoch + 1}/{recipe.epochs} step {steps}/{steps_per_epoch} "
-                f"{terms} lr {lr:.3e} samples/s {rate:.1f}")
+                f"{terms} lr {lr:.3e} samples/s {rate:.1f} ETA {eta}")
             tracker.log({**{f"train/{k}": v / steps for k, v in sums.items()}, "lr": lr, "samples_per_s": rate},
                         global_step + steps)
         if stop:
@@ -274,9 +290,8 @@ def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, wor
 
 def train_step(method: Method, run: StageRun, batch: dict, device) -> dict:
     """Forward, backward and update on one batch; returns the loss terms."""
-    if "pixels" in batch:  # decoded cache: augment the uint8 batch here, on the training device
-        pixels = batch["pixels"].to(device, non_blocking=True)
-        images = batch_augment(pixels) if run.recipe.augment else normalize(pixels)
+    if "images" in batch:  # from the decoded cache: already augmented and normalised on the device
+        images = batch["images"]
     else:
         images = normalize(batch["image"].to(device, non_blocking=True))
     batch = {
@@ -386,12 +401,14 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     import ray
 
     from tpr_ray.ray_utils import init_ray, require_shared_storage
-    from tpr_ray.train_run import (absolute_references, check_run_folder, decoded_cache, latest_checkpoint,
-                                   mlflow_run, registered_checkpoints, skipped_images, with_recipe_rules,
-                                   write_best)
+    from tpr_ray.train_run import (absolute_references, check_run_folder, decoded_training_stream,
+                                   latest_checkpoint, mlflow_run, prepare_decoded_cache, registered_checkpoints,
+                                   skipped_images, with_recipe_rules, write_best)
 
     cfg = with_recipe_rules(cfg)
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
+    if cfg.decoded_stream and not cfg.decoded_cache:
+        raise ConfigError("--decoded-stream streams the decoded cache: give --decoded-cache too")
     config = absolute_references(cfg)
     out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
     check_run_folder(cfg, config, recipe, run_dir)
@@ -399,10 +416,13 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     config["mlflow"], config["mlflow_run_id"] = mlflow_run(cfg, config, recipe, run_dir)
     init_ray(address)
     require_shared_storage(out, "--out")
-    if cfg.decoded_cache:
-        config["decoded_cache"] = decoded_cache(cfg, config)
+    datasets = None
+    if cfg.decoded_cache:  # built once here, before the workers start; they receive its folder
+        config["decoded_cache"] = prepare_decoded_cache(cfg, config)
+        if cfg.decoded_stream:
+            datasets = {"train": decoded_training_stream(cfg, config)}
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    trainer = _trainer(cfg, config, use_gpu)
+    trainer = _trainer(cfg, config, use_gpu, datasets)
     try:
         result = trainer.fit()
     except BaseException:  # Ctrl-C or a failed run: what it registered stays usable as RUN
@@ -421,13 +441,14 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     return TrainResult(run_dir, best, best_metrics, latest)
 
 
-def _trainer(cfg: TrainConfig, config: dict, use_gpu: bool):
+def _trainer(cfg: TrainConfig, config: dict, use_gpu: bool, datasets: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(

@@ -4,7 +4,6 @@ validation metrics used for model selection."""
 from __future__ import annotations
 
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -12,13 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tpr_ray import storage
 from tpr_ray.data import load_manifest, manifest_info, selection_split
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.images import decode_image, resize_uint8
+from tpr_ray.images import ImageReadError, UnreadableImage, decode_image, load_pixels, resize_uint8
 from tpr_ray.inference import encode_captions, encode_images
 from tpr_ray.metrics import retrieval_metrics_from_embeddings
 from tpr_ray.transforms import train_augment
@@ -49,34 +47,22 @@ def load_training_data(data_uri: str, holdout_fraction: float, seed: int, exclud
 
 
 BAD_IMAGE_CHOICES = ("fail", "skip", "off")
-# Pillow's decoders report truncated or corrupt data as a bare OSError without an errno; the
-# OS reports its own failures (permissions, network, disk) with one.
-_NOT_AN_IMAGE = (UnidentifiedImageError, Image.DecompressionBombError, FileNotFoundError, IsADirectoryError,
-                 SyntaxError, EOFError, zlib.error)
-
-
-def is_unreadable_image(exc: BaseException) -> bool:
-    """True when the bytes are not a decodable image (bad data); False for faults of access
-    (permissions, network, throttling, memory), which a retry may fix and must not be skipped."""
-    if isinstance(exc, _NOT_AN_IMAGE):
-        return True
-    return type(exc) is OSError and exc.errno is None
 
 
 def find_unreadable_images(uris: list[str], image_size, threads: int | None = None) -> list[tuple[str, str]]:
     """(uri, reason) of every image that cannot be decoded, checked in parallel before training.
 
-    Raises DataError at the first image that could not be fetched for another reason."""
+    What counts as unreadable is what the embedding job rejects (`images.load_pixels`); an image
+    that could not be fetched now raises DataError instead of being listed."""
     def check(uri):
         try:
-            resize_uint8(decode_image(storage.read_bytes(uri), tuple(image_size)), tuple(image_size))
+            load_pixels(uri, tuple(image_size))
             return None
-        except Exception as exc:
-            if not is_unreadable_image(exc):
-                raise DataError(f"could not read the image ({type(exc).__name__}: {exc}); this is not a bad "
-                                f"image but a fault of access (permissions, network): fix it and run again",
-                                file=uri) from exc
-            return uri, f"{type(exc).__name__}: {exc}"[:200]
+        except UnreadableImage as exc:
+            return uri, exc.reason[:200]
+        except ImageReadError as exc:
+            raise DataError(f"could not read the image ({exc.reason}); this is not a bad image but a fault "
+                            f"of access (permissions, network): fix it and run again", file=uri) from exc
 
     threads = threads or min(32, 4 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
@@ -125,32 +111,10 @@ class CaptionPairs(Dataset):
         return {"image": x, "caption": caption, "person_id": pid, "label": self.labels[pid]}
 
 
-class CachedPairs(CaptionPairs):
-    """Caption pairs over already decoded uint8 images: no fetch or decode per item, and the
-    augmentation is applied later to the whole batch on the training device."""
-
-    def __init__(self, table, labels: dict[int, int], pixels: dict[str, np.ndarray]):
-        super().__init__(table, labels, next(iter(pixels.values())).shape[:2] if pixels else (0, 0), augment=False)
-        missing = [u for u in set(self.uris) if u not in pixels]
-        if missing:
-            raise DataError(f"{len(missing)} training images are not in the decoded cache, e.g. {missing[0]}")
-        self.pixels = pixels
-
-    def __getitem__(self, index: int) -> dict:
-        row, caption = self.items[index]
-        pid = self.pids[row]
-        return {"pixels": torch.from_numpy(self.pixels[self.uris[row]].copy()), "caption": caption,
-                "person_id": pid, "label": self.labels[pid]}
-
-
 def pair_loader(data: TrainingData, image_size, augment: bool, batch_size: int, *, rank: int, world: int,
-                seed: int, loader_workers: int, pin_memory: bool,
-                pixels: dict | None = None) -> tuple[DataLoader, DistributedSampler]:
+                seed: int, loader_workers: int, pin_memory: bool) -> tuple[DataLoader, DistributedSampler]:
     """This worker's share of every epoch's caption pairs (the global batch is batch_size x world)."""
-    if pixels is not None:
-        dataset = CachedPairs(data.train, data.labels, pixels)
-    else:
-        dataset = CaptionPairs(data.train, data.labels, image_size, augment=augment)
+    dataset = CaptionPairs(data.train, data.labels, image_size, augment=augment)
     if len(dataset) < batch_size * world:
         raise ConfigError(f"{len(dataset)} training pairs cannot fill one global batch of "
                           f"{batch_size} x {world} workers; lower --batch-size")
@@ -158,6 +122,29 @@ def pair_loader(data: TrainingData, image_size, augment: bool, batch_size: int, 
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=loader_workers, pin_memory=pin_memory, persistent_workers=loader_workers > 0)
     return loader, sampler
+
+
+def stage_loader(data: TrainingData, recipe, cfg, *, rank: int, world: int, device, cached: tuple | None) -> tuple:
+    """(loader, sampler) of a stage: today's per-sample DataLoader, or batches from the decoded
+    cache (``cfg.decoded_cache``; in memory, or streamed by Ray Data with ``cfg.decoded_stream``)
+    that arrive augmented and normalised on ``device``. ``cached``: the loaded cache, one copy per
+    worker for all stages."""
+    if cfg.decoded_cache and cfg.decoded_stream:
+        import ray.train
+
+        from tpr_ray.decoded_cache import StreamedPairs
+
+        pairs = StreamedPairs(ray.train.get_dataset_shard("train"), cfg.decoded_cache, data.train, recipe.batch_size,
+                              world, device, recipe.augment, seed=cfg.seed * 1009 + rank)
+        return pairs, pairs
+    if cfg.decoded_cache:
+        from tpr_ray.decoded_cache import CachedPairs
+
+        pairs = CachedPairs(cfg.decoded_cache, data.train, data.labels, recipe.batch_size, world, rank, cfg.seed,
+                            device, recipe.augment, loaded=cached)
+        return pairs, pairs
+    return pair_loader(data, cfg.image_size, recipe.augment, recipe.batch_size, rank=rank, world=world,
+                       seed=cfg.seed, loader_workers=cfg.loader_workers, pin_memory=torch.device(device).type == "cuda")
 
 
 def evaluate_split(method, table, image_size, device, batch_size: int = 64) -> dict:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from tpr_ray import storage
 from tpr_ray.backbone import BackboneConfig
 from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE
-from tpr_ray.errors import ConfigError
+from tpr_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from tpr_ray.train import TrainConfig
@@ -199,19 +199,42 @@ def mlflow_run(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> tuple[st
     return uri, open_mlflow_run(uri, run_dir, cfg.run_name(), {**params, "recipe": recipe.to_dict()})
 
 
-def decoded_cache(cfg: TrainConfig, config: dict) -> str:
-    """The decoded-image cache folder of this data and image size, built now (Ray Data) when missing."""
-    from tpr_ray.data import load_manifest, manifest_info, selection_split
-    from tpr_ray.train_cache import build_cache, cache_dir, default_root, is_complete
+def prepare_decoded_cache(cfg: TrainConfig, config: dict) -> str:
+    """The decoded cache folder of the manifest's train split at this image size, built now (one
+    Ray Data job) when missing. An exception raised while decoding fails the job: only what the
+    decode stage records as unreadable becomes a reject."""
+    from tpr_ray import decoded_cache
+    from tpr_ray.ray_utils import require_shared_storage
 
-    manifest = load_manifest(config["data"])
-    version = manifest_info(manifest).get("version") or "unversioned"
-    root = default_root(config["data"]) if cfg.decoded_cache == "auto" else cfg.decoded_cache
-    target = cache_dir(root, version, cfg.image_size)
-    if not is_complete(target):
-        train, val = selection_split(manifest, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed)
-        skip = set(config["exclude_images"])
-        uris = [u for u in train.column("image_uri").to_pylist() if u not in skip]
-        info = build_cache(uris, cfg.image_size, target)
-        log.warning(f"decoded {info['images']} training images into {target}")
-    return target
+    root = decoded_cache.resolve_root(config["data"], cfg.decoded_cache)
+    require_shared_storage(root, "--decoded-cache")
+    folder = decoded_cache.ensure(config["data"], "train", cfg.image_size, root)
+    check_cache_rejects(decoded_cache.read_marker(folder), config["exclude_images"], cfg.bad_images, folder)
+    return folder
+
+
+def check_cache_rejects(marker: dict, excluded: list[str], policy: str, folder: str) -> None:
+    """Refuse a cache that lost images the up-front check read.
+
+    With ``--bad-images fail|skip`` every train-split image was decoded before the build, so an
+    image recorded unreadable there and not excluded failed for another reason than its bytes
+    (a fault of access during the build, or a file replaced since): it must not silently drop
+    out of training."""
+    if policy == "off":
+        return
+    lost = [r for r in marker["rejects"] if r["image_uri"] not in set(excluded)]
+    if lost:
+        first = lost[0]
+        raise DataError(f"the decoded cache records {len(lost)} image(s) as unreadable that the up-front check read "
+                        f"(first: {first['image_uri']}: {first['reason']}); a fault of access during the build, or "
+                        f"the images changed: delete the cache folder and run again", file=folder)
+
+
+def decoded_training_stream(cfg: TrainConfig, config: dict):
+    """``--decoded-stream``: this run's training pairs as a Ray Dataset read shard by shard from the
+    cache (for ``TorchTrainer(datasets=...)``), the same selection and labels the workers use."""
+    from tpr_ray.decoded_cache import stream_pairs
+    from tpr_ray.train_data import load_training_data
+
+    data = load_training_data(config["data"], cfg.holdout_fraction, cfg.seed, exclude=config["exclude_images"])
+    return stream_pairs(config["decoded_cache"], data.train, data.labels)

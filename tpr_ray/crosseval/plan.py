@@ -62,6 +62,7 @@ class CrossEvalConfig:
     block_size: int = 1024
     samples: int = 6  # queries per cell shown with their top-K in the HTML report
     max_parallel: int | None = None  # jobs at a time; default: as many as the declared resources allow
+    mlflow: str | None = None  # MLflow tracking URI: one MLflow run per training cell (default: MLFLOW_TRACKING_URI)
     allow_uri_prefixes: Sequence[str] = ()  # more places manifests' images may be (see tpr_ray.data.uris)
     use_ray: bool = True  # False: run the jobs one by one in this process (tests, debugging)
 
@@ -182,7 +183,7 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
                     method=method, data=versions[train_spec]["root"], out=child_path(out, "runs"), model=model,
                     pretrained=pretrained, image_size=tuple(cfg.image_size), overrides=recipe,
                     num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-                    loader_workers=cfg.loader_workers, max_steps=cfg.max_steps, seed=cfg.seed)
+                    loader_workers=cfg.loader_workers, max_steps=cfg.max_steps, seed=cfg.seed, mlflow=cfg.mlflow)
                 train_key = config_key({**train_identity(train_config), "recipe": recipe,
                                         "data": versions[train_spec]["version"]})
                 train_config.name = f"{method}-{names[train_spec]}-{train_key[:10]}"

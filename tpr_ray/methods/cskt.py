@@ -181,7 +181,7 @@ class CSKT(Method):
         return cut
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        visual, n = self.clip.visual, self.prompts.tokens_per_layer
+        visual = self.clip.visual
         x = towers.image_tokens(visual, images)
         keep = x.shape[1]  # [CLS] + patches
         x = visual.ln_pre(torch.cat([x, towers.batch_of(self.prompts.image_tokens(0), x)], dim=1))

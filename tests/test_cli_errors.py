@@ -1,0 +1,113 @@
+"""Every user mistake ends in one line on stderr, before Ray starts, without a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+
+
+@pytest.fixture(autouse=True)
+def ray_starts(monkeypatch):
+    """Records whether a command got as far as starting (or joining) Ray."""
+    from tpr_ray import ray_utils
+
+    calls = []
+    monkeypatch.setattr(ray_utils, "init_ray", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+        AssertionError("the mistake was found only after Ray started")))
+    return calls
+
+
+def fails_in_one_line(args, expect):
+    result = CliRunner().invoke(cli, args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code != 0, result.output
+    assert len(lines) <= 3 and "Traceback" not in result.output, result.output
+    assert "Ray started" not in result.output
+    for fragment in expect:
+        assert fragment in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "CUHK-PEDES"
+    path.mkdir()
+    return str(path)
+
+
+def train_args(dataset, tmp_path, *extra):
+    return ["train", "--method", "baseline", "--data", dataset, "--out", str(tmp_path / "runs"), *extra]
+
+
+def test_missing_data_path(tmp_path):
+    fails_in_one_line(train_args(str(tmp_path / "nope"), tmp_path), ["--data", "nope", "does not exist"])
+
+
+def test_tiny_model_with_default_pretrained_weights(dataset, tmp_path):
+    err = fails_in_one_line(train_args(dataset, tmp_path, "--model", "tpr-tiny"),
+                            ["tpr-tiny", "--pretrained none"])
+    assert "openai" not in err.split("--pretrained none")[1]  # no advice to fetch a file that does not exist
+
+
+def test_unknown_pretrained_tag_lists_the_real_ones(dataset, tmp_path):
+    fails_in_one_line(train_args(dataset, tmp_path, "--model", "RN50", "--pretrained", "nonsense"),
+                      ["'nonsense'", "openai"])
+
+
+def test_init_from_another_method(dataset, tmp_path):
+    ckpt = tmp_path / "cskt-run" / "checkpoint_000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps({"method": "cskt"}))
+    fails_in_one_line(train_args(dataset, tmp_path, "--model", "tpr-tiny", "--pretrained", "none",
+                                 "--init", str(ckpt)), ["cskt checkpoint", "--method is baseline"])
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch-size"])
+def test_non_positive_counts(dataset, tmp_path, flag):
+    fails_in_one_line(train_args(dataset, tmp_path, flag, "0"), [flag, "x>=1"])
+
+
+def test_embed_without_actors(dataset, tmp_path):
+    fails_in_one_line(["embed", "--checkpoint", dataset, "--data", dataset, "--out", str(tmp_path / "e"),
+                       "--actors", "0"], ["--actors"])
+
+
+def test_search_for_no_results(tmp_path):
+    fails_in_one_line(["search", "a man", "--index", str(tmp_path), "--top", "0"], ["--top"])
+
+
+def test_unknown_option_is_one_line(tmp_path):
+    fails_in_one_line(["search", "a man", "--index", str(tmp_path), "--k", "3"], ["--k"])
+
+
+def test_object_storage_without_credentials(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "train", "--method", "baseline", "--data",
+                           "s3://tpr-no-such-bucket/CUHK-PEDES", "--out", str(tmp_path / "runs")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) <= 3 and "Traceback" not in proc.stderr, proc.stderr
+    assert "credentials" in proc.stderr and "AWS_ENDPOINT_URL" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_error_inside_a_ray_task_is_the_projects_message(ray_cluster):
+    import ray
+
+    from cli.options import describe
+    from tpr_ray.errors import DataError
+
+    @ray.remote
+    def read_shard():
+        raise DataError("not a Parquet file", file="s3://b/emb/part-00003.parquet")
+
+    with pytest.raises(Exception) as caught:
+        ray.get(read_shard.remote())
+    assert describe(caught.value) == "file s3://b/emb/part-00003.parquet: not a Parquet file"

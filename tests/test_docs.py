@@ -1,0 +1,87 @@
+"""The README's tour and the docs' commands on built-in data run as written (with small
+settings), and the demo's console is quiet: tpr-ray's lines only, Ray's noise in a log file."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = ("PlacementGroupCleaner", "TrainingReport(", "Checkpoint successfully created",
+         "No pretrained weights loaded", "Started a local Ray instance", "Token authentication is enabled")
+MAX_CONSOLE_LINES = 30
+SMALL = {"demo": ["--ids", "12", "--epochs", "1"], "data synth": ["--ids", "12"]}
+
+
+def documented_commands() -> list[list[str]]:
+    """`tpr-ray` lines of the README's tested block and of docs/ blocks that use built-in data
+    (the demo's output, synthetic data) - the ones a reader can run without a dataset."""
+    commands = []
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    tested = readme.split("<!-- tested:", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    blocks = [tested]
+    for name in sorted(os.listdir(os.path.join(ROOT, "docs"))):
+        text = open(os.path.join(ROOT, "docs", name)).read()
+        blocks += [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "synth/" in b]
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("tpr-ray ") and ("/data/" not in line or "synth/" in line):
+                words = shlex.split(line, comments=True)[1:]
+                if words[0] != "data" or words[1] in ("synth", "stats"):
+                    commands.append(words)
+    return commands
+
+
+def small(words: list[str], work: str) -> list[str]:
+    words = [w.replace("demo_out", f"{work}/demo_out").replace("synth/", f"{work}/synth/") for w in words]
+    for path, extra in SMALL.items():
+        if words[:len(path.split())] == path.split():
+            for flag, value in zip(extra[::2], extra[1::2]):
+                if flag in words:
+                    words[words.index(flag) + 1] = value
+                else:
+                    words += [flag, value]
+    return words
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README's first command, run as a user runs it (own process, Ray auth on)."""
+    work = str(tmp_path_factory.mktemp("docs"))
+    first = documented_commands()[0]
+    assert first[0] == "demo"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "TPR_RAY_VERBOSE", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *small(first, work)], env=env, cwd=work,
+                          capture_output=True, text=True, timeout=900)
+    return work, proc
+
+
+@pytest.mark.slow
+def test_demo_console_is_quiet_and_the_noise_is_in_the_log_file(demo):
+    work, proc = demo
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert len(console.strip().splitlines()) <= MAX_CONSOLE_LINES, console
+    assert not [noise for noise in NOISE if noise in console], console
+    assert not re.search(r"\x1b\[", console), "ANSI colour codes in redirected output"
+    assert "chance" in console and "tpr-ray search --index" in console  # ends with what to try next
+    log = open(os.path.join(work, "demo_out", "tpr-ray-demo.log")).read()
+    assert "Started a local Ray instance" in log  # what the console left out is kept
+
+
+@pytest.mark.slow
+def test_documented_commands_on_built_in_data_run(demo):
+    from cli.main import cli
+
+    work, proc = demo
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = documented_commands()[1:]
+    assert any(c[0] == "search" for c in commands) and any(c[:2] == ["data", "synth"] for c in commands)
+    for words in commands:
+        result = CliRunner().invoke(cli, small(words, work))
+        assert result.exit_code == 0, (words, result.output)
