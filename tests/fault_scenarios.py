@@ -219,14 +219,19 @@ def embed_node_failure(work: str) -> dict:
                       batch_size=5, actors=2)
     thread, box = run_in_thread(embed, cfg)
 
+    def committed():  # the shard files are the record of what is committed while the job runs
+        fs, path = storage.filesystem(f"{out}/gallery")
+        try:
+            return len([p for p in fs.ls(path, detail=False, refresh=True)
+                        if p.rsplit("/", 1)[-1].startswith("part-")])
+        except FileNotFoundError:
+            return 0
+
     def shards_done():
-        try:  # the manifest may be replaced between listing and reading it
-            return len(storage.read_json(f"{out}/gallery/{SIDECAR}")["shards"]) >= 2
-        except Exception:
-            return False
+        return committed() >= 2
 
     wait_for(lambda: shards_done() or not thread.is_alive(), 300, "two committed shards")
-    before = len(storage.read_json(f"{out}/gallery/{SIDECAR}")["shards"])
+    before = committed()
     killed = kill_node(cluster, nodes[1])
     cluster.add_node(num_cpus=2)
     thread.join(600)

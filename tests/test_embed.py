@@ -116,3 +116,82 @@ def test_a_reject_rate_over_the_limit_stops_the_job_and_says_so(tmp_path):
     with pytest.raises(DataError, match="max-reject-rate"):
         ShardCommitter(out, "gallery", _gallery_rows(20), plan, HEADER, done, max_reject_rate=0.1)
     ShardCommitter(out, "gallery", _gallery_rows(20), plan, HEADER, done, max_reject_rate=0.2)
+
+
+# --- the driver at scale: no listing in the driver, a sidecar that does not grow per shard ------
+
+def test_the_committer_needs_no_listing_and_writes_the_sidecar_only_at_start_and_end(tmp_path, monkeypatch):
+    from tpr_ray import commit
+    from tpr_ray.embed import plan_shards
+
+    writes = []
+    write_sidecar = commit.write_sidecar
+    monkeypatch.setattr(commit, "write_sidecar", lambda uri, info: (writes.append(info), write_sidecar(uri, info)))
+    out = str(tmp_path / "gallery")
+    committer = commit.open_job(out, "gallery", None, plan_shards(5, 2), HEADER)
+
+    def carried(rows):  # as the workers send them: the input columns travel with the results
+        rows = np.asarray(rows)
+        return {"image_id": np.array([f"img{r}" for r in rows], dtype=object),
+                "person_id": np.where(rows == 3, np.nan, rows.astype(float)),  # Ray's numpy for a null int64
+                "image_uri": pa.array([f"/g/img{r}.jpg" for r in rows])}
+
+    # one batch mixing shards 0 and 2, out of order; then shard 1 in two batches, a row twice (a retry)
+    committer.add({"row": np.array([4, 0, 1]), "shard": np.array([2, 0, 0]), **carried([4, 0, 1]),
+                   "embedding": np.array([[4, 0], [0, 0], [1, 0]], np.float32),
+                   "reject_reason": np.array(["", "", "bad"], dtype=object)})
+    committer.add({"row": np.array([3]), "shard": np.array([1]), **carried([3]),
+                   "embedding": np.array([[3, 0]], np.float32), "reject_reason": np.array([""], dtype=object)})
+    committer.add(pa.table({"row": [3, 2], "shard": [1, 1], **carried([3, 2]), "embedding": [[3.0, 0], [2.0, 0]],
+                            "reject_reason": ["", ""]}))
+    info = committer.finish()
+    assert [w["complete"] for w in writes] == [False, True]  # not once per shard
+    assert "shards" not in writes[0] and [s["file"] for s in info["shards"]] == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    table = pq.read_table(out)
+    assert table.column("image_id").to_pylist() == ["img0", "img2", "img3", "img4"]
+    assert table.column("person_id").to_pylist() == [0, 2, None, 4]
+    assert table.schema.field("person_id").type == pa.int64()
+    assert table.column("image_uri").to_pylist() == ["/g/img0.jpg", "/g/img2.jpg", "/g/img3.jpg", "/g/img4.jpg"]
+    emb = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, 2)
+    np.testing.assert_array_equal(emb[:, 0], [0, 2, 3, 4])
+    assert pq.read_table(out + "-rejects").column("image_uri").to_pylist() == ["/g/img1.jpg"]
+    assert info["rows"] == 4 and info["rejected"] == 1
+
+
+def test_the_fingerprint_streams_and_the_plan_files_hold_each_pending_shard(tmp_path):
+    from tpr_ray.commit import open_job
+    from tpr_ray.embed import EmbedConfig, Fingerprint, plan_fingerprint, plan_job, plan_shards, read_plan
+    from tpr_ray.tables import plan_dir
+
+    rows = _gallery_rows(10).set_column(1, "person_id", pa.array([1, None] * 5, pa.int64()))
+    whole = plan_fingerprint(rows, {"s": 1})
+    for cut in (1, 3, 7, 10):  # however the listing arrives in batches
+        streamed = Fingerprint(rows.column_names, {"s": 1})
+        for batch in rows.to_batches(max_chunksize=cut):
+            streamed.update(batch)
+        assert streamed.hexdigest() == whole
+    assert plan_fingerprint(rows.slice(0, 9), {"s": 1}) != whole
+
+    out = str(tmp_path / "gallery")
+    cfg = EmbedConfig(checkpoint="/ckpt", out=str(tmp_path), images="/g", rows_per_shard=4)
+    identity = {k: HEADER[k] for k in ("method", "model", "checkpoint", "dim")}
+    committer, pending = plan_job(out, "gallery", lambda: rows.to_batches(max_chunksize=3), {"s": 1}, cfg, identity)
+    assert committer.plan == plan_shards(10, 4) and pending == [0, 1, 2]
+    assert committer.header["fingerprint"] == plan_fingerprint(rows, {"s": 1}) and committer.header["inputs"] == 10
+    blocks = list(read_plan({"shard": np.array([2, 1])}, plan_dir(out), block_rows=3))
+    assert [b.num_rows for b in blocks] == [2, 3, 1]
+    got = pa.concat_tables(blocks)
+    assert got.column("row").to_pylist() == [8, 9, 4, 5, 6, 7] and got.column("shard").to_pylist() == [2] * 2 + [1] * 4
+    assert got.column("image_id").to_pylist() == [f"img{i}" for i in (8, 9, 4, 5, 6, 7)]
+    assert got.column("person_id").to_pylist() == [1, None, 1, None, 1, None]
+
+    for block in blocks + list(read_plan({"shard": [0]}, plan_dir(out), 4)):  # results come back with the columns
+        committer.add(block.append_column("embedding", pa.array([[1.0, 0.0]] * block.num_rows)))
+    committer.finish()
+    assert pq.read_table(out).column("image_id").to_pylist() == rows.column("image_id").to_pylist()
+    # a re-run plans only what is missing (nothing), and a changed listing is refused
+    assert plan_job(out, "gallery", lambda: rows.to_batches(), {"s": 1}, cfg, identity)[1] == []
+    from tpr_ray.errors import ConfigError
+    with pytest.raises(ConfigError, match="different embedding job"):
+        open_job(out, "gallery", None, plan_shards(9, 4), {**HEADER, "fingerprint": plan_fingerprint(rows.slice(1), {})})

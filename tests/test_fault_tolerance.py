@@ -151,7 +151,7 @@ def kill_at(monkeypatch, name: str, step: str, listing_shard: int | None = None)
         if listing_shard is None:
             return True
         info = json.loads(data)
-        return any(s["file"] == f"part-{listing_shard:05d}.parquet" for s in info["shards"])
+        return any(s["file"] == f"part-{listing_shard:05d}.parquet" for s in info.get("shards", []))
 
     def patched_write(uri, data):
         if step == "before" and matches(uri, data):

@@ -2,12 +2,17 @@
 
 The input (a manifest split, or every image under a prefix/glob) is put in a fixed order
 and cut into shards of ``rows_per_shard`` rows: the *shard plan*, the same for the same
-input and settings. Pending shards stream through
+input and settings. The driver streams the listing once for the resume fingerprint
+(:class:`Fingerprint`, from the Arrow buffers) and once to write the input columns of each
+pending shard to ``<table>-plan/`` (:func:`plan_job`), then lets it go: from there on it
+holds shard ids, the shards in flight and one entry per committed shard, so its memory grows
+with the number of shards, not rows. Pending shards stream through
 
-    read + decode + resize (CPU tasks) -> the model (actor pool, a GPU each, bf16) -> driver
+    read plan file (by shard id) + decode + resize (CPU tasks) -> the model (actor pool,
+    a GPU each, bf16) -> driver
 
-and the driver commits a shard once all of its rows have come back (see
-:mod:`tpr_ray.commit`). Committed shards are never redone, so re-running an interrupted or
+with the input columns travelling alongside, and the driver commits a shard once all of its
+rows have come back (see :mod:`tpr_ray.commit`). Committed shards are never redone, so re-running an interrupted or
 finished job only does what is missing, and every readable input row ends up in exactly one
 committed shard. Images that are not readable are recorded per shard in
 ``<out>/gallery-rejects/`` with the reason, and counted; the job stops once they pass
@@ -35,13 +40,19 @@ import pyarrow.compute as pc
 
 from tpr_ray import storage
 from tpr_ray.checkpoint import checkpoint_digest, read_config, resolve_checkpoint
-from tpr_ray.commit import DATA_COLUMNS, ShardCommitter, committed_shards, open_job  # noqa: F401 - re-exported
+from tpr_ray.commit import (  # noqa: F401
+    DATA_COLUMNS,
+    ShardCommitter,
+    committed_shards,
+    open_job,
+    write_parquet,
+)
 from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
 from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes, fetch_batch
 from tpr_ray.lease import Lease
-from tpr_ray.tables import SIDECAR, rejects_dir  # noqa: F401 - SIDECAR re-exported
+from tpr_ray.tables import SIDECAR, plan_dir, rejects_dir, shard_name  # noqa: F401 - SIDECAR re-exported
 
 log = logging.getLogger(__name__)
 
@@ -88,34 +99,106 @@ def plan_shards(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows_per_shard, num_rows)) for start in range(0, num_rows, rows_per_shard)]
 
 
-def plan_fingerprint(columns: pa.Table, settings: dict) -> str:
+class Fingerprint:
     """Identifies a job: every input column that ends up in the table, in order, and every
-    setting that changes the output.
+    setting that changes the output. Fed the listing batch by batch (:meth:`update`), so it
+    never needs the whole listing in memory; how the listing is cut into batches or chunks,
+    and Arrow's offset width, do not change it.
 
-    Computed from the Arrow buffers: each column's name, type and validity, then for strings
-    every value's length followed by all their bytes (so that no two inputs can join into the
-    same stream), for numbers their values.
+    Computed from the Arrow buffers, per column: its name, type, row count and validity, then
+    for strings every value's length followed (in a separate stream) by all their bytes, so
+    that no two inputs can join into the same stream; for numbers their values.
     """
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for name in columns.column_names:
-        array = columns.column(name).combine_chunks()
+
+    def __init__(self, names: list[str], settings: dict):
+        self.names, self.settings, self.rows = list(names), settings, 0
+        self.kinds: dict[str, str] = {}
+        self.streams = {name: [hashlib.sha256() for _ in range(3)] for name in self.names}  # validity, lengths, data
+
+    def update(self, batch: pa.Table | pa.RecordBatch) -> Fingerprint:
+        for name in self.names:
+            column = batch.column(name)
+            for array in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+                self._update_array(name, array)
+        self.rows += batch.num_rows
+        return self
+
+    def _update_array(self, name: str, array: pa.Array) -> None:
+        validity, lengths, data = self.streams[name]
         kind = array.type
         wide = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
         texts = wide or pa.types.is_string(kind) or pa.types.is_binary(kind)
         if texts:  # the offsets' width is Arrow's choice, not the data's
             kind = "string" if pa.types.is_string(kind) or pa.types.is_large_string(kind) else "binary"
-        h.update(f"\n{name}:{kind}:{len(array)}\n".encode())
-        h.update(np.packbits(array.is_valid().to_numpy(zero_copy_only=False)).tobytes())
-        if texts and len(array):
+        if self.kinds.setdefault(name, str(kind)) != str(kind):
+            raise DataError(f"the listing's column changes type from {self.kinds[name]} to {kind}", field=name)
+        if not len(array):
+            return
+        validity.update(array.is_valid().to_numpy(zero_copy_only=False).tobytes())
+        if texts:
             offsets_buffer, data_buffer = array.buffers()[1:3]
             offsets = np.frombuffer(offsets_buffer, np.int64 if wide else np.int32)
             offsets = offsets[array.offset:array.offset + len(array) + 1].astype(np.int64)
-            h.update(np.diff(offsets).tobytes())  # the same lengths whatever the offset width
+            lengths.update(np.diff(offsets).tobytes())  # the same lengths whatever the offset width
             if data_buffer is not None:
-                h.update(memoryview(data_buffer)[offsets[0]:offsets[-1]])
-        elif not texts:
-            h.update(pc.fill_null(array, 0).to_numpy(zero_copy_only=False).tobytes())
-    return h.hexdigest()[:32]
+                data.update(memoryview(data_buffer)[offsets[0]:offsets[-1]])
+        else:
+            data.update(pc.fill_null(array, 0).to_numpy(zero_copy_only=False).tobytes())
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode())
+        for name in self.names:
+            h.update(f"\n{name}:{self.kinds.get(name)}:{self.rows}\n".encode())
+            for stream in self.streams[name]:
+                h.update(stream.digest())
+        return h.hexdigest()[:32]
+
+
+def plan_fingerprint(columns: pa.Table, settings: dict) -> str:
+    """The :class:`Fingerprint` of a listing held in memory."""
+    return Fingerprint(columns.column_names, settings).update(columns).hexdigest()
+
+
+def shard_tables(batches, rows_per_shard: int):
+    """Cut a stream of record batches into the shard plan's pieces: (shard, table) in order,
+    holding at most one shard's rows at a time."""
+    buffer, buffered, shard = [], 0, 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows_per_shard - buffered, batch.num_rows)
+            buffer.append(batch.slice(0, take))
+            buffered += take
+            batch = batch.slice(take)
+            if buffered == rows_per_shard:
+                yield shard, pa.Table.from_batches(buffer)
+                shard, buffer, buffered = shard + 1, [], 0
+    if buffered:
+        yield shard, pa.Table.from_batches(buffer)
+
+
+def write_plan(plan_uri: str, batches, columns: list[str], rows_per_shard: int, pending: set[int]) -> None:
+    """Write the input columns of every pending shard to ``plan_uri/part-N.parquet`` (with each
+    row's number and shard), for the workers to read: the driver passes shard ids, not rows."""
+    for shard, table in shard_tables(batches, rows_per_shard):
+        if shard not in pending:
+            continue
+        first = shard * rows_per_shard
+        table = table.select(columns)
+        table = table.append_column("row", pa.array(np.arange(first, first + table.num_rows, dtype=np.int64)))
+        table = table.append_column("shard", pa.repeat(pa.scalar(shard, pa.int64()), table.num_rows))
+        write_parquet(storage.join(plan_uri, shard_name(shard)), table)
+
+
+def read_plan(batch: dict, plan_uri: str, block_rows: int):
+    """Worker side: the rows of the planned shards named in ``batch["shard"]``, in blocks."""
+    import pyarrow.parquet as pq
+
+    for shard in batch["shard"]:
+        fs, path = storage.filesystem(storage.join(plan_uri, shard_name(int(shard))))
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        for start in range(0, table.num_rows, block_rows):
+            yield table.slice(start, block_rows)
 
 
 class Embedder:
@@ -163,12 +246,18 @@ class Embedder:
         return out
 
 
+def job_settings(kind: str, checkpoint: str, rows_per_shard: int, image_size,
+                 manifest_version: str | None) -> dict:
+    """Every setting that changes a job's output: a resumed job must have the same ones."""
+    return {"kind": kind, "checkpoint": checkpoint, "checkpoint_digest": checkpoint_digest(checkpoint),
+            "manifest_version": manifest_version, "rows_per_shard": rows_per_shard,
+            "image_size": list(image_size)}
+
+
 def job_fingerprint(kind: str, rows: pa.Table, checkpoint: str, rows_per_shard: int, image_size,
                     manifest_version: str | None) -> tuple[str, dict]:
     """(fingerprint, settings) of a job: a resumed job must have the same inputs, model and plan."""
-    settings = {"kind": kind, "checkpoint": checkpoint, "checkpoint_digest": checkpoint_digest(checkpoint),
-                "manifest_version": manifest_version, "rows_per_shard": rows_per_shard,
-                "image_size": list(image_size)}
+    settings = job_settings(kind, checkpoint, rows_per_shard, image_size, manifest_version)
     return plan_fingerprint(rows.select(DATA_COLUMNS[kind]), settings), settings
 
 
@@ -180,26 +269,19 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     import ray.data
 
     out = storage.join(cfg.out, kind)
-    plan = plan_shards(rows.num_rows, cfg.rows_per_shard)
-    fingerprint, settings = job_fingerprint(kind, rows, checkpoint, cfg.rows_per_shard, image_size,
-                                            manifest_version)
-    header = {**identity, "dtype": "float32", "fingerprint": fingerprint, "settings": settings,
-              "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
-              "inputs": rows.num_rows}
-    committer = open_job(out, kind, rows, plan, header, cfg.max_reject_rate if kind == "gallery" else 1.0, guard)
-    done = dict(committer.committed)
-    pending = [s for s in range(len(plan)) if s not in done]
-    log.info("%s: %d rows in %d shards; %d already committed", kind, rows.num_rows, len(plan), len(done))
+    columns = DATA_COLUMNS[kind]
+    settings = job_settings(kind, checkpoint, cfg.rows_per_shard, image_size, manifest_version)
+    listing = [rows]
+    del rows
+    committer, pending = plan_job(out, kind, lambda: listing[0].select(columns).to_batches(max_chunksize=65536),
+                                  settings, cfg, identity, guard)
+    listing.clear()  # from here on the listing lives in the plan files; the driver holds shard ids
+    plan = committer.plan
     tick = time.perf_counter()
     if pending:
-        # Only what the workers need travels: the row number, its shard, and the image or caption.
-        row_numbers = np.arange(rows.num_rows, dtype=np.int64)
-        payload = "image_uri" if kind == "gallery" else "caption"
-        work = pa.table({"row": row_numbers, "shard": row_numbers // cfg.rows_per_shard,
-                         payload: rows.column(payload)})
-        todo = pa.concat_tables([work.slice(plan[s][0], plan[s][1] - plan[s][0]) for s in pending])
-        blocks = [todo.slice(i, cfg.block_rows) for i in range(0, todo.num_rows, cfg.block_rows)]
-        ds = ray.data.from_arrow(blocks)
+        ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(read_plan, fn_kwargs={"plan_uri": plan_dir(out), "block_rows": cfg.block_rows},
+                            batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus)
         gpus = cfg.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -214,9 +296,13 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
                             num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            # Arrow: the input columns pass to the shard files without a round trip through Python
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
-        except Exception as exc:
+        except BaseException as exc:
+            committer.settle()  # the shards already handed to the writer are whole: let them land
+            if not isinstance(exc, Exception):
+                raise
             failure = _read_failure(exc)
             if failure is None:
                 raise
@@ -225,12 +311,45 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
                             f"shard were not committed (nothing was recorded as rejected); fix access to the "
                             f"storage and re-run the same command to continue", file=failure.uri) from None
     info = committer.finish()
+    remove_plan(out)
     if kind == "gallery" and info["rows"] == 0:
         raise DataError(f"every one of the {info['rejected']} images was rejected (see {rejects_dir(out)}/); "
                         f"nothing was embedded", file=cfg.images or cfg.data)
     info["seconds"] = time.perf_counter() - tick
     info["rows_this_run"] = sum(plan[s][1] - plan[s][0] for s in pending)
     return info
+
+
+def plan_job(out: str, kind: str, batches, settings: dict, cfg: EmbedConfig, identity: dict,
+             guard=None) -> tuple[ShardCommitter, list[int]]:
+    """Plan a job from its input listing without holding it: ``batches()`` yields the listing's
+    record batches (the input columns) and is read twice, once for the fingerprint and the row
+    count, once to write the plan files of the shards not yet committed. Returns the
+    committer (the job recorded, what an interrupted run left cleaned up) and the pending shards.
+    """
+    fingerprint = Fingerprint(DATA_COLUMNS[kind], settings)
+    for batch in batches():
+        fingerprint.update(batch)
+    plan = plan_shards(fingerprint.rows, cfg.rows_per_shard)
+    header = {**identity, "dtype": "float32", "fingerprint": fingerprint.hexdigest(), "settings": settings,
+              "source": cfg.images or cfg.data, "split": None if cfg.images else cfg.split,
+              "inputs": fingerprint.rows}
+    committer = open_job(out, kind, None, plan, header, cfg.max_reject_rate if kind == "gallery" else 1.0, guard)
+    pending = [s for s in range(len(plan)) if s not in committer.committed]
+    log.info("%s: %d rows in %d shards; %d already committed", kind, fingerprint.rows, len(plan),
+             len(plan) - len(pending))
+    if pending:
+        if guard is not None:
+            guard()
+        write_plan(plan_dir(out), batches(), DATA_COLUMNS[kind], cfg.rows_per_shard, set(pending))
+    return committer, pending
+
+
+def remove_plan(out: str) -> None:
+    """Drop a complete job's plan files (they are only needed to finish it)."""
+    fs, path = storage.filesystem(plan_dir(out))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _cpu_threads_per_actor(actors: int) -> int:
@@ -281,10 +400,11 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     identity = {"method": ckpt_config["method"], "model": ckpt_config["backbone"]["model"],
                 "checkpoint": checkpoint, "dim": ckpt_config["embed_dim"]}
     image_size = tuple(ckpt_config["backbone"]["image_size"])
-    gallery = gallery_rows(cfg.data, cfg.images, cfg.split)
-    jobs = [("gallery", gallery)]
+    # Read before Ray starts, so a wrong path is one line at once; each listing is handed to its
+    # job (not kept here), which writes it to plan files and lets it go.
+    listings = {"gallery": gallery_rows(cfg.data, cfg.images, cfg.split)}
     if cfg.queries and cfg.data is not None:
-        jobs.append(("queries", query_rows(manifest_split(cfg.data, cfg.split))))
+        listings["queries"] = query_rows(manifest_split(cfg.data, cfg.split))
 
     init_ray(address)
     require_shared_storage(cfg.out, "--out")
@@ -297,8 +417,9 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     if cfg.batch_size is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
         cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
-    version = manifest_info(gallery).get("version") if cfg.data is not None else None
+    version = manifest_info(listings["gallery"]).get("version") if cfg.data is not None else None
     with Lease(cfg.out, ttl_s=cfg.lease_ttl_s) as lease:
-        return {kind: _run_table(kind, rows, cfg, checkpoint, identity, image_size, version, lease.check)
-                for kind, rows in jobs}
+        return {kind: _run_table(kind, listings.pop(kind), cfg, checkpoint, identity, image_size, version,
+                                 lease.check)
+                for kind in list(listings)}
 

@@ -3,12 +3,14 @@
 An embedding table is a folder (local path or fsspec URI) holding Parquet shards
 ``part-00000.parquet``, ``part-00001.parquet``, ... and a sidecar ``_tpr_ray.json``. Its
 rows, in shard-name order, are the gallery's order, which breaks ties in the ranking (see
-:mod:`tpr_ray.metrics`). Rejected images of shard ``part-N`` go to ``<table>-rejects/part-N``.
+:mod:`tpr_ray.metrics`). Rejected images of shard ``part-N`` go to ``<table>-rejects/part-N``; while the job runs, the
+input columns of each pending shard are in ``<table>-plan/part-N`` (removed at the end).
 
-Sidecar fields (written by :mod:`tpr_ray.embed`): ``kind`` (``gallery``/``queries``),
-``complete``, ``num_shards`` (planned), ``shards`` (committed: ``file``, ``rows``,
-``rejects``), ``rows``, ``rejected``, ``dim``, ``dtype``, ``method``, ``model``,
-``checkpoint``, ``fingerprint``, ``settings``, ``source``, ``split``, ``inputs``.
+Sidecar fields (written by :mod:`tpr_ray.embed` when the job starts and when it is complete):
+``kind`` (``gallery``/``queries``), ``complete``, ``num_shards`` (planned), ``dim``, ``dtype``, ``method``, ``model``,
+``checkpoint``, ``fingerprint``, ``settings``, ``source``, ``split``, ``inputs``; once
+complete also ``shards`` (``file``, ``rows``, ``rejects`` each), ``rows``, ``rejected``.
+While a job runs, the shard files in the folder are the record of what is committed.
 
 Shard columns::
 
@@ -42,6 +44,7 @@ SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
 SHARD_FORMAT = SHARD_PREFIX + "{:05d}" + SHARD_SUFFIX
 REJECTS_SUFFIX = "-rejects"
+PLAN_SUFFIX = "-plan"
 TEMP_PREFIX = storage.TEMP_PREFIX
 # Columns that name where the embeddings came from; gallery and queries must agree on them.
 PROVENANCE = ("method", "model", "checkpoint")
@@ -82,6 +85,12 @@ def sidecar_uri(table_uri: str) -> str:
 
 def rejects_dir(table_uri: str) -> str:
     return table_uri.rstrip("/") + REJECTS_SUFFIX
+
+
+def plan_dir(table_uri: str) -> str:
+    """Where an embedding job keeps its shard plan (the input columns of each pending shard)
+    while it runs; removed once the table is complete."""
+    return table_uri.rstrip("/") + PLAN_SUFFIX
 
 
 def table_dir(uri: str, kind: str) -> str:
@@ -131,9 +140,11 @@ def check_complete(info: dict, table_uri: str, allow_incomplete: bool = False) -
     """
     if info.get("complete", True) or allow_incomplete:
         return
-    done, planned = len(info.get("shards") or []), info.get("num_shards", "?")
+    planned = info.get("num_shards", "?")
+    fs, path = storage.filesystem(table_uri)
+    done = sum(1 for p in fs.ls(path, detail=False) if shard_number(posixpath.basename(p)) is not None)
     raise DataError(f"incomplete {info.get('kind', 'embedding')} table: its embedding job stopped after "
-                    f"{done} of {planned} shards ({info.get('rows', '?')} rows); "
+                    f"{done} of {planned} shards; "
                     f"finish it with `{resume_command(info, table_uri)}` "
                     "(it resumes where it stopped), or pass --allow-incomplete (allow_incomplete=True) to use "
                     "the shards done", file=sidecar_uri(table_uri), field="complete")
