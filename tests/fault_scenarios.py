@@ -27,7 +27,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from tpr_ray import storage  # noqa: E402
 from tpr_ray.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE  # noqa: E402
 from tpr_ray.data import synthesize  # noqa: E402
-from tpr_ray.embed import SIDECAR, EmbedConfig, embed  # noqa: E402
+from tpr_ray.embed import EmbedConfig, embed  # noqa: E402
 from tpr_ray.errors import ConfigError  # noqa: E402
 from tpr_ray.train import TrainConfig, train  # noqa: E402
 
