@@ -238,8 +238,9 @@ def _end_of_stage_1(checkpoints) -> tuple[str, dict]:
 
 @pytest.mark.slow
 def test_resume_mid_stage_1_and_mid_stage_2_then_stage_2_alone_from_init(ray_cluster, cuhk_small, tmp_path):
+    # schedule stepped per iteration, so the schedule's position counts steps like Adam's
     recipe = {"batch_size": 16, "stage1_epochs": 1, "epochs": 1, "stage1_lr": 1e-2, "lr": 1e-3,
-              "stage1_warmup_epochs": 0, "warmup_epochs": 0}
+              "schedule_unit": "step", "stage1_warmup_epochs": 0, "warmup_epochs": 0}
     base = dict(method="pd", data=cuhk_small, out=str(tmp_path), name="pd", **TINY, loader_workers=0,
                 overrides=recipe, keep_checkpoints=100, log_every=100, seed=3)
     train_table, _ = selection_split(load_manifest(cuhk_small), holdout_fraction=0.05, seed=3)

@@ -172,7 +172,7 @@ def test_the_driver_applies_the_from_scratch_recipe_and_says_so(cuhk_small, tmp_
 
     seen = {}
 
-    def capture(cfg, config, use_gpu):
+    def capture(cfg, config, use_gpu, datasets=None):
         seen.update(config)
         raise _Started
 
