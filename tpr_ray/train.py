@@ -10,6 +10,7 @@ latest checkpoint when the same run is started again.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -326,13 +327,19 @@ def validate(method: Method, data: TrainingData, run: StageRun, epoch: int, work
 
 
 def _restore(checkpoint) -> dict | None:
+    """Read the checkpoint's files straight from its storage. Not through ``as_directory()``:
+    its download folder is shared by the workers of a host and removed when one of them is done
+    with it, which a second worker still reading saw as a corrupt file (simulated multi-node)."""
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as d:
-        with open(os.path.join(d, CONFIG_FILE)) as f:
-            info = json.load(f)
-        info["model_state"] = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
-        info["optimizer_state"] = torch.load(os.path.join(d, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+
+    def read(name: str) -> bytes:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as f:
+            return f.read()
+
+    info = json.loads(read(CONFIG_FILE))
+    for key, name in (("model_state", MODEL_FILE), ("optimizer_state", OPTIMIZER_FILE)):
+        info[key] = torch.load(io.BytesIO(read(name)), map_location="cpu", weights_only=True)
     return info
 
 
