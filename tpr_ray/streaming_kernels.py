@@ -59,6 +59,20 @@ def shard_positive_scores(queries: np.ndarray, embeddings: np.ndarray, first_pos
     return out
 
 
+def rank_pass_outputs(queries: np.ndarray, embeddings: np.ndarray, target_scores: np.ndarray, targets: np.ndarray,
+                      top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked inputs and the empty outputs of a rank pass (numpy or torch): the valid-target
+    mask, ``counts`` [Q, P] of zeros, ``top_scores`` [Q, k] of -inf, ``top_positions`` [Q, k] of -1."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    valid = targets >= 0
+    if np.isnan(target_scores[valid]).any():
+        raise ValueError("a target has no score; merge the positive pass over every shard first")
+    k = min(top_k, len(embeddings))
+    return (valid, np.zeros(targets.shape, dtype=np.int64), np.full((len(queries), k), -np.inf, dtype=np.float32),
+            np.full((len(queries), k), -1, dtype=np.int64))
+
+
 def shard_ranks(queries: np.ndarray, embeddings: np.ndarray, first_position: int, target_scores: np.ndarray,
                 targets: np.ndarray, top_k: int = 10, block_size: int = 1024) -> dict:
     """The rank pass over one shard.
@@ -68,16 +82,8 @@ def shard_ranks(queries: np.ndarray, embeddings: np.ndarray, first_position: int
     items, global positions; k = min(top_k, shard rows)). ``target_scores`` must hold the
     score of every valid target (from :func:`shard_positive_scores`, merged over shards).
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    valid = targets >= 0
-    if np.isnan(target_scores[valid]).any():
-        raise ValueError("a target has no score; merge the positive pass over every shard first")
-    num_queries, num_items = len(queries), len(embeddings)
-    k = min(top_k, num_items)
-    counts = np.zeros(targets.shape, dtype=np.int64)
-    top_scores = np.full((num_queries, k), -np.inf, dtype=np.float32)
-    top_positions = np.full((num_queries, k), -1, dtype=np.int64)
+    valid, counts, top_scores, top_positions = rank_pass_outputs(queries, embeddings, target_scores, targets, top_k)
+    num_queries, num_items, k = len(queries), len(embeddings), top_scores.shape[1]
     gallery_t = embeddings.T
     for start in range(0, num_queries, block_size):
         stop = min(start + block_size, num_queries)

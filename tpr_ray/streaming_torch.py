@@ -48,18 +48,13 @@ def shard_ranks_torch(queries: np.ndarray, embeddings: np.ndarray, first_positio
     """:func:`tpr_ray.streaming_kernels.shard_ranks`, computed with torch on ``device``."""
     import torch
 
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    valid = targets >= 0
-    if np.isnan(target_scores[valid]).any():
-        raise ValueError("a target has no score; merge the positive pass over every shard first")
+    from tpr_ray.streaming_kernels import rank_pass_outputs
+
     num_queries, num_items = len(queries), len(embeddings)
     if num_items >= 2**31:
         raise ValueError(f"a shard of {num_items} rows is too large; write shards of fewer than 2**31 rows")
-    k = min(top_k, num_items)
-    counts = np.zeros(targets.shape, dtype=np.int64)
-    top_scores = np.full((num_queries, k), -np.inf, dtype=np.float32)
-    top_positions = np.full((num_queries, k), -1, dtype=np.int64)
+    valid, counts, top_scores, top_positions = rank_pass_outputs(queries, embeddings, target_scores, targets, top_k)
+    k = top_scores.shape[1]
     if num_items == 0:
         return {"counts": counts, "top_scores": top_scores, "top_positions": top_positions}
 
