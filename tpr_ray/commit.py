@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,13 +51,15 @@ class _Pending:
     def __init__(self, size: int):
         self.seen = np.zeros(size, dtype=bool)
         self.count = 0
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, pa.Table | None]] = []
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, dict | None]] = []
 
     def put(self, positions: np.ndarray, embeddings: np.ndarray, reasons: np.ndarray | None,
-            columns: pa.Table | None) -> None:
-        fresh = positions[~self.seen[positions]]
-        self.count += len(np.unique(fresh)) if len(fresh) else 0
+            columns: dict | None) -> None:
+        """``columns``: the input columns of these rows, Arrow arrays of the table's types."""
+        low, high = int(positions.min()), int(positions.max()) + 1  # count what is new in the span they touch
+        before = np.count_nonzero(self.seen[low:high])
         self.seen[positions] = True
+        self.count += np.count_nonzero(self.seen[low:high]) - before
         self.parts.append((positions, embeddings, reasons, columns))
 
     def complete(self) -> bool:
@@ -65,9 +68,12 @@ class _Pending:
     def gather(self) -> tuple[np.ndarray, np.ndarray, pa.Table | None]:
         """(embeddings, reasons, columns) in shard order, one row per position."""
         positions = np.concatenate([p[0] for p in self.parts])
-        last = np.empty(len(self.seen), dtype=np.int64)
-        last[positions] = np.arange(len(positions))  # a later copy overwrites an earlier one
-        embeddings = np.concatenate([p[1] for p in self.parts])[last]
+        in_order = len(positions) == len(self.seen) and (positions == np.arange(len(positions))).all()
+        last = None
+        if not in_order:  # a retry or a reordering: pick each position's last copy
+            last = np.empty(len(self.seen), dtype=np.int64)
+            last[positions] = np.arange(len(positions))
+        embeddings = np.concatenate([p[1] for p in self.parts])
         reasons = np.full(len(positions), "", dtype=object)
         offset = 0
         for part_positions, _, part_reasons, _ in self.parts:
@@ -76,8 +82,12 @@ class _Pending:
             offset += len(part_positions)
         columns = None
         if self.parts[0][3] is not None:
-            columns = pa.concat_tables([p[3] for p in self.parts]).take(pa.array(last))
-        return embeddings, reasons[last], columns
+            names = list(self.parts[0][3])
+            columns = pa.table({c: pa.chunked_array([chunk for p in self.parts for chunk in _chunks(p[3][c])],
+                                                    COLUMN_TYPES[c]) for c in names})
+        if last is None:
+            return embeddings, reasons, columns
+        return embeddings[last], reasons[last], None if columns is None else columns.take(pa.array(last))
 
 
 class ShardCommitter:
@@ -121,14 +131,16 @@ class ShardCommitter:
             self._write_manifest(complete=False)
         self.started = True
 
-    # Writes run on one thread of their own, overlapping the next shards' gathering (Parquet
-    # encoding, fsync and upload release the GIL); at most this many shards wait to be written.
-    WRITES_IN_FLIGHT = 2
+    # Writes run on threads of their own, overlapping the next shards' gathering and each other
+    # (Parquet encoding, fsync and upload release the GIL): up to WRITERS at once, one per
+    # driver core, and at most one more shard waiting for a thread. Each shard's write is a
+    # whole commit of its own, so the order in which they land does not matter.
+    WRITERS = max(1, min(8, os.cpu_count() or 1))
 
     def _submit(self, write) -> None:
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        while len(self._writes) >= self.WRITES_IN_FLIGHT:
+            self._writer = ThreadPoolExecutor(self.WRITERS, thread_name_prefix="shard-writer")
+        while len(self._writes) > self.WRITERS:
             self._writes.popleft().result()
         self._writes.append(self._writer.submit(self._write_unless_failed, write))
 
@@ -183,26 +195,27 @@ class ShardCommitter:
         if not carried and self.rows is None:
             missing = [c for c in DATA_COLUMNS[self.kind] if c not in batch]
             raise ValueError(f"a result batch lacks the input columns {missing}")
-        order = np.argsort(shards, kind="stable")  # one slice per shard, whatever the batch mixes
-        bounds = np.flatnonzero(np.diff(shards[order])) + 1
-        for pick in np.split(order, bounds):
-            if not len(pick):
+        if len(shards) and shards[0] == shards[-1] and (shards == shards[0]).all():
+            picks = [slice(0, len(shards))]  # the usual batch: rows of one shard
+        else:  # one slice per shard, whatever the batch mixes
+            order = np.argsort(shards, kind="stable")
+            picks = np.split(order, np.flatnonzero(np.diff(shards[order])) + 1)
+        for pick in picks:
+            if isinstance(pick, np.ndarray) and not len(pick):
                 continue
-            shard = int(shards[pick[0]])
-            if shard in self.committed:
+            first = int(shards[pick][0])
+            if first in self.committed:
                 continue
-            contiguous = pick[-1] - pick[0] + 1 == len(pick)
             columns = None
             if carried:
-                columns = pa.table({c: _column(batch[c], pick, contiguous, COLUMN_TYPES[c])
-                                    for c in DATA_COLUMNS[self.kind]})
-            pending = self.pending.get(shard)
+                columns = {c: _column(batch[c], pick, COLUMN_TYPES[c]) for c in DATA_COLUMNS[self.kind]}
+            pending = self.pending.get(first)
             if pending is None:
-                pending = self.pending[shard] = _Pending(self._size(shard))
-            pending.put(rows[pick] - self.plan[shard][0], embeddings[pick],
+                pending = self.pending[first] = _Pending(self._size(first))
+            pending.put(rows[pick] - self.plan[first][0], embeddings[pick],
                         None if reasons is None else reasons[pick], columns)
             if pending.complete():
-                self._commit(shard, self.pending.pop(shard))
+                self._commit(first, self.pending.pop(first))
 
     def _size(self, shard: int) -> int:
         start, stop = self.plan[shard]
@@ -280,6 +293,10 @@ class ShardCommitter:
         return self._write_manifest(complete=True)
 
 
+def _chunks(values: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+
+
 def _numpy(values) -> np.ndarray:
     """A result column as numpy, whether Ray handed it over as numpy or as Arrow (where an
     embedding is a tensor extension array)."""
@@ -296,28 +313,40 @@ def _numpy(values) -> np.ndarray:
     return np.asarray(values)
 
 
-def _column(values, pick: np.ndarray, contiguous: bool, kind: pa.DataType):
-    """Rows ``pick`` of one carried input column (numpy or Arrow), as Arrow of the table's type.
+def _column(values, pick: slice | np.ndarray, kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """Rows ``pick`` (a slice, or sorted row indices) of one carried input column (numpy or
+    Arrow), as Arrow of the table's type.
 
     Ray Data hands an int64 column with nulls to numpy as float64 with NaN; ``from_pandas``
     turns the NaN back into nulls.
     """
+    if isinstance(pick, np.ndarray) and len(pick) and pick[-1] - pick[0] + 1 == len(pick):
+        pick = slice(int(pick[0]), int(pick[-1]) + 1)  # contiguous: a zero-copy slice
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        values = values.slice(int(pick[0]), len(pick)) if contiguous else values.take(pa.array(pick))
+        if isinstance(pick, slice):
+            values = values.slice(pick.start, pick.stop - pick.start)
+        else:
+            values = values.take(pa.array(pick))
+        if values.type == kind:
+            return values
         if pa.types.is_floating(values.type) and not pa.types.is_floating(kind):
             values = pc.if_else(pc.is_nan(values), pa.scalar(None, values.type), values)
         return values.cast(kind)
-    values = values[pick[0]:pick[-1] + 1] if contiguous else values[pick]
-    return pa.array(values, type=kind, from_pandas=True)
+    return pa.array(values[pick], type=kind, from_pandas=True)
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:
     """Write a table atomically. Dictionary encoding only where values repeat (the provenance
     columns): tried on unique ids and float embeddings it costs most of a commit's time
-    (8x the rest of the write, measured) for nothing."""
+    (8x the rest of the write, measured) for nothing. The embedding column is stored without
+    compression or min/max statistics: model features do not compress, nothing filters on
+    them, and both cost encoding time (about 10 % of a shard's write, measured)."""
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, use_dictionary=[c for c in PROVENANCE if c in table.column_names])
-    storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes())
+    plain = "embedding" in table.column_names
+    pq.write_table(table, buf, use_dictionary=[c for c in PROVENANCE if c in table.column_names],
+                   compression={c: "none" if c == "embedding" else "snappy" for c in table.column_names},
+                   write_statistics=[c for c in table.column_names if c != "embedding"] if plain else True)
+    storage.write_bytes_atomic(uri, memoryview(buf.getvalue()))  # the encoded bytes, not a copy of them
 
 
 def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) -> dict[int, dict]:
