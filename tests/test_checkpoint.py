@@ -76,3 +76,18 @@ def test_remote_checkpoints_are_cached_by_content_and_the_cache_is_bounded(tmp_p
     memory.put(str(tmp_path / "a" / "config.json"), "/remote/other/config.json")
     third = ckpt.local_copy("memory:///remote/other")
     assert os.listdir(tmp_path / "cache") == [os.path.basename(third)]
+
+
+def test_loading_a_checkpoint_does_not_claim_the_model_is_randomly_initialised(tmp_path, caplog):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" for a model built
+    without weights; a checkpoint's weights are loaded right after, so the warning would be false."""
+    import logging
+
+    save_checkpoint(tiny_baseline(), str(tmp_path / "ckpt"), {"stage": 0})
+    with caplog.at_level(logging.WARNING):
+        tiny_baseline()  # a fresh random model: open_clip's warning is true here and stays
+        fresh = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        load_method(str(tmp_path / "ckpt"))
+    assert any("No pretrained weights loaded" in m for m in fresh)
+    assert not [r.getMessage() for r in caplog.records if "pretrained" in r.getMessage()]

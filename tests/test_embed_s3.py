@@ -280,3 +280,32 @@ def test_the_output_lease_works_on_s3(s3_bucket):
     assert not storage.exists(f"{out}/{LEASE_FILE}")
     with Lease(out, settle_s=0.1):
         pass
+
+
+def test_an_atomic_write_to_s3_is_one_upload_without_a_copy_and_a_failed_one_leaves_nothing(s3_bucket,
+                                                                                           monkeypatch):
+    """S3 makes an object visible only once its upload (single PUT, or multipart upload) is
+    complete, so a shard goes up once, under its own name: no temporary object, no server-side
+    copy (which would double the requests and bytes of every shard)."""
+    fs, _ = storage.filesystem(s3_bucket)
+    calls = []
+    call_s3 = fs._call_s3
+
+    async def recorded(method, *args, **kwargs):
+        calls.append(method if isinstance(method, str) else getattr(method, "__name__", str(method)))
+        return await call_s3(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", recorded)
+    storage.write_bytes_atomic(f"{s3_bucket}/atomic/part-00000.parquet", memoryview(b"x" * 1000))
+    assert storage.read_bytes(f"{s3_bucket}/atomic/part-00000.parquet") == b"x" * 1000
+    assert not any("copy" in c.lower() for c in calls) and sum("put_object" in c for c in calls) == 1, calls
+
+    async def failing(method, *args, **kwargs):
+        raise ConnectionError("network gone mid-upload")
+
+    monkeypatch.setattr(fs, "_call_s3", failing)
+    with pytest.raises(ConnectionError):
+        storage.write_bytes_atomic(f"{s3_bucket}/atomic/part-00001.parquet", b"y" * 1000)
+    monkeypatch.setattr(fs, "_call_s3", call_s3)
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/atomic", detail=False)] == ["part-00000.parquet"]

@@ -16,6 +16,7 @@ that a checkpoint rebuilds the same network without its pretrained source.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zipfile
@@ -156,6 +157,23 @@ def check_model(cfg: BackboneConfig) -> None:
             f"unknown open_clip model {cfg.model!r}; choose one of open_clip.list_models() "
             f"(e.g. ViT-B-16) or 'tpr-tiny' for tests"
         )
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def weights_loaded_after():
+    """Build models whose weights are loaded right after (from a checkpoint): open_clip's
+    warning that the model was "initialized randomly" would be false, and is dropped."""
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def build_clip(cfg: BackboneConfig) -> torch.nn.Module:

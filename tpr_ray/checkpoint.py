@@ -15,6 +15,7 @@ validation R@1; pointing the embedder at the run directory uses that one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ import time
 import torch
 
 from tpr_ray import storage
-from tpr_ray.backbone import BackboneConfig
+from tpr_ray.backbone import BackboneConfig, weights_loaded_after
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import Method, get_method
 
@@ -172,7 +173,9 @@ def load_method(uri: str, map_location: str | torch.device = "cpu") -> tuple[Met
     if cls.checkpoint_holds_backbone:
         backbone = dataclasses.replace(backbone, pretrained=None)  # every weight is in the file
     recipe = cls.default_recipe.override(**config["recipe"])
-    method = cls(backbone, recipe, config["num_classes"])
+    # every weight comes from the file: open_clip's "initialized randomly" would be false
+    with weights_loaded_after() if cls.checkpoint_holds_backbone else contextlib.nullcontext():
+        method = cls(backbone, recipe, config["num_classes"])
     state = torch.load(os.path.join(local, MODEL_FILE), map_location=map_location, weights_only=True)
     missing, unexpected = method.load_state_dict(state, strict=False)
     if unexpected or (cls.checkpoint_holds_backbone and missing):

@@ -54,20 +54,31 @@ def makedirs(uri: str) -> None:
 TEMP_PREFIX = "_tmp."
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write under a temporary name, then move into place, so readers never see a partial file.
+# Object stores whose uploads are all-or-nothing (see write_bytes_atomic).
+WHOLE_UPLOADS = ("s3", "s3a", "gs", "gcs")
 
-    The temporary name starts with ``_`` and does not end in the file's extension, so a
+
+def write_bytes_atomic(uri: str, data: bytes | memoryview) -> None:
+    """Write a file so that readers never see a partial one.
+
+    On S3 and GCS the object is uploaded under its own name (it appears whole or not at all).
+    Elsewhere it is written under a temporary name, then moved into place. The temporary name starts with ``_`` and does not end in the file's extension, so a
     writer killed before the move leaves nothing that pyarrow, DuckDB or a ``*.parquet``
     glob would read as data (see :func:`remove_temporaries`). On a local filesystem the file
     is fsynced before the rename and its folder after it: without that, a power loss can
     bring back a renamed file that is empty.
     """
     fs, path = filesystem(uri)
+    if fsspec.core.split_protocol(uri)[0] in WHOLE_UPLOADS:
+        # S3 and GCS show an object only once its upload (one PUT, or a multipart upload) is
+        # complete, and a failed multipart upload is aborted: the object's own name is safe to
+        # write, and a temporary object would cost a server-side copy of every byte.
+        fs.pipe_file(path, data if isinstance(data, bytes) else bytes(data))
+        return
     parent = posixpath.dirname(path) if "://" in uri else os.path.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f"{TEMP_PREFIX}{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}")
-    if is_remote(uri):  # an object store's PUT is atomic and durable once it returns
+    if is_remote(uri):  # other stores: written under a temporary name, moved into place once whole
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
