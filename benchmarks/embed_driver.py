@@ -5,8 +5,9 @@
 
 What the driver of `tpr-ray embed` does, without Ray and without images. The input listing
 (a synthetic bare gallery: ``image_id``, null ``person_id``, ``image_uri``) is written to a
-Parquet file first, by another process. The measured process then plans the job as the
-driver does (:func:`tpr_ray.embed.plan_job`: streams the listing twice, for the resume
+Parquet file first, by another process: what ``tpr-ray embed --images listing.parquet`` reads.
+The measured process then reads it as that command does (:func:`tpr_ray.gallery.listing_batches`)
+and plans the job as the driver does (:func:`tpr_ray.embed.plan_job`: streams the listing twice, for the resume
 fingerprint and to write the shard-plan files), and commits every shard as the results come
 back from the pipeline: batches of ``--batch`` rows carrying the input columns (read here from
 the plan files, as the workers do) and random unit ``--dim`` embeddings, in shard order, as a
@@ -52,16 +53,16 @@ def make_listing(rows: int, path: str) -> None:
 
 def one_size(listing: str, dim: int, batch: int, rows_per_shard: int, out: str) -> dict:
     import numpy as np
-    import pyarrow.parquet as pq
 
     from tpr_ray.embed import EmbedConfig, plan_job, read_plan
+    from tpr_ray.gallery import listing_batches
     from tpr_ray.tables import plan_dir
 
     start_rss = vm_hwm()
     cfg = EmbedConfig(checkpoint="stub", out=out, images=listing, rows_per_shard=rows_per_shard)
     identity = {"method": "stub", "model": "stub", "checkpoint": "stub", "dim": dim}
     tick = time.perf_counter()
-    committer, pending = plan_job(out, "gallery", lambda: pq.ParquetFile(listing).iter_batches(65536),
+    committer, pending = plan_job(out, "gallery", lambda: listing_batches(listing),
                                   {"rows_per_shard": rows_per_shard}, cfg, identity)
     plan_s = time.perf_counter() - tick
     plan_rss = vm_hwm()

@@ -7,9 +7,10 @@ Prints images/s for (a) the model in a plain in-process loop on pre-decoded uint
 (b) `tpr_ray.embed` (Ray Data: read, decode + resize, actor pool, shard commits) reading JPEGs
 from local disk, and (c) the same reading from an S3 endpoint (moto's server on loopback),
 with the ratios (b)/(a) and (c)/(a), all in one run on the same model and images. The pipeline
-figures are whole jobs (Ray Data start-up, actor start-up, model load, planning included); the
-steady-state columns (b ss, b ss/a) count only the rows committed after the first shard, over
-the time from the first commit to the last: the rate a long job runs at. On CPU it also
+figures are whole jobs (Ray Data start-up, actor start-up, model load, planning included). The
+marginal columns (b marg, b marg/a) are the rate a long job runs at, with those fixed costs
+cancelled: (b) is run again on a quarter of the images, and the rate is the difference in
+images over the difference in time. On CPU it also
 runs (b) with the model actor left at Ray's default thread count (one OMP thread for a
 fractional-CPU actor), the pipeline as it was before the actor took its node's cores: column
 (b0). ``--no-s3`` skips (c).
@@ -90,34 +91,29 @@ def pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int, ra
         embed_module._cpu_threads_per_actor = saved
 
 
-COMMITS: list[tuple[float, int]] = []  # (time, rows) of each shard commit of the last pipeline run
-
-
 def _pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int) -> float:
-    from tpr_ray.commit import ShardCommitter
-
-    commit = ShardCommitter._commit
-
-    def timed(self, shard, results):
-        commit(self, shard, results)
-        COMMITS.append((time.perf_counter(), len(results.seen)))
-
-    COMMITS.clear()
-    ShardCommitter._commit = timed
-    try:
-        tick = time.perf_counter()
-        info = embed(EmbedConfig(checkpoint=checkpoint, images=images, out=out, batch_size=batch, actors=actors,
-                                 rows_per_shard=batch))["gallery"]
-        return info["rows"] / (time.perf_counter() - tick)
-    finally:
-        ShardCommitter._commit = commit
+    return images_per_s(checkpoint, images, out, batch, actors)[0]
 
 
-def steady_state() -> float:
-    """Rows/s of the last pipeline run between its first and its last shard commit."""
-    if len(COMMITS) < 2:
-        return float("nan")
-    return sum(rows for _, rows in COMMITS[1:]) / (COMMITS[-1][0] - COMMITS[0][0])
+def images_per_s(checkpoint: str, images: str, out: str, batch: int, actors: int) -> tuple[float, float]:
+    """(images/s, seconds) of one whole embedding job."""
+    tick = time.perf_counter()
+    info = embed(EmbedConfig(checkpoint=checkpoint, images=images, out=out, batch_size=batch, actors=actors,
+                             rows_per_shard=batch))["gallery"]
+    seconds = time.perf_counter() - tick
+    return info["rows"] / seconds, seconds
+
+
+def marginal(checkpoint: str, local: str, names: list[str], out: str, batch: int, actors: int,
+             seconds_all: float) -> float:
+    """Images/s of the pipeline with its fixed costs cancelled: the same job on a quarter of the
+    images (a listing file naming them), and the difference of the two."""
+    few = names[:max(batch, len(names) // 4)]
+    listing = out + "-listing.txt"
+    with open(listing, "w") as f:
+        f.write("".join(os.path.join(local, name) + "\n" for name in few))
+    _, seconds_few = images_per_s(checkpoint, listing, out, batch, actors)
+    return (len(names) - len(few)) / (seconds_all - seconds_few)
 
 
 def main() -> None:
@@ -145,8 +141,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = tempfile.mkdtemp(prefix="tpr-bench-")
     print(f"device {device}, {os.cpu_count()} CPUs, ray {ray.__version__}, torch {torch.__version__}")
-    print(f"{'model':<10} {'images':>6} {'(a) model':>10} {'(b0) local':>10} {'(b) local':>10} {'(b ss)':>10} "
-          f"{'(c) s3':>10} {'b0/a':>6} {'b/a':>6} {'b ss/a':>6} {'c/a':>6}")
+    print(f"{'model':<10} {'images':>6} {'(a) model':>10} {'(b0) local':>10} {'(b) local':>10} {'(b marg)':>10} "
+          f"{'(c) s3':>10} {'b0/a':>6} {'b/a':>6} {'marg/a':>6} {'c/a':>6}")
     for model in args.models.split(","):
         n = args.images if model == "tpr-tiny" else max(args.batch_size, args.images // 4)
         files = make_images(n)
@@ -162,8 +158,10 @@ def main() -> None:
         save_checkpoint(cls(BackboneConfig(model, None), cls.default_recipe, 10), checkpoint, {})
 
         a = model_only(checkpoint, n, args.batch_size, device)
-        b = pipeline(checkpoint, local, os.path.join(work, model, "emb-local"), args.batch_size, args.actors)
-        b_steady = steady_state()
+        b, seconds_all = images_per_s(checkpoint, local, os.path.join(work, model, "emb-local"), args.batch_size,
+                                      args.actors)
+        b_steady = marginal(checkpoint, local, sorted(files), os.path.join(work, model, "emb-few"), args.batch_size,
+                            args.actors, seconds_all)
         b0 = float("nan")
         if device.type == "cpu":
             b0 = pipeline(checkpoint, local, os.path.join(work, model, "emb-local0"), args.batch_size, args.actors,

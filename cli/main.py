@@ -112,7 +112,9 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
               help="Checkpoint directory, or a training run directory (uses its best).")
 @click.option("--data", "data_uri", type=ExistingUri(),
               help="Dataset root or manifest .parquet (embeds --split and its captions).")
-@click.option("--images", help="Or: a prefix or glob of image files, e.g. 's3://bucket/crops/**/*.jpg'.")
+@click.option("--images", help="Or: a prefix or glob of image files, e.g. 's3://bucket/crops/**/*.jpg', or a "
+                                "Parquet listing of them (image_uri [, image_id, person_id]; streamed, for "
+                                "galleries too large to list).")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--out", required=True, help="Output folder or URI; gets gallery/ (and queries/).")
 @click.option("--batch-size", type=int, help="Rows per model call (default 256 on GPU, 64 on CPU).")

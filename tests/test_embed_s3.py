@@ -309,3 +309,37 @@ def test_an_atomic_write_to_s3_is_one_upload_without_a_copy_and_a_failed_one_lea
     monkeypatch.setattr(fs, "_call_s3", call_s3)
     fs.invalidate_cache()
     assert [p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/atomic", detail=False)] == ["part-00000.parquet"]
+
+
+@pytest.mark.slow
+def test_a_parquet_listing_on_s3_embeds_the_images_it_names_in_its_order(ray_cluster, s3_bucket, checkpoint):
+    """`--images listing.parquet`: the way to a gallery too large to list in the driver. The
+    rows follow the listing's order, relative keys resolve next to the listing, the listing's
+    ids and person ids are kept, and each image's embedding is the one a glob job gives it."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    names = [f"cam{i % 2}/{i:03d}.jpg" for i in range(6)]
+    fs, bucket = storage.filesystem(s3_bucket)
+    fs.pipe({f"{bucket}/listed/imgs/{n}": _jpeg(Image.fromarray(rng.integers(0, 255, (96, 32, 3), dtype=np.uint8)))
+             for n in names})
+    order = [4, 0, 5, 2, 1, 3]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image_uri": [f"imgs/{names[i]}" if i % 2 else f"{s3_bucket}/listed/imgs/{names[i]}"
+                                           for i in order],
+                             "image_id": [f"id{i}" for i in order], "person_id": [100 + i for i in order]}), buf)
+    storage.write_bytes_atomic(f"{s3_bucket}/listed/listing.parquet", buf.getvalue())
+
+    listed = embed(EmbedConfig(checkpoint=checkpoint, images=f"{s3_bucket}/listed/listing.parquet",
+                               out=f"{s3_bucket}/emb-listed", rows_per_shard=4, batch_size=4))["gallery"]
+    globbed = embed(EmbedConfig(checkpoint=checkpoint, images=f"{s3_bucket}/listed/imgs/**/*.jpg",
+                                out=f"{s3_bucket}/emb-globbed", rows_per_shard=4, batch_size=4))["gallery"]
+    assert listed["rows"] == globbed["rows"] == 6 and listed["source"].endswith("listing.parquet")
+    a = pq.read_table(f"{bucket}/emb-listed/gallery", filesystem=fs)
+    b = pq.read_table(f"{bucket}/emb-globbed/gallery", filesystem=fs)
+    assert a.column("image_id").to_pylist() == [f"id{i}" for i in order]
+    assert a.column("person_id").to_pylist() == [100 + i for i in order]
+    assert a.column("image_uri").to_pylist() == [f"{s3_bucket}/listed/imgs/{names[i]}" for i in order]
+    emb = {uri: e for uri, e in zip(b.column("image_uri").to_pylist(), b.column("embedding").to_pylist())}
+    np.testing.assert_allclose(np.array(a.column("embedding").to_pylist()),
+                               np.array([emb[u] for u in a.column("image_uri").to_pylist()]), rtol=0, atol=1e-6)

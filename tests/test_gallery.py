@@ -181,3 +181,52 @@ print(hwm() - before, images.decode_memory_bytes(1, (384, 128)))
     peak, declared = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                              check=True).stdout.split())
     assert 0 < peak <= declared, (peak, declared)
+
+
+def _listing(where, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), where)
+    return str(where)
+
+
+def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_paths(tmp_path):
+    import pyarrow as pa
+
+    from tpr_ray.gallery import check_listing, is_listing, listing_batches
+
+    uris = ["s3://b/crops/a.jpg", "/abs/b.jpg", "rel/c.jpg", "d.jpg", "gs://x/e.png"]
+    listing = _listing(tmp_path / "listing.parquet", image_uri=uris, note=["ignored"] * 5)
+    assert is_listing(listing) and not is_listing(str(tmp_path / "*.parquet")) and check_listing(listing) == 5
+    batches = list(listing_batches(listing, batch_rows=2))
+    assert [b.num_rows for b in batches] == [2, 2, 1]  # streamed, never the whole file
+    table = pa.Table.from_batches(batches)
+    expected = ["s3://b/crops/a.jpg", "/abs/b.jpg", f"{tmp_path}/rel/c.jpg", f"{tmp_path}/d.jpg", "gs://x/e.png"]
+    assert table.column("image_uri").to_pylist() == expected
+    assert table.column("image_id").to_pylist() == expected  # no image_id column: the URI is the id
+    assert table.column("person_id").null_count == 5
+
+    with_ids = _listing(tmp_path / "ids.parquet", image_id=["x", "y"], person_id=pa.array([7, None], pa.int32()),
+                        image_uri=["s3://b/1.jpg", "s3://b/2.jpg"])
+    table = pa.Table.from_batches(list(listing_batches(with_ids)))
+    assert table.column("image_id").to_pylist() == ["x", "y"] and table.column("person_id").to_pylist() == [7, None]
+    assert table.schema.field("person_id").type == pa.int64()
+
+
+def test_a_bad_listing_file_is_an_error_naming_the_file_row_and_field(tmp_path):
+    import pyarrow as pa
+
+    from tpr_ray.gallery import check_listing, listing_batches
+
+    no_uri = _listing(tmp_path / "no_uri.parquet", path=["a.jpg"])
+    with pytest.raises(DataError, match=r"no_uri.parquet.*field 'image_uri'.*needs an image_uri column"):
+        check_listing(no_uri)
+    ints = _listing(tmp_path / "ints.parquet", image_uri=["a.jpg"], person_id=["seven"])
+    with pytest.raises(DataError, match=r"ints.parquet.*field 'person_id'.*expected an integer"):
+        check_listing(ints)
+    holes = _listing(tmp_path / "holes.parquet", image_uri=pa.array(["a.jpg", "b.jpg", "c.jpg", None, ""]))
+    with pytest.raises(DataError, match=r"holes.parquet, entry row 3, field 'image_uri': no image URI"):
+        list(listing_batches(holes, batch_rows=2))
+    with pytest.raises(DataError, match="no such listing file"):
+        check_listing(str(tmp_path / "missing.parquet"))

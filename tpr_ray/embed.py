@@ -49,7 +49,7 @@ from tpr_ray.commit import (  # noqa: F401
 )
 from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.gallery import gallery_rows, manifest_split, query_rows
+from tpr_ray.gallery import check_listing, gallery_rows, is_listing, listing_batches, manifest_split, query_rows
 from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes, fetch_batch
 from tpr_ray.lease import Lease
 from tpr_ray.tables import SIDECAR, plan_dir, rejects_dir, shard_name  # noqa: F401 - SIDECAR re-exported
@@ -263,7 +263,7 @@ def job_fingerprint(kind: str, rows: pa.Table, checkpoint: str, rows_per_shard: 
 
 # --- the driver ----------------------------------------------------------------------
 
-def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size,
+def _run_table(kind: str, rows, cfg: EmbedConfig, checkpoint: str, identity: dict, image_size,
                manifest_version: str | None, guard=None) -> dict:
     import ray
     import ray.data
@@ -273,8 +273,13 @@ def _run_table(kind: str, rows: pa.Table, cfg: EmbedConfig, checkpoint: str, ide
     settings = job_settings(kind, checkpoint, cfg.rows_per_shard, image_size, manifest_version)
     listing = [rows]
     del rows
-    committer, pending = plan_job(out, kind, lambda: listing[0].select(columns).to_batches(max_chunksize=65536),
-                                  settings, cfg, identity, guard)
+
+    def batches():  # a table in memory, or a listing file read in batches (a callable)
+        if callable(listing[0]):
+            return listing[0]()
+        return listing[0].select(columns).to_batches(max_chunksize=65536)
+
+    committer, pending = plan_job(out, kind, batches, settings, cfg, identity, guard)
     listing.clear()  # from here on the listing lives in the plan files; the driver holds shard ids
     plan = committer.plan
     tick = time.perf_counter()
@@ -402,7 +407,11 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     image_size = tuple(ckpt_config["backbone"]["image_size"])
     # Read before Ray starts, so a wrong path is one line at once; each listing is handed to its
     # job (not kept here), which writes it to plan files and lets it go.
-    listings = {"gallery": gallery_rows(cfg.data, cfg.images, cfg.split)}
+    if cfg.images is not None and is_listing(cfg.images):
+        check_listing(cfg.images)  # its columns, from the footer; the rows are streamed twice
+        listings = {"gallery": lambda: listing_batches(cfg.images)}
+    else:
+        listings = {"gallery": gallery_rows(cfg.data, cfg.images, cfg.split)}
     if cfg.queries and cfg.data is not None:
         listings["queries"] = query_rows(manifest_split(cfg.data, cfg.split))
 

@@ -1,4 +1,5 @@
-"""What to embed: the rows of a manifest split, or every image under a prefix or glob.
+"""What to embed: the rows of a manifest split, every image under a prefix or glob, or the
+rows of a Parquet listing file (streamed: the way to embed galleries of hundreds of millions).
 
 Real galleries are usually bare folders of crops with no annotations; dataset splits come
 with person ids and captions. Both become one table (``image_id``, ``person_id``,
@@ -8,6 +9,7 @@ with person ids and captions. Both become one table (``image_id``, ``person_id``
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 
 import pyarrow as pa
@@ -93,3 +95,74 @@ def query_rows(images: pa.Table) -> pa.Table:
                      "image_id": pa.array(image_ids, pa.string()),
                      "person_id": pa.array(pids, pa.int64()),
                      "caption": pa.array(captions, pa.string())})
+
+
+# --- a listing file: galleries too large to list in one process ---------------------------
+
+LISTING_BATCH_ROWS = 65_536
+
+
+def is_listing(images: str) -> bool:
+    """``--images`` names a Parquet listing file (not a folder, prefix or glob of images)."""
+    return images.lower().endswith(".parquet") and not any(c in images for c in GLOB_CHARS)
+
+
+def _listing_columns(uri: str, schema: pa.Schema) -> list[str]:
+    """The gallery columns the listing has, after checking their types."""
+    wanted = {"image_uri": pa.types.is_string, "image_id": pa.types.is_string, "person_id": pa.types.is_integer}
+    if "image_uri" not in schema.names:
+        raise DataError(f"a gallery listing needs an image_uri column (has: {', '.join(schema.names)})",
+                        file=uri, field="image_uri")
+    for name, ok in wanted.items():
+        if name in schema.names:
+            kind = schema.field(name).type
+            if not (ok(kind) or (name != "person_id" and pa.types.is_large_string(kind))):
+                raise DataError(f"has type {kind}; expected {'an integer' if name == 'person_id' else 'string'}",
+                                file=uri, field=name)
+    return [name for name in wanted if name in schema.names]
+
+
+def check_listing(uri: str) -> int:
+    """Check a listing file's columns (from its footer, without reading rows); its row count."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise DataError("no such listing file", file=uri)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f)
+        _listing_columns(uri, meta.schema_arrow)
+        return meta.metadata.num_rows
+
+
+def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
+    """The gallery rows of a Parquet listing file, streamed in record batches in the file's order.
+
+    Columns: ``image_uri`` (required: a URI or path; a relative path is taken relative to
+    the listing's folder), ``image_id`` (default: the URI) and ``person_id`` (default: null);
+    others are ignored. A missing or empty ``image_uri`` is an error naming its row. This
+    never holds more than one batch of the listing, so a gallery of 100M images can be
+    embedded from its listing (e.g. an S3 Inventory report) by a small driver.
+    """
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    folder = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
+    with fs.open(path, "rb") as f:
+        reader = pq.ParquetFile(f)
+        present = _listing_columns(uri, reader.schema_arrow)
+        first = 0
+        for batch in reader.iter_batches(batch_rows, columns=present):
+            uris = batch.column("image_uri").cast(pa.string())
+            bad = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_length(uris), 0))
+            if pc.any(bad).as_py():
+                row = first + pc.index(bad, True).as_py()
+                raise DataError("no image URI", file=uri, entry=f"row {row}", field="image_uri")
+            relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
+            if pc.any(relative).as_py():
+                uris = pc.if_else(relative, pc.binary_join_element_wise(folder, uris, "/"), uris)
+            ids = batch.column("image_id").cast(pa.string()) if "image_id" in present else uris
+            pids = (batch.column("person_id").cast(pa.int64()) if "person_id" in present
+                    else pa.nulls(batch.num_rows, pa.int64()))
+            yield pa.RecordBatch.from_arrays([ids, pids, uris], schema=GALLERY_COLUMNS)
+            first += batch.num_rows
