@@ -109,9 +109,11 @@ def marginal(checkpoint: str, local: str, names: list[str], out: str, batch: int
     """Images/s of the pipeline with its fixed costs cancelled: the same job on a quarter of the
     images (a listing file naming them), and the difference of the two."""
     few = names[:max(batch, len(names) // 4)]
-    listing = out + "-listing.txt"
-    with open(listing, "w") as f:
-        f.write("".join(os.path.join(local, name) + "\n" for name in few))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    listing = out + "-listing.parquet"  # the images of the small job, as `--images listing.parquet` takes them
+    pq.write_table(pa.table({"image_uri": [os.path.join(local, name) for name in few]}), listing)
     _, seconds_few = images_per_s(checkpoint, listing, out, batch, actors)
     return (len(names) - len(few)) / (seconds_all - seconds_few)
 
