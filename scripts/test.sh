@@ -13,4 +13,4 @@ fi
 # Tests only: the suite's own Ray cluster runs without token authentication (conftest.py);
 # clusters that tpr-ray starts keep it on.
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
-timeout 3600 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+timeout 3600 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
