@@ -347,3 +347,10 @@ def test_a_parquet_listing_on_s3_embeds_the_images_it_names_in_its_order(ray_clu
     pixels = np.stack([resize_uint8(decode_image(storage.read_bytes(u)), (384, 128)) for u in uris])
     np.testing.assert_allclose(np.array(a.column("embedding").to_pylist()),
                                encode_images(method, pixels, torch.device("cpu")), rtol=0, atol=1e-5)
+
+
+def test_two_writers_racing_for_a_free_output_on_s3_cannot_both_take_it(s3_bucket):
+    """S3's conditional write (If-None-Match) makes taking a free lease one atomic step."""
+    from tests.test_fault_tolerance import race_two_fresh_writers
+
+    assert race_two_fresh_writers(f"{s3_bucket}/raced") == ["held", "refused"]

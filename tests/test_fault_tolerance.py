@@ -319,3 +319,32 @@ def test_two_concurrent_jobs_on_one_output_give_every_row_once(tmp_path, monkeyp
     thread.join(10)
     assert box["a"]["complete"]
     _check_exactly_once(out)
+
+
+def race_two_fresh_writers(out: str) -> list[str]:
+    """Two writers that both found the output free (each checked before either wrote), with no
+    settling time to catch the race afterwards: what each of them got."""
+    writers = [Lease(out, settle_s=0), Lease(out, settle_s=0)]
+    for writer in writers:  # both first checks happen before either write
+        real, first = writer._read, [True]
+
+        def read(real=real, first=first):
+            if first.pop() if first else False:
+                return None
+            return real()
+
+        writer._read = read
+    got = []
+    for writer in writers:
+        try:
+            writer.acquire()
+            got.append("held")
+        except LeaseHeld:
+            got.append("refused")
+    for writer in writers:
+        writer.release()
+    return got
+
+
+def test_two_writers_racing_for_a_free_local_output_cannot_both_take_it(tmp_path):
+    assert race_two_fresh_writers(str(tmp_path / "out")) == ["held", "refused"]

@@ -8,14 +8,17 @@ finds it held and is refused with a message naming the holder. A lease that has 
 (its holder died on another machine), or whose holder is a dead process on this machine,
 can be taken over.
 
-Object stores have no compare-and-swap here, so taking a lease is: check it is free, write
-ours, wait ``settle_s``, and read it back; of two writers racing within that window the one
-whose lease is not read back gives way. The holder also checks its lease before each commit
+Taking a free lease is an exclusive create: a hard link on a local disk, a conditional PUT
+(If-None-Match) on S3; of two writers racing for it, the second is refused. Where that is not
+certain (S3-compatible stores may ignore the condition; other stores), and when taking over an
+expired lease, the writer also waits ``settle_s`` and reads its lease back; of two writers
+racing within that window the one whose lease is not read back gives way. The holder also checks its lease before each commit
 (:meth:`Lease.check`), so a writer that lost it stops before writing anything more.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -66,11 +69,19 @@ class Lease:
         if current is not None and current.get("owner") != self.owner:
             log.warning("%s: taking over the lease of %s (pid %s on %s), which %s", self.out, current.get("owner"),
                         current.get("pid"), current.get("host"), self._why_free(current))
-        self._write()
-        time.sleep(self.settle_s)
-        current = self._read()
-        if current is None or current.get("owner") != self.owner:
-            raise LeaseHeld(self._held_message(current or {}))
+        if current is None:  # free: taking it is one atomic create where the store has one
+            try:
+                atomic = self._create()
+            except FileExistsError:  # another writer took it since we looked
+                raise LeaseHeld(self._held_message(self._read() or {})) from None
+        else:
+            self._write()
+            atomic = False
+        if not atomic:
+            time.sleep(self.settle_s)
+            current = self._read()
+            if current is None or current.get("owner") != self.owner:
+                raise LeaseHeld(self._held_message(current or {}))
         self._thread = threading.Thread(target=self._renew_loop, name="tpr-ray-lease", daemon=True)
         self._thread.start()
         return self
@@ -110,6 +121,12 @@ class Lease:
         record = self._record()
         storage.write_json(self.uri, record)
         self._expires = record["expires"]
+
+    def _create(self) -> bool:
+        record = self._record()
+        atomic = storage.create_exclusive(self.uri, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        self._expires = record["expires"]
+        return atomic
 
     def _read(self) -> dict | None:
         if not storage.exists(self.uri):

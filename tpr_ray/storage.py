@@ -91,6 +91,47 @@ def write_bytes_atomic(uri: str, data: bytes | memoryview) -> None:
     fsync_dir(parent)
 
 
+# Object stores with a conditional "create only if absent" write (If-None-Match: *).
+CONDITIONAL_CREATES = ("s3", "s3a")
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a new file whole, in one atomic step that fails if the file exists: raises
+    FileExistsError then. On a local disk, a hard link of a complete temporary file (never
+    over an existing one); on S3, a conditional PUT (If-None-Match). Returns True only where
+    exclusivity is certain (a local disk): an S3-compatible store may ignore the condition,
+    and other stores get a plain existence check first, so there the caller must still settle
+    a race itself."""
+    fs, path = filesystem(uri)
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    if protocol in CONDITIONAL_CREATES:
+        fs.pipe_file(path, data, mode="create")  # s3fs: FileExistsError on 412 Precondition Failed
+        return False
+    if protocol in ("file", "local"):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f"{TEMP_PREFIX}{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # FileExistsError if it is there
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: the plain way below
+            pass
+        else:
+            fsync_dir(parent)
+            return True
+        finally:
+            os.unlink(tmp)
+    if fs.exists(path):
+        raise FileExistsError(uri)
+    write_bytes_atomic(uri, data)
+    return False
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename or delete in a local folder durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -132,6 +173,7 @@ def is_remote(uri: str) -> bool:
     return protocol not in (None, "file", "local")
 
 
-__all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic", "fsync_dir", "remove",
+__all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic", "create_exclusive",
+           "fsync_dir", "remove",
            "remove_temporaries",
            "write_json", "read_json", "is_remote", "url_to_fs"]
