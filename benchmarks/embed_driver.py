@@ -54,8 +54,9 @@ def make_listing(rows: int, path: str) -> None:
 def one_size(listing: str, dim: int, batch: int, rows_per_shard: int, out: str) -> dict:
     import numpy as np
 
-    from tpr_ray.embed import EmbedConfig, plan_job, read_plan
+    from tpr_ray.embed import EmbedConfig, plan_job
     from tpr_ray.gallery import listing_batches
+    from tpr_ray.plan import read_plan
     from tpr_ray.tables import plan_dir
 
     start_rss = vm_hwm()

@@ -357,18 +357,22 @@ def train_cell(method, batch_size: int, s: Settings, device, compiled=None) -> d
     return result
 
 
+def inference_cell(encode, inputs, count: int, s: Settings, device) -> dict:
+    """samples/s, peak memory and GFLOP per sample of ``encode(inputs)`` under bf16 autocast."""
+    def run(x=inputs):
+        with autocast(device):
+            encode(x)
+
+    gflop = per_sample_gflop(run, inputs)
+    reset_memory(device)
+    seconds, _ = timed(torch.inference_mode()(run), s.warmup_steps, s.timed_steps, device)
+    return {"samples_per_s": count / seconds, "peak_gib": peak_gib(device), "gflop_per_sample": gflop}
+
+
 def embed_cell(method, batch_size: int, s: Settings, device) -> dict:
     method.eval()
     images = torch.randn(batch_size, 3, *s.image_size).to(device)
-
-    def encode(x=images):
-        with autocast(device):
-            method.encode_image(x)
-
-    gflop = per_sample_gflop(encode, images)
-    reset_memory(device)
-    seconds, _ = timed(torch.inference_mode()(encode), s.warmup_steps, s.timed_steps, device)
-    return {"samples_per_s": batch_size / seconds, "peak_gib": peak_gib(device), "gflop_per_sample": gflop}
+    return inference_cell(method.encode_image, images, batch_size, s, device)
 
 
 def text_cell(method, s: Settings, device) -> dict:
@@ -377,16 +381,7 @@ def text_cell(method, s: Settings, device) -> dict:
     tick = time.perf_counter()
     tokens = method.tokenize(texts)
     tokenize_per_s = len(texts) / (time.perf_counter() - tick)
-    tokens = tokens.to(device)
-
-    def encode(x=tokens):
-        with autocast(device):
-            method.encode_text(x)
-
-    gflop = per_sample_gflop(encode, tokens)
-    reset_memory(device)
-    seconds, _ = timed(torch.inference_mode()(encode), s.warmup_steps, s.timed_steps, device)
-    return {"samples_per_s": len(texts) / seconds, "peak_gib": peak_gib(device), "gflop_per_sample": gflop,
+    return {**inference_cell(method.encode_text, tokens.to(device), len(texts), s, device),
             "tokenize_per_s_cpu": tokenize_per_s}
 
 

@@ -30,9 +30,9 @@ from tpr_ray.data import synthesize  # noqa: E402
 from tpr_ray.embed import EmbedConfig, embed  # noqa: E402
 from tpr_ray.errors import ConfigError  # noqa: E402
 from tpr_ray.train import TrainConfig, train  # noqa: E402
+from tests.helpers import TINY, save_tiny_checkpoint  # noqa: E402
 
 BUCKET = os.environ.get("TPR_TEST_BUCKET", "s3://tpr-test")
-TINY = {"model": "tpr-tiny", "pretrained": None}
 RECIPE = {"batch_size": 8, "epochs": 5, "lr": 1e-3, "warmup_epochs": 0}
 
 
@@ -193,17 +193,8 @@ def _upload_gallery(prefix: str, n: int) -> list[str]:
 
 
 def _tiny_checkpoint(work: str) -> str:
-    import torch
-
-    from tpr_ray.backbone import BackboneConfig
-    from tpr_ray.checkpoint import save_checkpoint
-    from tpr_ray.methods import get_method
-
-    torch.manual_seed(0)
-    cls = get_method("baseline")
     path = f"{BUCKET}/ft-ckpt"
-    local = os.path.join(work, "ckpt")
-    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), local, {})
+    local = save_tiny_checkpoint(os.path.join(work, "ckpt"))
     fs, bucket = storage.filesystem(BUCKET)
     fs.put(local, f"{bucket}/ft-ckpt", recursive=True)
     return path

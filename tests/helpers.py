@@ -19,3 +19,17 @@ S3_PORT = free_port()
 S3_BUCKET = "tpr-test"
 S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "tpr-test-key-id",
           "AWS_SECRET_ACCESS_KEY": "tpr-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def save_tiny_checkpoint(path: str, seed: int = 0, num_classes: int = 3, meta: dict | None = None) -> str:
+    """A tpr-tiny baseline with seeded random weights, saved as a checkpoint at ``path``."""
+    import torch
+
+    from tpr_ray.backbone import BackboneConfig
+    from tpr_ray.checkpoint import save_checkpoint
+    from tpr_ray.methods import get_method
+
+    torch.manual_seed(seed)
+    cls = get_method("baseline")
+    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, num_classes), path, meta or {})
+    return path

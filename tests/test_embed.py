@@ -7,26 +7,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import load_method, save_checkpoint
+from tpr_ray.checkpoint import load_method
 from tpr_ray.data import load_manifest
 from tpr_ray.embed import SIDECAR, EmbedConfig, embed
 from tpr_ray.evaluate import evaluate_embeddings
 from tpr_ray.inference import encode_captions, encode_images
-from tpr_ray.methods import get_method
 from tpr_ray.metrics import retrieval_metrics
 from tpr_ray.storage import read_bytes
 from tpr_ray.images import decode_image, resize_uint8
-from tests.helpers import TINY
+from tests.helpers import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(1)
-    cls = get_method("baseline")
-    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint")
-    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 5), path, {"stage": 1})
-    return path
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "checkpoint"), seed=1, num_classes=5,
+                                meta={"stage": 1})
 
 
 @pytest.mark.slow
@@ -85,7 +80,7 @@ def _batch(rows, shard, emb, reasons=None):
 
 def test_non_finite_embeddings_stop_the_job_before_the_shard_is_committed(tmp_path):
     from tpr_ray.commit import ShardCommitter
-    from tpr_ray.embed import plan_shards
+    from tpr_ray.plan import plan_shards
     from tpr_ray.errors import DataError
 
     out = str(tmp_path / "gallery")
@@ -99,7 +94,7 @@ def test_non_finite_embeddings_stop_the_job_before_the_shard_is_committed(tmp_pa
 
 def test_a_reject_rate_over_the_limit_stops_the_job_and_says_so(tmp_path):
     from tpr_ray.commit import ShardCommitter
-    from tpr_ray.embed import plan_shards
+    from tpr_ray.plan import plan_shards
     from tpr_ray.errors import DataError
 
     out = str(tmp_path / "gallery")
@@ -122,7 +117,7 @@ def test_a_reject_rate_over_the_limit_stops_the_job_and_says_so(tmp_path):
 
 def test_the_committer_needs_no_listing_and_writes_the_sidecar_only_at_start_and_end(tmp_path, monkeypatch):
     from tpr_ray import commit
-    from tpr_ray.embed import plan_shards
+    from tpr_ray.plan import plan_shards
 
     writes = []
     write_sidecar = commit.write_sidecar
@@ -161,7 +156,8 @@ def test_the_committer_needs_no_listing_and_writes_the_sidecar_only_at_start_and
 
 def test_the_fingerprint_streams_and_the_plan_files_hold_each_pending_shard(tmp_path):
     from tpr_ray.commit import open_job
-    from tpr_ray.embed import EmbedConfig, Fingerprint, plan_fingerprint, plan_job, plan_shards, read_plan
+    from tpr_ray.embed import EmbedConfig, plan_job
+    from tpr_ray.plan import Fingerprint, plan_fingerprint, plan_shards, read_plan
     from tpr_ray.tables import plan_dir
 
     rows = _gallery_rows(10).set_column(1, "person_id", pa.array([1, None] * 5, pa.int64()))
@@ -204,7 +200,7 @@ def test_the_committer_matches_a_brute_force_reference_on_shuffled_repeated_batc
     ignored), columns as Arrow or numpy, some rows rejected. The committed table and rejects
     must be what a row-by-row reference computes."""
     from tpr_ray import commit
-    from tpr_ray.embed import plan_shards
+    from tpr_ray.plan import plan_shards
 
     rng = np.random.default_rng(seed)
     n, per_shard = int(rng.integers(40, 120)), int(rng.integers(3, 17))

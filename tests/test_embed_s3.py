@@ -15,12 +15,10 @@ import torch
 from PIL import Image
 
 from tpr_ray import storage
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import save_checkpoint
-from tpr_ray.embed import SIDECAR, rejects_dir, EmbedConfig, embed, plan_fingerprint, plan_shards
+from tpr_ray.embed import SIDECAR, rejects_dir, EmbedConfig, embed
+from tpr_ray.plan import plan_fingerprint, plan_shards
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.methods import get_method
-from tests.helpers import TINY
+from tests.helpers import save_tiny_checkpoint
 
 
 def test_shard_plan_covers_every_row_once():
@@ -71,27 +69,19 @@ def test_job_fingerprint_changes_with_the_checkpoint_content_and_the_manifest_ve
 
     from tpr_ray.embed import job_fingerprint
 
-    cls = get_method("baseline")
-    path = str(tmp_path / "ckpt")
-    torch.manual_seed(0)
-    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), path, {})
+    path = save_tiny_checkpoint(str(tmp_path / "ckpt"))
     rows = pa.table({"image_id": ["a"], "person_id": pa.array([1], pa.int64()), "image_uri": ["u"]})
     first, settings = job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")
     assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")[0] == first
     assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v2")[0] != first
-    torch.manual_seed(1)  # other weights written at the same path
-    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), path, {})
+    save_tiny_checkpoint(path, seed=1)  # other weights written at the same path
     assert job_fingerprint("gallery", rows, path, 10, (384, 128), "v1")[0] != first
     assert settings["manifest_version"] == "v1" and settings["checkpoint_digest"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    cls = get_method("baseline")
-    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint")
-    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), path, {})
-    return path
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "checkpoint"))
 
 
 def _png(img):

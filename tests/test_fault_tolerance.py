@@ -86,7 +86,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from tpr_ray import storage  # noqa: E402
 from tpr_ray.commit import open_job  # noqa: E402
-from tpr_ray.embed import plan_fingerprint, plan_shards  # noqa: E402
+from tpr_ray.plan import plan_fingerprint, plan_shards  # noqa: E402
 from tpr_ray.tables import SIDECAR, rejects_dir  # noqa: E402
 
 N_ROWS, PER_SHARD = 9, 3

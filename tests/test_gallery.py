@@ -207,10 +207,12 @@ def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_pat
     assert table.column("image_id").to_pylist() == expected  # no image_id column: the URI is the id
     assert table.column("person_id").null_count == 5
 
-    with_ids = _listing(tmp_path / "ids.parquet", image_id=["x", "y"], person_id=pa.array([7, None], pa.int32()),
-                        image_uri=["s3://b/1.jpg", "s3://b/2.jpg"])
+    with_ids = _listing(tmp_path / "ids.parquet", image_id=["x", "y", None],
+                        person_id=pa.array([7, None, 8], pa.int32()),
+                        image_uri=["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"])
     table = pa.Table.from_batches(list(listing_batches(with_ids)))
-    assert table.column("image_id").to_pylist() == ["x", "y"] and table.column("person_id").to_pylist() == [7, None]
+    assert table.column("image_id").to_pylist() == ["x", "y", "s3://b/3.jpg"]  # a missing id: the URI, as above
+    assert table.column("person_id").to_pylist() == [7, None, 8]
     assert table.schema.field("person_id").type == pa.int64()
 
 

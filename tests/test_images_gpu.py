@@ -123,15 +123,10 @@ def test_an_image_over_the_pixel_limit_never_reaches_the_device(monkeypatch, fak
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from tests.conftest import TINY
-    from tpr_ray.backbone import BackboneConfig
-    from tpr_ray.checkpoint import read_config, save_checkpoint
-    from tpr_ray.methods import get_method
+    from tests.helpers import save_tiny_checkpoint
+    from tpr_ray.checkpoint import read_config
 
-    torch.manual_seed(1)
-    cls = get_method("baseline")
-    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint")
-    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 5), path, {})
+    path = save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "checkpoint"), seed=1, num_classes=5)
     return path, tuple(read_config(path)["backbone"]["image_size"])
 
 

@@ -8,15 +8,13 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import load_method, save_checkpoint
+from tpr_ray.checkpoint import load_method
 from tpr_ray.tables import SIDECAR, embedding_array
 from tpr_ray import index as index_module, storage
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.index import build_index, fill_index, load_index, make_index, measure_recall, recall_at_k
 from tpr_ray.inference import encode_captions
-from tpr_ray.methods import get_method
-from tests.helpers import TINY
+from tests.helpers import save_tiny_checkpoint
 
 
 def unit(rng, n, dim):
@@ -73,10 +71,7 @@ def test_unknown_kind_is_a_config_error():
 
 
 def test_search_embeds_text_with_the_indexed_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    cls = get_method("baseline")
-    ckpt = str(tmp_path / "ckpt")
-    save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), ckpt, {})
+    ckpt = save_tiny_checkpoint(str(tmp_path / "ckpt"))
     gallery = unit(np.random.default_rng(2), 50, 64)
     write_gallery(tmp_path / "emb" / "gallery", gallery, checkpoint=ckpt)
     runner = CliRunner()
@@ -187,12 +182,7 @@ def test_index_build_refuses_to_overwrite_without_the_flag(tmp_path):
 
 @pytest.fixture()
 def two_checkpoints(tmp_path):
-    torch.manual_seed(0)
-    cls = get_method("baseline")
-    paths = []
-    for name in ("a", "b"):
-        paths.append(str(tmp_path / name))
-        save_checkpoint(cls(BackboneConfig(**TINY), cls.default_recipe, 3), paths[-1], {})
+    paths = [save_tiny_checkpoint(str(tmp_path / name), seed=seed) for seed, name in enumerate("ab")]
     gallery = unit(np.random.default_rng(2), 50, 64)
     write_gallery(tmp_path / "emb", gallery, checkpoint=paths[0])
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"))

@@ -195,27 +195,27 @@ class ShardCommitter:
         if not carried and self.rows is None:
             missing = [c for c in DATA_COLUMNS[self.kind] if c not in batch]
             raise ValueError(f"a result batch lacks the input columns {missing}")
-        if len(shards) and shards[0] == shards[-1] and (shards == shards[0]).all():
+        if not len(shards):
+            return
+        if (shards == shards[0]).all():
             picks = [slice(0, len(shards))]  # the usual batch: rows of one shard
-        else:  # one slice per shard, whatever the batch mixes
+        else:  # one index array per shard, whatever the batch mixes
             order = np.argsort(shards, kind="stable")
             picks = np.split(order, np.flatnonzero(np.diff(shards[order])) + 1)
         for pick in picks:
-            if isinstance(pick, np.ndarray) and not len(pick):
-                continue
-            first = int(shards[pick][0])
-            if first in self.committed:
+            shard = int(shards[pick.start if isinstance(pick, slice) else pick[0]])
+            if shard in self.committed:
                 continue
             columns = None
             if carried:
                 columns = {c: _column(batch[c], pick, COLUMN_TYPES[c]) for c in DATA_COLUMNS[self.kind]}
-            pending = self.pending.get(first)
+            pending = self.pending.get(shard)
             if pending is None:
-                pending = self.pending[first] = _Pending(self._size(first))
-            pending.put(rows[pick] - self.plan[first][0], embeddings[pick],
+                pending = self.pending[shard] = _Pending(self._size(shard))
+            pending.put(rows[pick] - self.plan[shard][0], embeddings[pick],
                         None if reasons is None else reasons[pick], columns)
             if pending.complete():
-                self._commit(first, self.pending.pop(first))
+                self._commit(shard, self.pending.pop(shard))
 
     def _size(self, shard: int) -> int:
         start, stop = self.plan[shard]
@@ -342,10 +342,10 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     compression or min/max statistics: model features do not compress, nothing filters on
     them, and both cost encoding time (about 10 % of a shard's write, measured)."""
     buf = pa.BufferOutputStream()
-    plain = "embedding" in table.column_names
-    pq.write_table(table, buf, use_dictionary=[c for c in PROVENANCE if c in table.column_names],
-                   compression={c: "none" if c == "embedding" else "snappy" for c in table.column_names},
-                   write_statistics=[c for c in table.column_names if c != "embedding"] if plain else True)
+    names = table.column_names
+    pq.write_table(table, buf, use_dictionary=[c for c in PROVENANCE if c in names],
+                   compression={c: "none" if c == "embedding" else "snappy" for c in names},
+                   write_statistics=[c for c in names if c != "embedding"])
     storage.write_bytes_atomic(uri, memoryview(buf.getvalue()))  # the encoded bytes, not a copy of them
 
 

@@ -49,15 +49,7 @@ from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.gallery import check_listing, gallery_rows, is_listing, listing_batches, manifest_split, query_rows
 from tpr_ray.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes, fetch_batch
 from tpr_ray.lease import Lease
-from tpr_ray.plan import (  # noqa: F401 - the plan's pieces are part of this module's interface
-    Fingerprint,
-    plan_fingerprint,
-    plan_shards,
-    read_plan,
-    remove_plan,
-    shard_tables,
-    write_plan,
-)
+from tpr_ray.plan import Fingerprint, plan_fingerprint, plan_shards, read_plan, remove_plan, write_plan
 from tpr_ray.tables import SIDECAR, plan_dir, rejects_dir, shard_name  # noqa: F401 - SIDECAR re-exported
 
 log = logging.getLogger(__name__)

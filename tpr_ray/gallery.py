@@ -139,7 +139,8 @@ def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
     """The gallery rows of a Parquet listing file, streamed in record batches in the file's order.
 
     Columns: ``image_uri`` (required: a URI or path; a relative path is taken relative to
-    the listing's folder), ``image_id`` (default: the URI) and ``person_id`` (default: null);
+    the listing's folder), ``image_id`` (where absent or null: the URI) and ``person_id``
+    (default: null);
     others are ignored. A missing or empty ``image_uri`` is an error naming its row. This
     never holds more than one batch of the listing, so a gallery of 100M images can be
     embedded from its listing (e.g. an S3 Inventory report) by a small driver.
@@ -161,7 +162,7 @@ def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
             relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
             if pc.any(relative).as_py():
                 uris = pc.if_else(relative, pc.binary_join_element_wise(folder, uris, "/"), uris)
-            ids = batch.column("image_id").cast(pa.string()) if "image_id" in present else uris
+            ids = pc.coalesce(batch.column("image_id").cast(pa.string()), uris) if "image_id" in present else uris
             pids = (batch.column("person_id").cast(pa.int64()) if "person_id" in present
                     else pa.nulls(batch.num_rows, pa.int64()))
             yield pa.RecordBatch.from_arrays([ids, pids, uris], schema=GALLERY_COLUMNS)

@@ -12,13 +12,13 @@ Taking a free lease is an exclusive create: a hard link on a local disk, a condi
 (If-None-Match) on S3; of two writers racing for it, the second is refused. Where that is not
 certain (S3-compatible stores may ignore the condition; other stores), and when taking over an
 expired lease, the writer also waits ``settle_s`` and reads its lease back; of two writers
-racing within that window the one whose lease is not read back gives way. The holder also checks its lease before each commit
-(:meth:`Lease.check`), so a writer that lost it stops before writing anything more.
+racing within that window the one whose lease is not read back gives way. The holder also
+checks its lease before each commit (:meth:`Lease.check`), so a writer that lost it stops
+before writing anything more.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -124,7 +124,7 @@ class Lease:
 
     def _create(self) -> bool:
         record = self._record()
-        atomic = storage.create_exclusive(self.uri, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        atomic = storage.create_exclusive(self.uri, storage.json_bytes(record))
         self._expires = record["expires"]
         return atomic
 

@@ -62,11 +62,12 @@ def write_bytes_atomic(uri: str, data: bytes | memoryview) -> None:
     """Write a file so that readers never see a partial one.
 
     On S3 and GCS the object is uploaded under its own name (it appears whole or not at all).
-    Elsewhere it is written under a temporary name, then moved into place. The temporary name starts with ``_`` and does not end in the file's extension, so a
-    writer killed before the move leaves nothing that pyarrow, DuckDB or a ``*.parquet``
-    glob would read as data (see :func:`remove_temporaries`). On a local filesystem the file
-    is fsynced before the rename and its folder after it: without that, a power loss can
-    bring back a renamed file that is empty.
+    Elsewhere it is written under a temporary name, then moved into place. The temporary name
+    starts with ``_`` and does not end in the file's extension, so a writer killed before the
+    move leaves nothing that pyarrow, DuckDB or a ``*.parquet`` glob would read as data (see
+    :func:`remove_temporaries`). On a local filesystem the file is fsynced before the rename
+    and its folder after it: without that, a power loss can bring back a renamed file that is
+    empty.
     """
     fs, path = filesystem(uri)
     if fsspec.core.split_protocol(uri)[0] in WHOLE_UPLOADS:
@@ -75,20 +76,33 @@ def write_bytes_atomic(uri: str, data: bytes | memoryview) -> None:
         # write, and a temporary object would cost a server-side copy of every byte.
         fs.pipe_file(path, data if isinstance(data, bytes) else bytes(data))
         return
-    parent = posixpath.dirname(path) if "://" in uri else os.path.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f"{TEMP_PREFIX}{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}")
     if is_remote(uri):  # other stores: written under a temporary name, moved into place once whole
+        parent = posixpath.dirname(path)
+        fs.makedirs(parent, exist_ok=True)
+        tmp = _temporary_name(parent, path)
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
         return
+    tmp = _local_temporary(path, data)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def _temporary_name(parent: str, path: str) -> str:
+    return posixpath.join(parent, f"{TEMP_PREFIX}{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}")
+
+
+def _local_temporary(path: str, data: bytes | memoryview) -> str:
+    """``data`` written and fsynced to a temporary file next to the local ``path``; its name."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = _temporary_name(parent, path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(parent)
+    return tmp
 
 
 # Object stores with a conditional "create only if absent" write (If-None-Match: *).
@@ -108,13 +122,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         fs.pipe_file(path, data, mode="create")  # s3fs: FileExistsError on 412 Precondition Failed
         return False
     if protocol in ("file", "local"):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f"{TEMP_PREFIX}{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temporary(path, data)
         try:
             os.link(tmp, path)  # FileExistsError if it is there
         except FileExistsError:
@@ -122,7 +130,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         except OSError:  # a filesystem without hard links: the plain way below
             pass
         else:
-            fsync_dir(parent)
+            fsync_dir(os.path.dirname(path))
             return True
         finally:
             os.unlink(tmp)
@@ -160,8 +168,13 @@ def remove(uri: str) -> None:
         fsync_dir(os.path.dirname(path))
 
 
+def json_bytes(obj) -> bytes:
+    """How tpr-ray writes JSON files: sorted keys, indented, one final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(uri: str, obj) -> None:
-    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(uri, json_bytes(obj))
 
 
 def read_json(uri: str):
@@ -174,6 +187,4 @@ def is_remote(uri: str) -> bool:
 
 
 __all__ = ["filesystem", "read_bytes", "exists", "join", "makedirs", "write_bytes_atomic", "create_exclusive",
-           "fsync_dir", "remove",
-           "remove_temporaries",
-           "write_json", "read_json", "is_remote", "url_to_fs"]
+           "fsync_dir", "remove", "remove_temporaries", "json_bytes", "write_json", "read_json", "is_remote", "url_to_fs"]
