@@ -86,13 +86,9 @@ def pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int, ra
     if ray_default_threads:
         embed_module._cpu_threads_per_actor = lambda actors: None
     try:
-        return _pipeline(checkpoint, images, out, batch, actors)
+        return images_per_s(checkpoint, images, out, batch, actors)[0]
     finally:
         embed_module._cpu_threads_per_actor = saved
-
-
-def _pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int) -> float:
-    return images_per_s(checkpoint, images, out, batch, actors)[0]
 
 
 def images_per_s(checkpoint: str, images: str, out: str, batch: int, actors: int) -> tuple[float, float]:
@@ -108,10 +104,10 @@ def marginal(checkpoint: str, local: str, names: list[str], out: str, batch: int
              seconds_all: float) -> float:
     """Images/s of the pipeline with its fixed costs cancelled: the same job on a quarter of the
     images (a listing file naming them), and the difference of the two."""
-    few = names[:max(batch, len(names) // 4)]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    few = names[:max(batch, len(names) // 4)]
     listing = out + "-listing.parquet"  # the images of the small job, as `--images listing.parquet` takes them
     pq.write_table(pa.table({"image_uri": [os.path.join(local, name) for name in few]}), listing)
     _, seconds_few = images_per_s(checkpoint, listing, out, batch, actors)
