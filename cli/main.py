@@ -129,18 +129,23 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
               help="Stop once more than this fraction of the images are unreadable.")
 @click.option("--endpoint-url", is_eager=True, callback=lambda ctx, param, value: set_endpoint(value),
               help="S3-compatible endpoint (MinIO, Ceph); same as AWS_ENDPOINT_URL.")
+@click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
+              help="Also accept images of a manifest or listing under PREFIX (by default only under the folder the "
+                   "manifest or listing is in; also TPR_RAY_ALLOW_URI_PREFIX).")
 @address_option
 @cli_errors
 def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
-          rows_per_shard, queries, max_reject_rate, endpoint_url, address):
+          rows_per_shard, queries, max_reject_rate, endpoint_url, allow_uri_prefixes, address):
     """Embed a gallery (and captions) into sharded Parquet tables with Ray Data; re-run to resume."""
+    from tpr_ray.data.uris import env_prefixes
     from tpr_ray.embed import EmbedConfig, embed as run_embed
 
     summary = run_embed(EmbedConfig(checkpoint=checkpoint, data=data_uri, images=images, out=out, split=split,
                                     batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                                     cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus,
                                     rows_per_shard=rows_per_shard, queries=queries,
-                                    max_reject_rate=max_reject_rate), address=address)
+                                    max_reject_rate=max_reject_rate,
+                                    allow_uri_prefixes=(*env_prefixes(), *allow_uri_prefixes)), address=address)
     for kind, info in summary.items():
         rate = info["rows_this_run"] / info["seconds"] if info["rows_this_run"] else 0.0
         click.echo(f"{kind}: {info['rows']} rows in {len(info['shards'])} shard(s), {info['rejected']} rejected, "

@@ -199,7 +199,8 @@ def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_pat
     uris = ["s3://b/crops/a.jpg", "/abs/b.jpg", "rel/c.jpg", "d.jpg", "gs://x/e.png"]
     listing = _listing(tmp_path / "listing.parquet", image_uri=uris, note=["ignored"] * 5)
     assert is_listing(listing) and not is_listing(str(tmp_path / "*.parquet")) and check_listing(listing) == 5
-    batches = list(listing_batches(listing, batch_rows=2))
+    allowed = ["s3://b", "/abs", "gs://x"]  # besides the listing's own folder
+    batches = list(listing_batches(listing, batch_rows=2, allow_uri_prefixes=allowed))
     assert [b.num_rows for b in batches] == [2, 2, 1]  # streamed, never the whole file
     table = pa.Table.from_batches(batches)
     expected = ["s3://b/crops/a.jpg", "/abs/b.jpg", f"{tmp_path}/rel/c.jpg", f"{tmp_path}/d.jpg", "gs://x/e.png"]
@@ -210,7 +211,7 @@ def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_pat
     with_ids = _listing(tmp_path / "ids.parquet", image_id=["x", "y", None],
                         person_id=pa.array([7, None, 8], pa.int32()),
                         image_uri=["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"])
-    table = pa.Table.from_batches(list(listing_batches(with_ids)))
+    table = pa.Table.from_batches(list(listing_batches(with_ids, allow_uri_prefixes=allowed)))
     assert table.column("image_id").to_pylist() == ["x", "y", "s3://b/3.jpg"]  # a missing id: the URI, as above
     assert table.column("person_id").to_pylist() == [7, None, 8]
     assert table.schema.field("person_id").type == pa.int64()
@@ -232,3 +233,41 @@ def test_a_bad_listing_file_is_an_error_naming_the_file_row_and_field(tmp_path):
         list(listing_batches(holes, batch_rows=2))
     with pytest.raises(DataError, match="no such listing file"):
         check_listing(str(tmp_path / "missing.parquet"))
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("/etc/passwd", "is outside"),
+    ("file:///etc/passwd", "is outside"),
+    ("http://169.254.169.254/latest/meta-data/x.jpg", "link-local"),
+    ("https://example.com/1.jpg", "is outside"),
+    ("s3://another-bucket/1.jpg", "is outside"),
+    ("../secret.jpg", "not a normalised path"),
+    ("sub/../../secret.jpg", "not a normalised path"),
+])
+def test_a_listing_is_held_to_the_manifest_uri_rules(tmp_path, uri, problem):
+    """`--images listing.parquet`: a listing's URIs stay in its folder unless a prefix is allowed."""
+    from tpr_ray.gallery import listing_batches
+
+    (tmp_path / "gallery").mkdir()
+    listing = _listing(tmp_path / "gallery" / "listing.parquet",
+                       image_uri=["a.jpg", f"{tmp_path}/gallery/b.jpg", f"file://{tmp_path}/gallery/c.jpg", uri])
+    with pytest.raises(DataError, match=problem) as error:
+        list(listing_batches(listing, batch_rows=2))
+    print(f"\nlisting {uri}: {error.value}")
+    assert "listing.parquet, entry 3, field 'image_uri'" in str(error.value)
+    assert "--allow-uri-prefix" in str(error.value)
+
+
+def test_a_listing_reads_more_only_where_allowed(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from tpr_ray.data.uris import ENV_ALLOW
+    from tpr_ray.gallery import listing_batches
+
+    listing = _listing(tmp_path / "listing.parquet", image_uri=["a.jpg", "s3://crops/1.jpg"])
+    with pytest.raises(DataError, match="s3://crops/1.jpg' is outside"):
+        list(listing_batches(listing))
+    rows = pa.Table.from_batches(list(listing_batches(listing, allow_uri_prefixes=["s3://crops"])))
+    assert rows.column("image_uri").to_pylist() == [f"{tmp_path}/a.jpg", "s3://crops/1.jpg"]
+    monkeypatch.setenv(ENV_ALLOW, "s3://crops/")
+    assert pa.Table.from_batches(list(listing_batches(listing))).num_rows == 2

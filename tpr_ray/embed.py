@@ -86,6 +86,9 @@ class EmbedConfig:
     # The lease on `out` (one writer at a time) is renewed every quarter of this; a job that
     # died on another machine blocks the output for at most this long.
     lease_ttl_s: float = 60.0
+    # More places a manifest's or listing's images may be, besides the file's own folder
+    # (see tpr_ray.data.uris); None: TPR_RAY_ALLOW_URI_PREFIX.
+    allow_uri_prefixes: tuple[str, ...] | None = None
 
 
 class Embedder:
@@ -289,11 +292,11 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     # job (not kept here), which writes it to plan files and lets it go.
     if cfg.images is not None and is_listing(cfg.images):
         check_listing(cfg.images)  # its columns, from the footer; the rows are streamed twice
-        listings = {"gallery": lambda: listing_batches(cfg.images)}
+        listings = {"gallery": lambda: listing_batches(cfg.images, allow_uri_prefixes=cfg.allow_uri_prefixes)}
     else:
-        listings = {"gallery": gallery_rows(cfg.data, cfg.images, cfg.split)}
+        listings = {"gallery": gallery_rows(cfg.data, cfg.images, cfg.split, cfg.allow_uri_prefixes)}
     if cfg.queries and cfg.data is not None:
-        listings["queries"] = query_rows(manifest_split(cfg.data, cfg.split))
+        listings["queries"] = query_rows(manifest_split(cfg.data, cfg.split, cfg.allow_uri_prefixes))
 
     init_ray(address)
     require_shared_storage(cfg.out, "--out")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from tpr_ray import storage
 from tpr_ray.data import load_manifest
+from tpr_ray.data.uris import allowed_prefixes, check_image_uris, env_prefixes
 from tpr_ray.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -27,11 +29,12 @@ log = logging.getLogger(__name__)
 GALLERY_COLUMNS = pa.schema([("image_id", pa.string()), ("person_id", pa.int64()), ("image_uri", pa.string())])
 
 
-def manifest_split(data_uri: str, split: str) -> pa.Table:
-    """The manifest rows of ``split`` (or all rows), in manifest order."""
+def manifest_split(data_uri: str, split: str, allow_uri_prefixes: Sequence[str] | None = None) -> pa.Table:
+    """The manifest rows of ``split`` (or all rows), in manifest order. ``allow_uri_prefixes``:
+    see :func:`tpr_ray.data.manifest.read_manifest`."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    manifest = load_manifest(data_uri)
+    manifest = load_manifest(data_uri, allow_uri_prefixes=allow_uri_prefixes)
     if split == "all":
         return manifest
     rows = manifest.filter(pc.equal(manifest.column("split"), split))
@@ -74,13 +77,14 @@ def list_images(pattern: str) -> pa.Table:
                     schema=GALLERY_COLUMNS)
 
 
-def gallery_rows(data: str | None = None, images: str | None = None, split: str = "test") -> pa.Table:
+def gallery_rows(data: str | None = None, images: str | None = None, split: str = "test",
+                 allow_uri_prefixes: Sequence[str] | None = None) -> pa.Table:
     """The gallery to embed, from a dataset/manifest split (``data``) or an image glob (``images``)."""
     if (data is None) == (images is None):
         raise ConfigError("give either a dataset/manifest (--data) or an image prefix or glob (--images)")
     if images is not None:
         return list_images(images)
-    return manifest_split(data, split).select(GALLERY_COLUMNS.names)
+    return manifest_split(data, split, allow_uri_prefixes).select(GALLERY_COLUMNS.names)
 
 
 def query_rows(images: pa.Table) -> pa.Table:
@@ -135,13 +139,15 @@ def check_listing(uri: str) -> int:
         return meta.metadata.num_rows
 
 
-def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
+def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS, allow_uri_prefixes: Sequence[str] | None = None):
     """The gallery rows of a Parquet listing file, streamed in record batches in the file's order.
 
     Columns: ``image_uri`` (required: a URI or path; a relative path is taken relative to
     the listing's folder), ``image_id`` (where absent or null: the URI) and ``person_id``
     (default: null);
-    others are ignored. A missing or empty ``image_uri`` is an error naming its row. This
+    others are ignored. A missing or empty ``image_uri`` is an error naming its row, and so is
+    one outside the listing's folder and ``allow_uri_prefixes`` (None: ``TPR_RAY_ALLOW_URI_PREFIX``;
+    the rules of manifests, :mod:`tpr_ray.data.uris`). This
     never holds more than one batch of the listing, so a gallery of 100M images can be
     embedded from its listing (e.g. an S3 Inventory report) by a small driver.
     """
@@ -149,6 +155,8 @@ def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
 
     fs, path = storage.filesystem(uri)
     folder = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
+    extra = env_prefixes() if allow_uri_prefixes is None else allow_uri_prefixes
+    prefixes = allowed_prefixes(uri, extra)
     with fs.open(path, "rb") as f:
         reader = pq.ParquetFile(f)
         present = _listing_columns(uri, reader.schema_arrow)
@@ -162,6 +170,7 @@ def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
             relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
             if pc.any(relative).as_py():
                 uris = pc.if_else(relative, pc.binary_join_element_wise(folder, uris, "/"), uris)
+            check_image_uris(uris.to_pylist(), prefixes, uri, first=first)
             ids = pc.coalesce(batch.column("image_id").cast(pa.string()), uris) if "image_id" in present else uris
             pids = (batch.column("person_id").cast(pa.int64()) if "person_id" in present
                     else pa.nulls(batch.num_rows, pa.int64()))

@@ -76,11 +76,11 @@ def write_manifest(table: pa.Table, uri: str) -> None:
 
 def read_manifest(uri: str, *, allow_uri_prefixes: Sequence[str] | None = None) -> pa.Table:
     """Read a manifest Parquet file and check that it is one (columns, types, values), and
-    that its image URIs stay where its dataset is (see :mod:`tpr_ray.data.uris`).
+    that its image URIs stay in the manifest's folder (see :mod:`tpr_ray.data.uris`).
 
     ``allow_uri_prefixes``: more places its images may be; None reads ``TPR_RAY_ALLOW_URI_PREFIX``.
     """
-    from tpr_ray.data.uris import allowed_prefixes, check_image_uris, env_prefixes
+    from tpr_ray.data.uris import allowed_prefixes, check_image_uris, env_prefixes, recorded_images
 
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
@@ -90,7 +90,10 @@ def read_manifest(uri: str, *, allow_uri_prefixes: Sequence[str] | None = None) 
         raise DataError(f"not a readable Parquet file ({err})", file=uri) from None
     table = conform(table, source=uri)
     extra = env_prefixes() if allow_uri_prefixes is None else allow_uri_prefixes
-    check_image_uris(table.column("image_uri").to_pylist(), allowed_prefixes(manifest_info(table), extra), uri)
+    recorded = recorded_images(manifest_info(table))
+    hint = f" (the manifest says its images are in {recorded}; what a manifest says of itself allows nothing)" \
+        if recorded else ""
+    check_image_uris(table.column("image_uri").to_pylist(), allowed_prefixes(uri, extra), uri, hint=hint)
     return table
 
 

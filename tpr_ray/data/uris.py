@@ -1,27 +1,29 @@
-"""Which image URIs a manifest may point at.
+"""Which image URIs a manifest or a gallery listing may point at.
 
-A manifest's ``image_uri`` column is fetched by every training and embedding worker, so a
-manifest from elsewhere must not make them read arbitrary local files, another bucket, or
-web addresses (including a cloud metadata endpoint). The JSON readers build every URI as
-``<dataset root>/imgs/<relative path>`` and refuse paths that could escape; a Parquet
-manifest is held to the same rule:
+A manifest's (or a ``--images`` listing's) ``image_uri`` column is fetched by every training
+and embedding worker, so such a file from elsewhere must not make them read arbitrary local
+files, another bucket, or web addresses (including a cloud metadata endpoint). The JSON
+readers build every URI as ``<dataset root>/imgs/<relative path>`` and refuse paths that
+could escape; a Parquet manifest or listing is held to the same rule:
 
-- allowed are the image folder of the dataset the manifest records (``<root>/imgs/``, next
-  to its annotation ``source``) and any prefix the user allows explicitly
-  (``--allow-uri-prefix``, or ``TPR_RAY_ALLOW_URI_PREFIX``, comma-separated). A manifest
-  without a recorded source (written by another tool) needs an explicit prefix. The
-  recorded folder is trusted only as far as this goes: it always ends in ``/imgs/``, so a
-  forged ``source`` cannot open a home folder or a whole disk;
-- web schemes (http, https, ftp) are only allowed explicitly, whatever the manifest records;
+- allowed is the folder the user's file actually is in (and everything under it), and any
+  prefix the user allows explicitly (``--allow-uri-prefix``, or ``TPR_RAY_ALLOW_URI_PREFIX``,
+  comma-separated). What the file says about itself (a manifest's recorded ``source``)
+  widens nothing: it is named in the error only as a hint;
+- web schemes (http, https, ftp) are only allowed explicitly, and link-local addresses (the
+  cloud metadata endpoints) never;
 - no NUL bytes, no ``.`` or ``..`` segments, no empty segments;
+- ``file://`` URIs are local paths and follow the local rules;
 - on local disks, a URI is judged by where it really leads: a symlink out of the allowed
   folders is refused.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import posixpath
+import socket
 from collections.abc import Iterable, Sequence
 
 from tpr_ray.errors import DataError
@@ -53,15 +55,22 @@ def env_prefixes() -> list[str]:
     return [p.strip() for p in os.environ.get(ENV_ALLOW, "").split(",") if p.strip()]
 
 
-def allowed_prefixes(info: dict, extra: Iterable[str] = ()) -> list[str]:
-    """The prefixes a manifest's image URIs may start with (see the module docstring)."""
-    recorded = []
-    source = info.get("source")
-    if isinstance(source, str) and source and "\0" not in source:
-        recorded.append(_join(_parent(source), IMAGE_FOLDER))
-    prefixes = [_as_prefix(p) for p in recorded if split_uri(p)[0] not in WEB_SCHEMES]
+def allowed_prefixes(location: str, extra: Iterable[str] = ()) -> list[str]:
+    """The prefixes the image URIs of the file at ``location`` (a manifest or listing) may start
+    with: its own folder unless that is on the web, then ``extra`` (see the module docstring)."""
+    folder = _parent(location)
+    prefixes = [] if split_uri(folder)[0] in WEB_SCHEMES else [_as_prefix(folder)]
     prefixes += [_as_prefix(p) for p in extra]
     return list(dict.fromkeys(prefixes))
+
+
+def recorded_images(info: dict) -> str | None:
+    """The image folder a manifest's metadata claims (``<source folder>/imgs/``): a hint for the
+    user, never a permission."""
+    source = info.get("source")
+    if isinstance(source, str) and source and "\0" not in source:
+        return _as_prefix(_join(_parent(source), IMAGE_FOLDER))
+    return None
 
 
 def _parent(uri: str) -> str:
@@ -74,26 +83,31 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def check_image_uris(uris: Sequence[str], prefixes: Sequence[str], source: str, *, links_only: bool = False) -> None:
+def check_image_uris(uris: Sequence[str], prefixes: Sequence[str], source: str, *, links_only: bool = False,
+                     first: int = 0, hint: str = "") -> None:
     """Raise a :class:`DataError` naming the first row whose ``image_uri`` breaks the rule.
 
     ``links_only``: the URIs were built under the prefixes (the JSON readers); only where
-    local symlinks lead is checked.
+    local symlinks lead is checked. ``first``: the row number of ``uris[0]`` in ``source``
+    (a listing checked batch by batch). ``hint``: appended to the message.
     """
     if not prefixes:
-        raise DataError(f"the manifest records no dataset folder, so its image URIs cannot be trusted; pass "
-                        f"--allow-uri-prefix PREFIX (or set {ENV_ALLOW}) naming where its images are", file=source)
-    resolved_prefixes = [os.path.realpath(p) + os.sep for p in prefixes if not split_uri(p)[0]]
+        raise DataError(f"no folder is allowed for its image URIs (it is not on a local disk or object store); "
+                        f"pass --allow-uri-prefix PREFIX (or set {ENV_ALLOW}) naming where its images are",
+                        file=source)
+    resolved_prefixes = [os.path.realpath(split_uri(p)[1]) + os.sep for p in prefixes if not split_uri(p)[0]]
     real_dirs: dict[str, str] = {}
     for row, uri in enumerate(uris):
         problem = None if links_only else _problem(uri, prefixes)
-        if problem is None and not split_uri(uri)[0]:
-            real = _realpath(uri, real_dirs)
+        scheme, path = split_uri(uri)
+        if problem is None and not scheme:
+            real = _realpath(path, real_dirs)
             if not any(real.startswith(p) for p in resolved_prefixes):
                 problem = f"leads through a symlink to {real}, outside {_listing(prefixes)}"
         if problem is not None:
             raise DataError(f"image_uri {uri!r} {problem}; pass --allow-uri-prefix PREFIX (or set {ENV_ALLOW}) "
-                            "if these images are meant to be read", file=source, entry=row, field="image_uri")
+                            f"if these images are meant to be read{hint}", file=source, entry=first + row,
+                            field="image_uri")
 
 
 def _problem(uri: str, prefixes: Sequence[str]) -> str | None:
@@ -105,9 +119,33 @@ def _problem(uri: str, prefixes: Sequence[str]) -> str | None:
         return "is not a normalised path (empty, '.' or '..' segments)"
     if not scheme and not os.path.isabs(path):
         return "is a relative path"
+    if scheme in WEB_SCHEMES and _is_link_local(path.split("/", 1)[0]):
+        return "is a link-local address (a cloud metadata endpoint)"
     if not any(uri.startswith(p) if scheme else path.startswith(p) for p in prefixes):
         return f"is outside {_listing(prefixes)}"
     return None
+
+
+METADATA_HOSTS = ("metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal")
+
+
+def _is_link_local(authority: str) -> bool:
+    """Whether a web URI's host is link-local (169.254.0.0/16, fe80::/10: where clouds serve
+    instance credentials) or a metadata service's name; user info and port ignored."""
+    host = authority.rsplit("@", 1)[-1]
+    host = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    host = host.lower().rstrip(".")
+    if host in METADATA_HOSTS:
+        return True
+    try:  # inet_aton also reads the forms a fetch would resolve: 2852039166, 0xa9.0xfe.0xa9.0xfe
+        address = ipaddress.ip_address(socket.inet_aton(host))
+    except OSError:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_link_local or bool(mapped and mapped.is_link_local) or host == "fd00:ec2::254"
 
 
 def _listing(prefixes: Sequence[str]) -> str:
