@@ -29,7 +29,8 @@ def write_table(directory, kind, pids, vectors, bounds, **sidecar):
         pq.write_table(table.slice(start, stop - start), directory / tables.shard_name(shard))
     info = {"kind": kind, "dim": vectors.shape[1], "rows": n, "method": "baseline", "model": "tpr-tiny",
             "checkpoint": "/runs/ckpt", "complete": True, "num_shards": len(bounds) - 1,
-            "shards": [{"file": tables.shard_name(s), "rows": int(b - a), "rejects": 0}
+            "shards": [{"file": tables.shard_name(s), "rows": int(b - a), "rejects": 0,
+                        **tables.shard_record((directory / tables.shard_name(s)).read_bytes())}
                        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], **sidecar}
     (directory / tables.SIDECAR).write_text(json.dumps(info))
     return str(directory)
@@ -111,8 +112,9 @@ def test_shard_names_and_listing_skip_temporaries_and_metadata(tmp_path):
     folder = tmp_path / "t"
     folder.mkdir()
     for name in ("part-00001.parquet", "part-00000.parquet", "_tmp.part-00002.parquet.ab12", ".hidden.parquet",
-                 "_meta.parquet", tables.SIDECAR):
+                 "_meta.parquet"):
         (folder / name).write_bytes(b"")
+    (folder / tables.SIDECAR).write_text("{}")
     assert [p.rsplit("/", 1)[1] for p in tables.list_shards(str(folder))] == ["part-00000.parquet",
                                                                              "part-00001.parquet"]
 
@@ -125,3 +127,128 @@ def test_a_wrong_table_kind_is_one_error_type_everywhere(run, tmp_path):
         with pytest.raises(tables.TableKindError, match=r"holds a \w+ table, expected (gallery|queries)"):
             call()
     assert issubclass(tables.TableKindError, ConfigError)
+
+
+# --- issue 19 item 4: the sidecar's shard list, unique ids, unreadable files -----------------
+
+
+@pytest.fixture()
+def done(tmp_path):
+    """A complete embedding run: gallery of 8 rows in 2 shards, 4 queries with captions."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((8, 4)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    pids = np.arange(8) % 4
+    write_table(tmp_path / "emb" / "gallery", "gallery", pids, vectors, [0, 4, 8])
+    queries = write_table(tmp_path / "emb" / "queries", "queries", pids[:4], vectors[:4], [0, 4])
+    shard = f"{queries}/{tables.shard_name(0)}"
+    table = pq.read_table(shard)
+    table = table.append_column("caption", pa.array(["a person."] * table.num_rows))
+    pq.write_table(table.append_column("image_id", pa.array([f"img{i}.jpg" for i in range(table.num_rows)])), shard)
+    (tmp_path / "emb" / "queries" / tables.SIDECAR).unlink()  # rewritten by hand above
+    return tmp_path / "emb"
+
+
+def every_reader(run, tmp_path):
+    """Each way a table is read: eval in memory and streaming, index build, crosseval's samples, the CLI."""
+    from tpr_ray.crosseval.cells import query_samples
+
+    gallery, queries = str(run / "gallery"), str(run / "queries")
+    yield "eval in-memory", lambda: evaluate_embeddings(gallery, queries)
+    yield "eval streaming", lambda: evaluate_tables(gallery, queries, use_ray=False)
+    yield "index build", lambda: build_index(gallery, str(tmp_path / "index"))
+    yield "crosseval samples", lambda: query_samples(_samples_result(), gallery, queries, 2)
+    yield "cli eval", lambda: _cli_eval(run)
+
+
+def _samples_result():
+    """What crosseval's report reads the gallery and query tables for: a ranking's top hits."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(top_positions=np.array([[0, 1]]), top_scores=np.array([[1.0, 0.5]]),
+                           positive_ranks=[np.array([1])])
+
+
+def _cli_eval(run):
+    result = CliRunner().invoke(eval_command, ["--embeddings", str(run)])
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    raise DataError(result.output.strip().splitlines()[-1])
+
+
+def refused_everywhere(run, tmp_path, pattern):
+    for reader, call in every_reader(run, tmp_path):
+        with pytest.raises(DataError, match=pattern) as error:
+            call()
+        print(f"\n{reader}: {error.value}")
+
+
+def test_a_complete_table_reads_with_its_shard_list(done, tmp_path):
+    for reader, call in every_reader(done, tmp_path):
+        if reader != "cli eval":
+            call()
+    entry = json.loads((done / "gallery" / tables.SIDECAR).read_text())["shards"][0]
+    assert set(entry) == {"file", "rows", "rejects", "bytes", "footer"}
+
+
+def test_a_shard_missing_from_the_folder_is_refused_naming_it(done, tmp_path):
+    (done / "gallery" / "part-00001.parquet").unlink()
+    refused_everywhere(done, tmp_path, r"gallery/part-00001.parquet: shard part-00001.parquet is in the sidecar's list "
+                                       r"but not in the folder")
+
+
+def test_an_extra_shard_is_refused_naming_it(done, tmp_path):
+    other = done / "gallery" / "part-00002.parquet"
+    other.write_bytes((done / "gallery" / "part-00001.parquet").read_bytes())
+    refused_everywhere(done, tmp_path, r"gallery/part-00002.parquet: shard not in the sidecar's list")
+
+
+def test_a_replaced_shard_is_refused_naming_it(done, tmp_path):
+    """Another checkpoint's shard of the same rows: same row count and (here) the same size."""
+    path = done / "gallery" / "part-00001.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.column_names.index("checkpoint"), "checkpoint",
+                                    pa.array(["/runs/ckpX"] * table.num_rows)), path)
+    refused_everywhere(done, tmp_path, r"gallery/part-00001.parquet: shard was replaced after it was committed: "
+                                       r"\d+ bytes, the sidecar recorded \d+")
+    sidecar = done / "gallery" / tables.SIDECAR
+    info = json.loads(sidecar.read_text())
+    info["shards"][1]["bytes"] = path.stat().st_size  # as if the replacement had the same size: the footer tells
+    sidecar.write_text(json.dumps(info))
+    refused_everywhere(done, tmp_path, r"gallery/part-00001.parquet: shard was replaced after it was committed: its "
+                                       r"Parquet footer")
+
+
+def test_a_repeated_image_id_is_refused_naming_both_shards(done, tmp_path):
+    gallery = done / "gallery"
+    path = gallery / "part-00001.parquet"
+    table = pq.read_table(path)
+    ids = table.column("image_id").to_pylist()
+    ids[2] = "img0.jpg"
+    pq.write_table(table.set_column(table.column_names.index("image_id"), "image_id", pa.array(ids)), path)
+    info = json.loads((gallery / tables.SIDECAR).read_text())
+    info.pop("shards")  # a table of another tool or an older version: no list to compare with
+    (gallery / tables.SIDECAR).write_text(json.dumps(info))
+    pattern = r"image_id 'img0.jpg' appears more than once in the gallery \(part-00000.parquet row 0 and " \
+              r"part-00001.parquet row 2\)"
+    for reader, call in every_reader(done, tmp_path):
+        if reader in ("eval in-memory", "index build", "crosseval samples", "cli eval"):
+            with pytest.raises(DataError, match=pattern) as error:
+                call()
+            print(f"\n{reader}: {error.value}")
+
+
+def test_a_corrupt_shard_is_one_line_naming_the_file(done, tmp_path):
+    path = done / "gallery" / "part-00001.parquet"
+    info = json.loads((done / "gallery" / tables.SIDECAR).read_text())
+    info.pop("shards")
+    (done / "gallery" / tables.SIDECAR).write_text(json.dumps(info))
+    for data in (b"not parquet at all", path.read_bytes()[:-13], path.read_bytes()[:40] + path.read_bytes()[-8:]):
+        path.write_bytes(data)
+        refused_everywhere(done, tmp_path, r"gallery/part-00001.parquet: not a readable Parquet file")
+
+
+@pytest.mark.parametrize("text, problem", [("{not json", "is not valid JSON"), ("13", "holds a JSON int"),
+                                           ("", "is not valid JSON")])
+def test_a_sidecar_that_is_not_a_json_object_is_one_line_naming_it(done, tmp_path, text, problem):
+    (done / "gallery" / tables.SIDECAR).write_text(text)
+    refused_everywhere(done, tmp_path, rf"gallery/_tpr_ray.json: sidecar {problem}")

@@ -29,9 +29,13 @@ from tpr_ray.tables import (
     PROVENANCE,
     SHARD_FORMAT,
     SIDECAR,
+    check_unique_ids,
     embedding_array,
+    read_shard_record,
+    read_sidecar,
     rejects_dir,
     shard_number,
+    shard_record,
     write_sidecar,
 )
 
@@ -239,15 +243,18 @@ class ShardCommitter:
             rejects = pa.table({"image_id": bad.column("image_id"), "image_uri": bad.column("image_uri"),
                                 "reason": pa.array([str(r) for r in reasons[rejected]], pa.string())})
         kept_columns = columns if not len(rejected) else columns.take(pa.array(kept))
+        if self.kind == "gallery":
+            check_unique_ids(kept_columns.column("image_id"), [name], [len(kept)], self.out)
         table = self._table(kept_columns, embeddings[kept])
+        entry = {"file": name, "rows": len(kept), "rejects": len(rejected)}
 
         def write():  # the rejects first: the shard file is the commit point
             if rejects is not None:
                 write_parquet(storage.join(rejects_dir(self.out), name), rejects)
-            write_parquet(storage.join(self.out, name), table)
+            entry.update(write_parquet(storage.join(self.out, name), table))  # its size and footer, for the sidecar
 
         self._submit(write)
-        self.committed[shard] = {"file": name, "rows": len(kept), "rejects": len(rejected)}
+        self.committed[shard] = entry
         self.rows_done += len(ok)
         self.rejected += len(rejected)
         rate = self.rows_done / max(time.perf_counter() - self.tick, 1e-9)
@@ -335,25 +342,28 @@ def _column(values, pick: slice | np.ndarray, kind: pa.DataType) -> pa.Array | p
     return pa.array(values[pick], type=kind, from_pandas=True)
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
+def write_parquet(uri: str, table: pa.Table) -> dict:
     """Write a table atomically. Dictionary encoding only where values repeat (the provenance
     columns): tried on unique ids and float embeddings it costs most of a commit's time
     (8x the rest of the write, measured) for nothing. The embedding column is stored without
     compression or min/max statistics: model features do not compress, nothing filters on
-    them, and both cost encoding time (about 10 % of a shard's write, measured)."""
+    them, and both cost encoding time (about 10 % of a shard's write, measured). Returns
+    what the sidecar records of the file (:func:`tpr_ray.tables.shard_record`)."""
     buf = pa.BufferOutputStream()
     names = table.column_names
     pq.write_table(table, buf, use_dictionary=[c for c in PROVENANCE if c in names],
                    compression={c: "none" if c == "embedding" else "snappy" for c in names},
                    write_statistics=[c for c in names if c != "embedding"])
-    storage.write_bytes_atomic(uri, memoryview(buf.getvalue()))  # the encoded bytes, not a copy of them
+    data = memoryview(buf.getvalue())  # the encoded bytes, not a copy of them
+    storage.write_bytes_atomic(uri, data)
+    return shard_record(data)
 
 
 def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) -> dict[int, dict]:
     """Shards already committed by an earlier run of the same job (found by listing ``out``)."""
     sidecar = storage.join(out, SIDECAR)
     if storage.exists(sidecar):
-        previous = storage.read_json(sidecar)
+        previous = read_sidecar(out)
         if previous.get("fingerprint") != fingerprint:
             raise ConfigError(f"{out} holds the output of a different embedding job (other input, checkpoint or "
                               f"settings); choose another --out or delete it")
@@ -372,7 +382,8 @@ def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) ->
             continue
         if shard >= len(plan):
             raise DataError("shard number beyond the job's plan", file=storage.join(out, name))
-        rows = _parquet_rows(storage.join(out, name))
+        record = read_shard_record(storage.join(out, name))
+        rows = None if record is None else record["rows"]
         rejects_uri = storage.join(rejects_dir(out), name)
         rejects = _parquet_rows(rejects_uri) if storage.exists(rejects_uri) else 0
         if rows is None or rejects is None:
@@ -387,7 +398,8 @@ def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) ->
         if rows + rejects != stop - start:
             raise DataError(f"committed shard has {rows} rows + {rejects} rejects, the plan says {stop - start}",
                             file=storage.join(out, name))
-        done[shard] = {"file": name, "rows": rows, "rejects": rejects}
+        done[shard] = {"file": name, "rows": rows, "rejects": rejects, "bytes": record["bytes"],
+                       "footer": record["footer"]}
     _remove_orphan_rejects(out, done)
     if done and not storage.exists(sidecar):
         raise ConfigError(f"{out} has shards but no {SIDECAR}; it was not written by this job")

@@ -9,8 +9,13 @@ input columns of each pending shard are in ``<table>-plan/part-N`` (removed at t
 Sidecar fields (written by :mod:`tpr_ray.embed` when the job starts and when it is complete):
 ``kind`` (``gallery``/``queries``), ``complete``, ``num_shards`` (planned), ``dim``, ``dtype``, ``method``, ``model``,
 ``checkpoint``, ``fingerprint``, ``settings``, ``source``, ``split``, ``inputs``; once
-complete also ``shards`` (``file``, ``rows``, ``rejects`` each), ``rows``, ``rejected``.
-While a job runs, the shard files in the folder are the record of what is committed.
+complete also ``shards`` (``file``, ``rows``, ``rejects``, ``bytes``, ``footer`` each: ``bytes`` the
+file's size and ``footer`` a hash of its Parquet footer, which holds the row count and the
+statistics of the id and provenance columns), ``rows``, ``rejected``.
+While a job runs, the shard files in the folder are the record of what is committed; once it is
+complete, the sidecar's ``shards`` list is (:func:`list_shards` refuses a shard missing, extra or
+replaced). A gallery's ``image_id`` values are unique (checked per shard when it is committed,
+and over the whole table by the readers that hold it).
 
 Shard columns::
 
@@ -28,6 +33,8 @@ interrupted atomic writes (:data:`tpr_ray.storage.TEMP_PREFIX`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 
@@ -104,24 +111,134 @@ def table_dir(uri: str, kind: str) -> str:
 
 
 def read_sidecar(table_uri: str) -> dict:
-    """The sidecar's fields, or ``{}`` for a table written without one (by other tools)."""
+    """The sidecar's fields, or ``{}`` for a table written without one (by other tools); one
+    that is not a JSON object is a :class:`DataError` naming it."""
     uri = sidecar_uri(table_uri)
-    return dict(storage.read_json(uri)) if storage.exists(uri) else {}
+    if not storage.exists(uri):
+        return {}
+    try:
+        info = json.loads(storage.read_bytes(uri))
+    except UnicodeDecodeError:
+        raise DataError("sidecar is not UTF-8 JSON; re-run the embedding job that wrote the table", file=uri) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"sidecar is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); re-run "
+                        "the embedding job that wrote the table", file=uri) from None
+    if not isinstance(info, dict):
+        raise DataError(f"sidecar holds a JSON {type(info).__name__}, not an object; re-run the embedding job "
+                        "that wrote the table", file=uri)
+    return info
 
 
 def write_sidecar(table_uri: str, info: dict) -> None:
     storage.write_json(sidecar_uri(table_uri), info)
 
 
-def list_shards(table_uri: str) -> list[str]:
-    """The shard URIs of an embedding table, in name order (the gallery's order)."""
+def list_shards(table_uri: str, info: dict | None = None) -> list[str]:
+    """The shard URIs of an embedding table, in name order (the gallery's order).
+
+    When the sidecar (``info``; read here when None) lists the shards of a complete job, the
+    folder must hold exactly those, unchanged: a shard missing, one not in the list (another
+    job's, or left by hand) and one whose size or Parquet footer differs from what was
+    committed are each a :class:`DataError` naming the file (see :func:`check_shard_list`).
+    """
     fs, path = storage.filesystem(table_uri)
     if not fs.isdir(path):
         raise DataError("embedding directory not found; pass the folder written by `tpr-ray embed`", file=table_uri)
-    names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False) if is_data_file(posixpath.basename(p)))
+    sizes = {posixpath.basename(e["name"]): e.get("size") for e in fs.ls(path, detail=True)
+             if is_data_file(posixpath.basename(e["name"]))}
+    names = sorted(sizes)
     if not names:
         raise DataError("no *.parquet shards in this directory", file=table_uri)
+    check_shard_list(read_sidecar(table_uri) if info is None else info, table_uri, sizes)
     return [storage.join(table_uri, name) for name in names]
+
+
+def shard_record(data: bytes | memoryview) -> dict:
+    """What the sidecar records of a shard file, from its bytes: ``bytes`` and ``footer``."""
+    data = memoryview(data)
+    return {"bytes": len(data), "footer": _footer_digest(bytes(data[-8:]), lambda n: bytes(data[-8 - n:-8]))}
+
+
+def read_shard_record(uri: str) -> dict | None:
+    """``rows``, ``bytes`` and ``footer`` of a shard file as it is now, reading only its
+    footer; None when it is not readable Parquet."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        size = f.size
+        if size < 12:
+            return None
+        f.seek(size - 8)
+        tail = f.read(8)
+
+        def footer(length: int) -> bytes:
+            f.seek(size - 8 - length)
+            return f.read(length)
+
+        digest = _footer_digest(tail, footer, size)
+        if digest is None:
+            return None
+        f.seek(0)
+        try:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        except pa.ArrowInvalid:
+            return None
+    return {"rows": rows, "bytes": size, "footer": digest}
+
+
+def _footer_digest(tail: bytes, read_footer, size: int | None = None) -> str | None:
+    if len(tail) != 8 or tail[4:] != b"PAR1":
+        return None
+    length = int.from_bytes(tail[:4], "little")
+    if size is not None and length + 12 > size:
+        return None
+    return hashlib.sha256(read_footer(length)).hexdigest()[:32]
+
+
+def check_shard_list(info: dict, table_uri: str, sizes: dict[str, int | None]) -> None:
+    """The shard files (``sizes``: name -> size in bytes) are the ones the sidecar's ``shards``
+    list records: none missing, none extra, none replaced (other size, or other footer when
+    the sidecar recorded one). Tables without that list (an incomplete job, another tool's
+    table, an older version's) pass. Footers are read only where the sidecar records them."""
+    listed = info.get("shards")
+    if not isinstance(listed, list) or not info.get("complete", True):
+        return
+    recorded = {entry.get("file"): entry for entry in listed if isinstance(entry, dict)}
+    missing = sorted(set(recorded) - set(sizes))
+    if missing:
+        raise DataError(f"shard {missing[0]} is in the sidecar's list but not in the folder "
+                        f"({len(missing)} missing); re-run the embedding job into a new --out",
+                        file=storage.join(table_uri, missing[0]))
+    extra = sorted(set(sizes) - set(recorded))
+    if extra:
+        raise DataError(f"shard not in the sidecar's list of this table's {len(recorded)} shards (another job's, or "
+                        f"copied in?); remove it, or re-run the embedding job into a new --out",
+                        file=storage.join(table_uri, extra[0]))
+    for name in sorted(recorded):
+        entry, uri = recorded[name], storage.join(table_uri, name)
+        if "bytes" in entry and sizes[name] is not None and sizes[name] != entry["bytes"]:
+            raise DataError(f"shard was replaced after it was committed: {sizes[name]} bytes, the sidecar recorded "
+                            f"{entry['bytes']}; re-run the embedding job into a new --out", file=uri)
+        if "footer" in entry:
+            now = read_shard_record(uri)
+            if now is None:
+                raise DataError("not a readable Parquet file; re-run the embedding job into a new --out", file=uri)
+            if now["footer"] != entry["footer"] or now["rows"] != entry.get("rows", now["rows"]):
+                raise DataError("shard was replaced after it was committed: its Parquet footer (row count, id and "
+                                "provenance statistics) differs from the one the sidecar recorded; re-run the "
+                                "embedding job into a new --out", file=uri)
+
+
+def _read_parquet(uri: str, read):
+    """``read(file)`` on a shard; a file that is not readable Parquet is a :class:`DataError`
+    naming it (a fetch that fails is not: it says nothing about the file)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        try:
+            return read(f)
+        except pa.ArrowInvalid as err:
+            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise DataError(f"not a readable Parquet file ({reason}); re-run the embedding job that wrote it",
+                            file=uri) from None
 
 
 def check_kind(info: dict, expected: str, hint: str = "check the order of the gallery and queries arguments") -> None:
@@ -169,9 +286,7 @@ def check_row_count(info: dict, shard_uris: list[str]) -> int:
     """The rows of a table's shards, from their Parquet footers; must match the sidecar's ``rows``."""
     total = 0
     for uri in shard_uris:
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
+        total += _read_parquet(uri, lambda f: pq.ParquetFile(f).metadata.num_rows)
     if "rows" in info and info["rows"] != total:
         raise DataError(f"sidecar says {info['rows']} rows but the shards hold {total}; "
                         "a shard is missing or extra, re-run the embedding job", file=sidecar_uri(info["uri"]),
@@ -181,8 +296,7 @@ def check_row_count(info: dict, shard_uris: list[str]) -> int:
 
 def read_columns(shard_uri: str, columns: list[str], kind: str = "gallery") -> pa.Table:
     """Some columns of one shard; a missing one is a :class:`DataError` naming the file."""
-    fs, path = storage.filesystem(shard_uri)
-    with fs.open(path, "rb") as f:
+    def read(f):
         schema = pq.read_schema(f)
         missing = [c for c in columns if c not in schema.names]
         if missing:
@@ -190,6 +304,8 @@ def read_columns(shard_uri: str, columns: list[str], kind: str = "gallery") -> p
                             field=missing[0])
         f.seek(0)
         return pq.read_table(f, columns=columns)
+
+    return _read_parquet(shard_uri, read)
 
 
 def read_embeddings(uri: str, *, allow_incomplete: bool = False) -> tuple[pa.Table, dict]:
@@ -203,9 +319,9 @@ def read_embeddings(uri: str, *, allow_incomplete: bool = False) -> tuple[pa.Tab
     table whose embedding job has not finished unless ``allow_incomplete`` (see
     :func:`check_complete`).
     """
-    shard_uris = list_shards(uri)
-    names = [posixpath.basename(s) for s in shard_uris]
     info = read_sidecar(uri)
+    shard_uris = list_shards(uri, info)
+    names = [posixpath.basename(s) for s in shard_uris]
     check_complete(info, uri, allow_incomplete)
     kind = info.get("kind")
     if kind is not None and kind not in REQUIRED_COLUMNS:
@@ -213,9 +329,7 @@ def read_embeddings(uri: str, *, allow_incomplete: bool = False) -> tuple[pa.Tab
 
     tables, dim = [], None
     for file_uri in shard_uris:
-        fs, path = storage.filesystem(file_uri)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        table = _read_parquet(file_uri, pq.read_table)
         if kind is None:
             kind = "queries" if "query_id" in table.column_names else "gallery"
         for column in REQUIRED_COLUMNS[kind]:
@@ -238,8 +352,31 @@ def read_embeddings(uri: str, *, allow_incomplete: bool = False) -> tuple[pa.Tab
     if "dim" in info and info["dim"] != dim:
         raise DataError(f"sidecar says dim {info['dim']} but the shards hold {dim}", file=sidecar_uri(uri),
                         field="dim")
+    if kind == "gallery":
+        check_unique_ids(table.column("image_id"), names, [t.num_rows for t in tables], uri)
     info.update(kind=kind, uri=uri, files=names, rows=table.num_rows, dim=dim)
     return table, info
+
+
+def check_unique_ids(ids: pa.ChunkedArray | pa.Array, shard_names: list[str], shard_rows: list[int],
+                     table_uri: str) -> None:
+    """A gallery's ``image_id`` values are unique: a :class:`DataError` naming one repeated id
+    and the shards of its first two rows (ids answer a search; two images under one id make a
+    hit ambiguous, and usually mean shards of two jobs mixed in one folder)."""
+    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]["values"]
+    rows = np.flatnonzero(pc.equal(ids, repeated).to_numpy(zero_copy_only=False) if repeated.is_valid
+                          else pc.is_null(ids).to_numpy(zero_copy_only=False))[:2]
+    ends = np.cumsum(shard_rows)
+    where = []
+    for row in rows.tolist():
+        shard = int(np.searchsorted(ends, row, side="right"))
+        where.append(f"{shard_names[shard]} row {row - (int(ends[shard - 1]) if shard else 0)}")
+    raise DataError(f"image_id {repeated.as_py()!r} appears more than once in the gallery ({' and '.join(where)}); "
+                    "each image needs its own id: re-run the embedding job into a new --out, with unique ids in "
+                    "its input", file=table_uri, field="image_id")
 
 
 def read_table(uri: str, *, allow_incomplete: bool = False) -> pa.Table:
@@ -327,9 +464,7 @@ def provenance(table: pa.Table, info: dict) -> dict:
 def provenance_of_shards(shard_uris: list[str], info: dict) -> dict:
     """:func:`provenance` of a table given as shards, reading only the columns the sidecar does not answer."""
     wanted = [c for c in PROVENANCE if info.get(c) is None]
-    fs, path = storage.filesystem(shard_uris[0])
-    with fs.open(path, "rb") as f:
-        present = pq.read_schema(f).names
+    present = _read_parquet(shard_uris[0], lambda f: pq.read_schema(f).names)
     columns = [c for c in wanted if c in present]
     table = pa.concat_tables([read_columns(s, columns) for s in shard_uris]) if columns else pa.table({})
     return provenance(table, info)

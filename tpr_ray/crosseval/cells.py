@@ -7,12 +7,14 @@ the CPUs and GPUs its inner work asks Ray for, derived from that same configurat
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from tpr_ray import storage
 from tpr_ray.crosseval.scheduler import Job, error_record
@@ -150,7 +152,7 @@ def embedding_complete(embed_dir: str, checkpoint: str) -> bool:
 
 def query_samples(result, gallery_uri: str, queries_uri: str, count: int) -> list[dict]:
     """``count`` queries spread over the query table, each with its top-K gallery items."""
-    from tpr_ray.tables import list_shards
+    from tpr_ray.tables import check_unique_ids, list_shards
 
     num_queries = len(result.top_positions)
     if count <= 0 or num_queries == 0:
@@ -158,8 +160,11 @@ def query_samples(result, gallery_uri: str, queries_uri: str, count: int) -> lis
     chosen = np.unique(np.linspace(0, num_queries - 1, min(count, num_queries)).round().astype(int))
     query_fs = [_read_columns(s, ["query_id", "caption", "person_id", "image_id"]) for s in list_shards(queries_uri)]
     queries = {k: sum((t[k] for t in query_fs), []) for k in ("query_id", "caption", "person_id", "image_id")}
-    gallery_fs = [_read_columns(s, ["image_id", "image_uri", "person_id"]) for s in list_shards(gallery_uri)]
+    gallery_shards = list_shards(gallery_uri)
+    gallery_fs = [_read_columns(s, ["image_id", "image_uri", "person_id"]) for s in gallery_shards]
     gallery = {k: sum((t[k] for t in gallery_fs), []) for k in ("image_id", "image_uri", "person_id")}
+    check_unique_ids(pa.array(gallery["image_id"], pa.string()), [posixpath.basename(s) for s in gallery_shards],
+                     [len(t["image_id"]) for t in gallery_fs], gallery_uri)
     uri_of = dict(zip(gallery["image_id"], gallery["image_uri"]))
     samples = []
     for q in chosen.tolist():
