@@ -10,6 +10,7 @@ import torch
 from tpr_ray.checkpoint import load_method
 from tpr_ray.data import load_manifest
 from tpr_ray.embed import SIDECAR, EmbedConfig, embed
+from tpr_ray.errors import DataError
 from tpr_ray.evaluate import evaluate_embeddings
 from tpr_ray.inference import encode_captions, encode_images
 from tpr_ray.metrics import retrieval_metrics
@@ -152,6 +153,40 @@ def test_the_committer_needs_no_listing_and_writes_the_sidecar_only_at_start_and
     np.testing.assert_array_equal(emb[:, 0], [0, 2, 3, 4])
     assert pq.read_table(out + "-rejects").column("image_uri").to_pylist() == ["/g/img1.jpg"]
     assert info["rows"] == 4 and info["rejected"] == 1
+
+
+def test_the_sidecar_records_each_shards_size_and_footer_and_a_resume_finds_the_same(tmp_path):
+    """What lets a reader refuse a replaced shard (issue 19 item 4): recorded at commit, and
+    the same when a resumed job lists the shards an earlier run committed."""
+    from tpr_ray import tables
+    from tpr_ray.commit import ShardCommitter, committed_shards
+    from tpr_ray.plan import plan_shards
+
+    out = str(tmp_path / "gallery")
+    plan = plan_shards(6, 3)
+    committer = ShardCommitter(out, "gallery", _gallery_rows(6), plan, HEADER, {})
+    committer.add(_batch(range(0, 3), 0, np.ones((3, 2))))
+    committer.add(_batch(range(3, 6), 1, np.ones((3, 2)), ["", "bad", ""]))
+    info = committer.finish()
+    for entry in info["shards"]:
+        path = os.path.join(out, entry["file"])
+        assert entry["bytes"] == os.path.getsize(path)
+        assert tables.read_shard_record(path) == {"rows": entry["rows"], "bytes": entry["bytes"],
+                                                  "footer": entry["footer"]}
+    assert committed_shards(out, plan, HEADER["fingerprint"]) == dict(enumerate(info["shards"]))
+    assert tables.read_embeddings(out)[1]["rows"] == 5
+
+
+def test_a_repeated_image_id_in_a_shard_stops_the_commit(tmp_path):
+    from tpr_ray.commit import ShardCommitter
+    from tpr_ray.plan import plan_shards
+
+    rows = _gallery_rows(4).set_column(0, "image_id", pa.array(["a", "b", "c", "a"]))
+    committer = ShardCommitter(str(tmp_path / "gallery"), "gallery", rows, plan_shards(4, 4), HEADER, {})
+    with pytest.raises(DataError, match=r"image_id 'a' appears more than once in the gallery "
+                                        r"\(part-00000.parquet row 0 and part-00000.parquet row 3\)"):
+        committer.add(_batch(range(4), 0, np.ones((4, 2))))
+    assert not os.path.exists(tmp_path / "gallery" / "part-00000.parquet")
 
 
 def test_the_fingerprint_streams_and_the_plan_files_hold_each_pending_shard(tmp_path):
