@@ -79,16 +79,3 @@ def model_and_weights(model: str, pretrained: str | None) -> None:
                           f"a local checkpoint file, or --pretrained none (random weights)")
     raise ConfigError(f"{model} has no pretrained weights in open_clip; pass --pretrained none (random weights) "
                       f"or a checkpoint file of your own")
-
-
-def init_matches(init: str, method: str) -> None:
-    """``--init`` names a checkpoint (or run) of the same method."""
-    from tpr_ray.checkpoint import read_config, resolve_checkpoint
-
-    must_exist(init, "--init")
-    checkpoint = resolve_checkpoint(init)
-    found = read_config(checkpoint).get("method")
-    if found != method:
-        raise ConfigError(f"--init {init} is a {found} checkpoint, but --method is {method}; --init continues "
-                          f"the same method (to start {method} from another method's backbone, pass it as "
-                          f"--pretrained)")

@@ -9,7 +9,7 @@ import os
 import click
 
 import tpr_ray
-from .checks import ExistingUri, init_matches, model_and_weights
+from .checks import ExistingUri, model_and_weights
 from .crosseval import crosseval
 from .data import data
 from .evaluate import eval_command
@@ -90,8 +90,6 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
     get_method(method)
     pretrained = None if pretrained.lower() == "none" else pretrained
     model_and_weights(model, pretrained)
-    if init_from:
-        init_matches(init_from, method)
     overrides = collect_overrides(sets, epochs, batch_size, lr)
     cfg = TrainConfig(method=method, data=data_uri, out=out, name=name, model=model,
                       pretrained=pretrained,

@@ -91,3 +91,86 @@ def test_loading_a_checkpoint_does_not_claim_the_model_is_randomly_initialised(t
         load_method(str(tmp_path / "ckpt"))
     assert any("No pretrained weights loaded" in m for m in fresh)
     assert not [r.getMessage() for r in caplog.records if "pretrained" in r.getMessage()]
+
+
+# --- issue 19 item 4: a checkpoint is checked before any job uses it ------------------------
+
+def _corrupt(path, how):
+    """A tiny checkpoint at ``path`` broken in one way; returns the file the error must name."""
+    import json
+
+    from tests.helpers import save_tiny_checkpoint
+
+    save_tiny_checkpoint(str(path))
+    config_file, weights_file = path / "config.json", path / "model.pt"
+    config = json.loads(config_file.read_text())
+    if how == "config not JSON":
+        config_file.write_text("{'method': 'baseline'")
+    elif how == "config a list":
+        config_file.write_text("[1, 2]")
+    elif how == "unknown method":
+        config_file.write_text(json.dumps({**config, "method": "nope"}))
+    elif how == "embed_dim wrong":
+        config_file.write_text(json.dumps({**config, "embed_dim": 512}))
+    elif how == "field missing":
+        config_file.write_text(json.dumps({k: v for k, v in config.items() if k != "num_classes"}))
+    elif how == "weights not a checkpoint":
+        weights_file.write_bytes(b"\x00" * 64)
+    elif how == "weights truncated":
+        weights_file.write_bytes(weights_file.read_bytes()[:4096])
+    elif how == "weights a pickle":
+        torch.save({"clip.text_projection": torch.zeros(2), "hook": time.struct_time((0,) * 9)}, weights_file)
+    elif how == "weights missing":
+        weights_file.unlink()
+    elif how == "weights of another shape":
+        state = torch.load(weights_file, weights_only=True)
+        state["clip.text_projection"] = torch.zeros(64, 32)
+        torch.save(state, weights_file)
+    elif how == "weights of another model":
+        state = torch.load(weights_file, weights_only=True)
+        state["head.extra"] = torch.zeros(3)
+        torch.save(state, weights_file)
+    return str(weights_file if how.startswith("weights") else config_file)
+
+
+CORRUPTIONS = {
+    "config not JSON": "not valid JSON at line 1",
+    "config a list": "holds a JSON list, not an object",
+    "unknown method": "unknown method 'nope'",
+    "embed_dim wrong": "field 'embed_dim' is 512, but baseline on tpr-tiny embeds to 64",
+    "field missing": "field 'num_classes' should be a int, got None",
+    "weights not a checkpoint": r"does not load with torch.load\(weights_only=True\)",
+    "weights truncated": r"does not load with torch.load\(weights_only=True\)",
+    "weights a pickle": r"does not load with torch.load\(weights_only=True\)",
+    "weights missing": "missing",
+    "weights of another shape": r"weight 'clip.text_projection' has shape \(64, 32\), baseline on tpr-tiny",
+    "weights of another model": "weight 'head.extra' is not part of baseline on tpr-tiny",
+}
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_a_broken_checkpoint_is_one_error_naming_its_file(tmp_path, how):
+    import re
+
+    from tpr_ray.checkpoint import validate_checkpoint
+
+    named = _corrupt(tmp_path / "ckpt", how)
+    with pytest.raises(ConfigError, match=f"checkpoint file {re.escape(named)}: .*{CORRUPTIONS[how]}") as error:
+        validate_checkpoint(str(tmp_path / "ckpt"))
+    assert "\n" not in str(error.value)
+
+
+def test_a_sound_checkpoint_and_its_run_pass(tmp_path):
+    from tests.helpers import save_tiny_checkpoint
+    from tpr_ray.checkpoint import validate_checkpoint
+
+    ckpt = save_tiny_checkpoint(str(tmp_path / "run" / "checkpoint_000001"))
+    write_json(str(tmp_path / "run" / BEST_FILE), {"checkpoint": ckpt})
+    checkpoint, config = validate_checkpoint(str(tmp_path / "run"))
+    assert checkpoint == ckpt and config["embed_dim"] == 64
+    write_json(str(tmp_path / "run" / BEST_FILE), {"checkpoint": str(tmp_path / "gone")})
+    with pytest.raises(ConfigError, match=r"checkpoint file .*run/best.json: names .*gone, which holds no config.json"):
+        validate_checkpoint(str(tmp_path / "run"))
+    (tmp_path / "run" / BEST_FILE).write_text("not json")
+    with pytest.raises(ConfigError, match=r"checkpoint file .*run/best.json: not valid JSON"):
+        validate_checkpoint(str(tmp_path / "run"))

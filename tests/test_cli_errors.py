@@ -111,3 +111,40 @@ def test_error_inside_a_ray_task_is_the_projects_message(ray_cluster):
     with pytest.raises(Exception) as caught:
         ray.get(read_shard.remote())
     assert describe(caught.value) == "file s3://b/emb/part-00003.parquet: not a Parquet file"
+
+
+# --- issue 19 item 4: checkpoints are checked before Ray starts -------------------------------
+
+BROKEN = {"config not JSON": "config.json: not valid JSON", "unknown method": "unknown method 'nope'",
+          "embed_dim wrong": "field 'embed_dim' is 512", "weights truncated": "model.pt: does not load",
+          "weights of another shape": "model.pt: weight 'clip.text_projection' has shape (64, 32)"}
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_embed_with_a_broken_checkpoint(dataset, tmp_path, how):
+    from tests.test_checkpoint import _corrupt
+
+    _corrupt(tmp_path / "ckpt", how)
+    err = fails_in_one_line(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", dataset, "--out",
+                             str(tmp_path / "e")], ["checkpoint file", BROKEN[how]])
+    print(f"\nembed, {how}: {err.strip()}")
+
+
+def test_train_init_and_search_with_a_broken_checkpoint(dataset, tmp_path):
+    import numpy as np
+
+    from tests.test_checkpoint import _corrupt
+    from tests.test_tables import write_table
+    from tpr_ray.index import build_index
+
+    _corrupt(tmp_path / "ckpt", "weights of another shape")
+    err = fails_in_one_line(train_args(dataset, tmp_path, "--model", "tpr-tiny", "--pretrained", "none",
+                                       "--init", str(tmp_path / "ckpt")), ["model.pt: weight 'clip.text_projection'"])
+    print(f"\ntrain --init: {err.strip()}")
+    vectors = np.eye(4, dtype=np.float32)
+    gallery = write_table(tmp_path / "emb" / "gallery", "gallery", np.arange(4), vectors, [0, 4])
+    build_index(gallery, str(tmp_path / "index"))
+    err = fails_in_one_line(["search", "a man", "--index", str(tmp_path / "index"), "--checkpoint",
+                             str(tmp_path / "ckpt"), "--allow-other-checkpoint"],
+                            ["model.pt: weight 'clip.text_projection'"])
+    print(f"\nsearch: {err.strip()}")

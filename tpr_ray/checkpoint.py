@@ -60,7 +60,14 @@ def resolve_checkpoint(uri: str) -> str:
         return uri
     best = storage.join(uri, BEST_FILE)
     if storage.exists(best):
-        return storage.read_json(best)["checkpoint"]
+        named = _json_object(best).get("checkpoint")
+        if not isinstance(named, str) or not named:
+            raise ConfigError(f"checkpoint file {best}: names no checkpoint (field 'checkpoint'); pass a checkpoint "
+                              f"directory of the run instead")
+        if not storage.exists(storage.join(named, CONFIG_FILE)):
+            raise ConfigError(f"checkpoint file {best}: names {named}, which holds no {CONFIG_FILE} (moved or "
+                              f"deleted?); pass a checkpoint directory of the run instead")
+        return named
     raise ConfigError(
         f"{uri} is neither a checkpoint (no {CONFIG_FILE}) nor a training run directory (no {BEST_FILE}); "
         f"pass the directory printed at the end of `tpr-ray train`"
@@ -185,3 +192,99 @@ def load_method(uri: str, map_location: str | torch.device = "cpu") -> tuple[Met
         )
     config["checkpoint"] = uri
     return method.eval(), config
+
+
+# --- checked before Ray starts ------------------------------------------------------------
+
+_CONFIG_FIELDS = {"method": str, "backbone": dict, "recipe": dict, "num_classes": int, "embed_dim": int}
+
+
+def _json_object(uri: str, shown: str | None = None) -> dict:
+    """A JSON object file; anything else is a ConfigError naming the file (``shown``, else ``uri``)."""
+    shown = shown or uri
+    try:
+        value = json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint file {shown}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" at line {err.lineno}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise ConfigError(f"checkpoint file {shown}: not valid JSON{where}") from None
+    except OSError as err:
+        raise ConfigError(f"checkpoint file {shown}: cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"checkpoint file {shown}: holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def validate_checkpoint(uri: str, option: str = "--checkpoint") -> tuple[str, dict]:
+    """Check a checkpoint (or run) directory before any job uses it; (checkpoint, config).
+
+    ``config.json`` must be a JSON object with the fields :func:`save_checkpoint` writes and a
+    method this version knows; ``model.pt`` must load with ``torch.load(weights_only=True)``
+    and hold a state dict whose names and shapes are those of that method on that backbone,
+    whose feature size is the recorded ``embed_dim``. Each problem is one
+    :class:`ConfigError` naming the file (and the field or weight): found here, in a second,
+    instead of in Ray workers after the cluster started. The method is built with random
+    weights (no download; about 1 s for ViT-B-16 on a CPU) for its names and shapes; the
+    weights file is memory-mapped, not read.
+    """
+    checkpoint = resolve_checkpoint(uri)
+    try:
+        local = local_copy(checkpoint)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{option} {checkpoint}: a checkpoint file is missing ({err})") from None
+    config_file = storage.join(checkpoint, CONFIG_FILE)
+    config = _json_object(os.path.join(local, CONFIG_FILE), config_file)
+    for field, kind in _CONFIG_FIELDS.items():
+        if not isinstance(config.get(field), kind) or isinstance(config.get(field), bool):
+            raise ConfigError(f"checkpoint file {config_file}: field {field!r} should be a {kind.__name__}, got "
+                              f"{config.get(field)!r}")
+    try:
+        cls = get_method(config["method"])
+        backbone = dataclasses.replace(BackboneConfig.from_dict(config["backbone"]), pretrained=None)
+        recipe = cls.default_recipe.override(**config["recipe"])
+    except (ConfigError, TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"checkpoint file {config_file}: {err}") from None
+    weights_file = storage.join(checkpoint, MODEL_FILE)
+    try:
+        state = torch.load(os.path.join(local, MODEL_FILE), map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint file {weights_file}: missing") from None
+    except Exception as err:  # noqa: BLE001  (torch raises many kinds for a file that is not a checkpoint)
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"checkpoint file {weights_file}: does not load with torch.load(weights_only=True) "
+                          f"({type(err).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"checkpoint file {weights_file}: holds a {type(state).__name__}, not a state dict of "
+                          "tensors")
+    with weights_loaded_after():  # the random weights are only looked at, never used
+        skeleton = cls(backbone, recipe, config["num_classes"])
+    if skeleton.embed_dim != config["embed_dim"]:
+        raise ConfigError(f"checkpoint file {config_file}: field 'embed_dim' is {config['embed_dim']}, but "
+                          f"{cls.name} on {backbone.model} embeds to {skeleton.embed_dim}")
+    expected = skeleton.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ConfigError(f"checkpoint file {weights_file}: weight {name!r} is not part of {cls.name} on "
+                              f"{backbone.model} (as {config_file} says)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConfigError(f"checkpoint file {weights_file}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                              f"{cls.name} on {backbone.model} (as {config_file} says) needs "
+                              f"{tuple(expected[name].shape)}")
+    if cls.checkpoint_holds_backbone:
+        missing = [name for name in expected if name not in state]
+        if missing:
+            raise ConfigError(f"checkpoint file {weights_file}: lacks {len(missing)} weight(s) of {cls.name} "
+                              f"(first: {missing[0]!r})")
+    return checkpoint, config
+
+
+def check_init(init: str, method: str) -> tuple[str, dict]:
+    """``--init`` names a valid checkpoint (or run) of ``method``; (checkpoint, config)."""
+    checkpoint = resolve_checkpoint(init)
+    found = _json_object(storage.join(checkpoint, CONFIG_FILE)).get("method")
+    if found != method:
+        raise ConfigError(f"--init {init} is a {found} checkpoint, but --method is {method}; --init continues "
+                          f"the same method (to start {method} from another method's backbone, pass it as "
+                          f"--pretrained)")
+    return validate_checkpoint(checkpoint, "--init")

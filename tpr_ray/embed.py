@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from tpr_ray import storage
-from tpr_ray.checkpoint import checkpoint_digest, read_config, resolve_checkpoint
+from tpr_ray.checkpoint import checkpoint_digest, validate_checkpoint
 from tpr_ray.commit import (  # noqa: F401
     DATA_COLUMNS,
     ShardCommitter,
@@ -283,8 +283,7 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
 
     if not 0.0 <= cfg.max_reject_rate <= 1.0:
         raise ConfigError(f"--max-reject-rate must be between 0 and 1, got {cfg.max_reject_rate}")
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
-    ckpt_config = read_config(checkpoint)
+    checkpoint, ckpt_config = validate_checkpoint(cfg.checkpoint)  # before Ray: one line, not actor tracebacks
     identity = {"method": ckpt_config["method"], "model": ckpt_config["backbone"]["model"],
                 "checkpoint": checkpoint, "dim": ckpt_config["embed_dim"]}
     image_size = tuple(ckpt_config["backbone"]["image_size"])

@@ -203,7 +203,7 @@ class Searcher:
     def __init__(self, index_dir: str, checkpoint: str | None = None, allow_other_checkpoint: bool = False):
         import torch
 
-        from tpr_ray.checkpoint import load_method, resolve_checkpoint
+        from tpr_ray.checkpoint import load_method, resolve_checkpoint, validate_checkpoint
 
         self.index, ids, self.info = load_index(index_dir)
         built_with = self.info.get("checkpoint")
@@ -218,7 +218,7 @@ class Searcher:
                 raise ConfigError(f"checkpoint {checkpoint} is not the one that embedded this index ({built_with}); "
                                   "its text embeddings would not match the gallery's. Leave out --checkpoint, or pass "
                                   "--allow-other-checkpoint (allow_other_checkpoint=True) on purpose")
-        self.checkpoint = checkpoint
+        self.checkpoint, _ = validate_checkpoint(checkpoint)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.method, _ = load_method(checkpoint)
         self.method.to(self.device)

@@ -416,6 +416,10 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
     if cfg.decoded_stream and not cfg.decoded_cache:
         raise ConfigError("--decoded-stream streams the decoded cache: give --decoded-cache too")
+    if cfg.init:
+        from tpr_ray.checkpoint import check_init
+
+        check_init(cfg.init, cfg.method)  # its files, before the data and Ray
     config = absolute_references(cfg)
     out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
     check_run_folder(cfg, config, recipe, run_dir)

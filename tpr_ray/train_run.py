@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from tpr_ray import storage
 from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE
+from tpr_ray.checkpoint import BEST_FILE, CONFIG_FILE, validate_checkpoint
 from tpr_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -173,6 +173,7 @@ def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> No
         version = manifest_info(load_manifest(config["data"])).get("version")
         backbone = BackboneConfig(cfg.model, config["pretrained"], tuple(cfg.image_size)).to_dict()
         check_resume(run_dir, latest, run_identity(cfg.method, config["data"], version, backbone, recipe.to_dict()))
+        validate_checkpoint(latest, "--resume")  # what the workers will load, checked before Ray starts
 
 
 def skipped_images(cfg: TrainConfig, config: dict) -> list[str]:
