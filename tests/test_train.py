@@ -4,11 +4,13 @@ import os
 import pytest
 import torch
 
-from tpr_ray.checkpoint import MODEL_FILE, load_method, read_config
+from tpr_ray.model.checkpoint import MODEL_FILE, load_method, read_config
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import Recipe, get_method
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.train import TrainConfig, lr_factor, train
+from tpr_ray.methods.backbone import BackboneConfig
+from tpr_ray.training.config import TrainConfig
+from tpr_ray.training.driver import train
+from tpr_ray.training.optim import lr_factor
 from tests.helpers import TINY
 
 
@@ -110,7 +112,7 @@ def _lrs_seen(recipe, steps_per_epoch):
     """The lr of every optimizer step of a stage, driven the way the training loop drives it."""
     from types import SimpleNamespace
 
-    from tpr_ray.optim import advance, build_scheduler
+    from tpr_ray.training.optim import advance, build_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
@@ -150,7 +152,7 @@ def test_unknown_schedule_unit_is_a_config_error():
 
 
 def test_worker_progress_lines_name_their_run_and_give_an_eta(capsys, monkeypatch):
-    import tpr_ray.train as train
+    import tpr_ray.training.loop as train
 
     monkeypatch.setattr(train, "_RUN_LABEL", "baseline-cuhk")
     train.log("baseline epoch 1/20 step 5/10")

@@ -3,10 +3,10 @@
 An embedding table is a folder (local path or fsspec URI) holding Parquet shards
 ``part-00000.parquet``, ``part-00001.parquet``, ... and a sidecar ``_tpr_ray.json``. Its
 rows, in shard-name order, are the gallery's order, which breaks ties in the ranking (see
-:mod:`tpr_ray.metrics`). Rejected images of shard ``part-N`` go to ``<table>-rejects/part-N``; while the job runs, the
+:mod:`tpr_ray.evaluation.metrics`). Rejected images of shard ``part-N`` go to ``<table>-rejects/part-N``; while the job runs, the
 input columns of each pending shard are in ``<table>-plan/part-N`` (removed at the end).
 
-Sidecar fields (written by :mod:`tpr_ray.embed` when the job starts and when it is complete):
+Sidecar fields (written by :mod:`tpr_ray.embedding.pipeline` when the job starts and when it is complete):
 ``kind`` (``gallery``/``queries``), ``complete``, ``num_shards`` (planned), ``dim``, ``dtype``, ``method``, ``model``,
 ``checkpoint``, ``fingerprint``, ``settings``, ``source``, ``split``, ``inputs``; once
 complete also ``shards`` (``file``, ``rows``, ``rejects`` each), ``rows``, ``rejected``.
@@ -23,7 +23,7 @@ Shard columns::
     rejects: image_id string, image_uri string, reason string
 
 Names starting with ``_`` or ``.`` are never shards: metadata, and the ``_tmp.`` files of
-interrupted atomic writes (:data:`tpr_ray.storage.TEMP_PREFIX`).
+interrupted atomic writes (:data:`tpr_ray.io.storage.TEMP_PREFIX`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tpr_ray import storage
+from tpr_ray.io import storage
 from tpr_ray.errors import ConfigError, DataError
 
 SIDECAR = "_tpr_ray.json"
