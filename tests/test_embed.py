@@ -9,7 +9,8 @@ import torch
 
 from tpr_ray.model.checkpoint import load_method
 from tpr_ray.data import load_manifest
-from tpr_ray.embedding.pipeline import SIDECAR, EmbedConfig, embed
+from tpr_ray.embedding.pipeline import EmbedConfig, embed
+from tpr_ray.tables import SIDECAR
 from tpr_ray.evaluation.in_memory import evaluate_embeddings
 from tpr_ray.model.encode import encode_captions, encode_images
 from tpr_ray.evaluation.metrics import retrieval_metrics

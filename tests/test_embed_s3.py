@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from tpr_ray.io import storage
-from tpr_ray.embedding.pipeline import SIDECAR, rejects_dir, EmbedConfig, embed
+from tpr_ray.embedding.pipeline import EmbedConfig, embed
+from tpr_ray.tables import SIDECAR, rejects_dir
 from tpr_ray.embedding.plan import plan_fingerprint, plan_shards
 from tpr_ray.errors import ConfigError, DataError
 from tests.helpers import save_tiny_checkpoint

@@ -26,22 +26,20 @@ import pyarrow.parquet as pq
 from tpr_ray.io import storage
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.tables import (
+    COLUMN_TYPES,
+    DATA_COLUMNS,
     PROVENANCE,
     SHARD_FORMAT,
     SIDECAR,
     embedding_array,
     rejects_dir,
     shard_number,
+    write_parquet,
     write_sidecar,
 )
 
 log = logging.getLogger(__name__)
 
-# The input columns each table carries (the embedding and provenance columns are added).
-DATA_COLUMNS = {"gallery": ["image_id", "person_id", "image_uri"],
-                "queries": ["query_id", "image_id", "person_id", "caption"]}
-COLUMN_TYPES = {"image_id": pa.string(), "person_id": pa.int64(), "image_uri": pa.string(),
-                "query_id": pa.int64(), "caption": pa.string()}
 
 
 class _Pending:
@@ -333,20 +331,6 @@ def _column(values, pick: slice | np.ndarray, kind: pa.DataType) -> pa.Array | p
             values = pc.if_else(pc.is_nan(values), pa.scalar(None, values.type), values)
         return values.cast(kind)
     return pa.array(values[pick], type=kind, from_pandas=True)
-
-
-def write_parquet(uri: str, table: pa.Table) -> None:
-    """Write a table atomically. Dictionary encoding only where values repeat (the provenance
-    columns): tried on unique ids and float embeddings it costs most of a commit's time
-    (8x the rest of the write, measured) for nothing. The embedding column is stored without
-    compression or min/max statistics: model features do not compress, nothing filters on
-    them, and both cost encoding time (about 10 % of a shard's write, measured)."""
-    buf = pa.BufferOutputStream()
-    names = table.column_names
-    pq.write_table(table, buf, use_dictionary=[c for c in PROVENANCE if c in names],
-                   compression={c: "none" if c == "embedding" else "snappy" for c in names},
-                   write_statistics=[c for c in names if c != "embedding"])
-    storage.write_bytes_atomic(uri, memoryview(buf.getvalue()))  # the encoded bytes, not a copy of them
 
 
 def committed_shards(out: str, plan: list[tuple[int, int]], fingerprint: str) -> dict[int, dict]:

@@ -18,14 +18,12 @@ import pyarrow.compute as pc
 from tpr_ray.io import storage
 from tpr_ray.data import load_manifest
 from tpr_ray.errors import ConfigError, DataError
+from tpr_ray.tables import GALLERY_INPUT
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 SPLITS = ("train", "val", "test", "all")
 GLOB_CHARS = "*?["
 log = logging.getLogger(__name__)
-
-GALLERY_COLUMNS = pa.schema([("image_id", pa.string()), ("person_id", pa.int64()), ("image_uri", pa.string())])
-
 
 def manifest_split(data_uri: str, split: str) -> pa.Table:
     """The manifest rows of ``split`` (or all rows), in manifest order."""
@@ -71,7 +69,7 @@ def list_images(pattern: str) -> pa.Table:
     uris = [f"{protocol}://{p}" if protocol else p for p in paths]
     ids = [posixpath.relpath(p, root) if root else p for p in paths]
     return pa.table({"image_id": ids, "person_id": pa.nulls(len(paths), pa.int64()), "image_uri": uris},
-                    schema=GALLERY_COLUMNS)
+                    schema=GALLERY_INPUT)
 
 
 def gallery_rows(data: str | None = None, images: str | None = None, split: str = "test") -> pa.Table:
@@ -80,7 +78,7 @@ def gallery_rows(data: str | None = None, images: str | None = None, split: str 
         raise ConfigError("give either a dataset/manifest (--data) or an image prefix or glob (--images)")
     if images is not None:
         return list_images(images)
-    return manifest_split(data, split).select(GALLERY_COLUMNS.names)
+    return manifest_split(data, split).select(GALLERY_INPUT.names)
 
 
 def query_rows(images: pa.Table) -> pa.Table:
@@ -165,5 +163,5 @@ def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
             ids = pc.coalesce(batch.column("image_id").cast(pa.string()), uris) if "image_id" in present else uris
             pids = (batch.column("person_id").cast(pa.int64()) if "person_id" in present
                     else pa.nulls(batch.num_rows, pa.int64()))
-            yield pa.RecordBatch.from_arrays([ids, pids, uris], schema=GALLERY_COLUMNS)
+            yield pa.RecordBatch.from_arrays([ids, pids, uris], schema=GALLERY_INPUT)
             first += batch.num_rows

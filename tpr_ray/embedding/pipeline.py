@@ -36,12 +36,9 @@ import numpy as np
 
 from tpr_ray.io import storage
 from tpr_ray.model.checkpoint import checkpoint_digest, read_config, resolve_checkpoint
-from tpr_ray.embedding.committer import (  # noqa: F401
-    DATA_COLUMNS,
+from tpr_ray.embedding.committer import (
     ShardCommitter,
-    committed_shards,
     open_job,
-    write_parquet,
 )
 from tpr_ray.data.manifest import manifest_info
 from tpr_ray.errors import ConfigError, DataError
@@ -49,7 +46,7 @@ from tpr_ray.embedding.inputs import check_listing, gallery_rows, is_listing, li
 from tpr_ray.io.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes, fetch_batch
 from tpr_ray.io.lease import Lease
 from tpr_ray.embedding.plan import Fingerprint, plan_shards, read_plan, remove_plan, write_plan
-from tpr_ray.tables import SIDECAR, plan_dir, rejects_dir, shard_name  # noqa: F401 - SIDECAR re-exported
+from tpr_ray.tables import DATA_COLUMNS, plan_dir, rejects_dir
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tpr_ray.io import storage
-from tpr_ray.embedding.committer import write_parquet
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.tables import plan_dir, shard_name
+from tpr_ray.tables import plan_dir, shard_name, write_parquet
 
 
 def plan_shards(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
