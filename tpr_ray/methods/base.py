@@ -159,8 +159,16 @@ class Method(nn.Module):
         honoured by ``clip_blocks.run_blocks``): less memory, same gradients, ~30 % more compute."""
         self.clip.set_grad_checkpointing(enable)
 
+    def prepare_batch(self, batch: dict, device: torch.device) -> dict:
+        """The inputs of ``forward`` from one training batch: ``images`` (normalised, on the
+        device), ``captions`` (strings), ``person_ids`` and ``labels``. Here: the captions
+        tokenized. A method that builds more inputs (IRRA's MLM: masked tokens and their
+        targets) overrides this and adds its own keys. Runs outside autocast and DDP."""
+        return {"images": batch["images"], "tokens": self.tokenize(batch["captions"]).to(device),
+                "person_ids": batch["person_ids"], "labels": batch["labels"]}
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Losses for one batch; ``loss`` is the total to back-propagate.
+        """Losses for one batch (made by ``prepare_batch``); ``loss`` is the total to back-propagate.
 
         Training goes through ``forward`` (not a named method) so DDP sees the call.
         """

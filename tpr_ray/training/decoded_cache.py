@@ -19,6 +19,14 @@ interrupted build) is never read, and building again redoes only the missing sha
 Unreadable images stay in their shard with the reason, are counted in the marker and logged;
 training leaves their captions out and says how many.
 
+Why this is not the embedding job's committer (`tpr_ray.embedding.committer`), though both
+write shards exactly once under the table's shard names (`tpr_ray.tables`): there, rows reach
+the driver in the model actors' batches, in any order and possibly twice (a retried task), so
+the driver gathers each shard and commits it. Here a shard is one map task's whole input
+block and its crops (about 144 KiB each) must not travel through the driver: the task writes
+its own shard atomically, and the driver only verifies that every row is in exactly one shard
+before writing the marker.
+
 `CachedPairs` holds the split's crops in each worker's memory (CUHK-PEDES: about 6 GB at
 384x128). Datasets that do not fit a node stream from the same shards instead:
 `stream_pairs` reads them with ``ray.data.read_parquet`` and expands each image to one row
@@ -45,13 +53,13 @@ import pyarrow.parquet as pq
 from tpr_ray.io import storage
 from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.io.images import READ_ERROR_PATTERN, decode_batch, decode_memory_bytes
+from tpr_ray.tables import shard_name, shard_number
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 READ_RETRIES = 3  # Ray Data retries of a shard whose images could not be fetched (as the embedding job)
 MARKER = "_COMPLETE.json"
-SHARD_FORMAT = "part-{:05d}.parquet"
 DEFAULT_FOLDER = "tpr-ray-decoded"
 
 
@@ -109,7 +117,7 @@ def write_shard(batch: dict, image_size, out: str) -> dict:
     buf = io.BytesIO()
     # Crops barely compress and are read every epoch: store them plain.
     pq.write_table(table, buf, compression="none", use_dictionary=["image_id", "reject_reason"])
-    storage.write_bytes_atomic(storage.join(out, SHARD_FORMAT.format(shards.pop())), buf.getvalue())
+    storage.write_bytes_atomic(storage.join(out, shard_name(shards.pop())), buf.getvalue())
     return {"row": np.asarray(batch["row"]), "reject_reason": decoded["reject_reason"]}
 
 
@@ -119,7 +127,7 @@ def _written_shards(out: str) -> set[int]:
         return set()
     storage.remove_temporaries(out)  # only a build writes here: a temporary is from an interrupted one
     names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
-    return {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".parquet")}
+    return {number for number in map(shard_number, names) if number is not None}
 
 
 def _work_blocks(rows: pa.Table, rows_per_shard: int, skip: set[int]) -> list[pa.Table]:
@@ -138,7 +146,7 @@ def _verify_and_mark(out: str, rows: pa.Table, header: dict) -> dict:
     rejects, shards = [], []
     uris = rows.column("image_uri").to_pylist()
     for name in sorted(posixpath.basename(p) for p in fs.ls(path, detail=False)):
-        if not (name.startswith("part-") and name.endswith(".parquet")):
+        if shard_number(name) is None:
             continue
         part_fs, part_path = storage.filesystem(storage.join(out, name))
         with part_fs.open(part_path, "rb") as f:  # three small columns; the pixels are not read

@@ -249,12 +249,9 @@ def train_step(method: Method, run: StageRun, batch: dict, device) -> dict:
         images = batch["images"]
     else:
         images = normalize(batch["image"].to(device, non_blocking=True))
-    batch = {
-        "images": images,
-        "tokens": method.tokenize(batch["caption"]).to(device),
-        "person_ids": batch["person_id"].to(device),
-        "labels": batch["label"].to(device),
-    }
+    batch = method.prepare_batch({"images": images, "captions": batch["caption"],
+                                  "person_ids": batch["person_id"].to(device),
+                                  "labels": batch["label"].to(device)}, device)
     with autocast(device):
         losses = run.model(batch)
     run.optimizer.zero_grad(set_to_none=True)
