@@ -39,11 +39,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from tpr_ray.backbone import BackboneConfig  # noqa: E402
-from tpr_ray.inference import autocast  # noqa: E402
+from tpr_ray.methods.backbone import BackboneConfig  # noqa: E402
+from tpr_ray.model.encode import autocast  # noqa: E402
 from tpr_ray.methods import METHODS, get_method  # noqa: E402
-from tpr_ray.metrics import metrics_from_positive_ranks  # noqa: E402
-from tpr_ray.optim import build_optimizer  # noqa: E402  (the optimizer training builds)
+from tpr_ray.evaluation.metrics import metrics_from_positive_ranks  # noqa: E402
+from tpr_ray.training.optim import build_optimizer  # noqa: E402  (the optimizer training builds)
 
 # Dense (no sparsity) peaks from the vendors' data sheets, TFLOP/s: (bf16 tensor core, fp32).
 # An 8192^3 bf16 matmul reaches about 790 of the H200's 989 here, so 80 % MFU is the practical top.
@@ -73,7 +73,7 @@ class Settings:
     eval_gallery: int = 1_000_000
     eval_dim: int = 512
     eval_block: int = 1024
-    eval_check: tuple[int, int] = (500, 50_000)  # queries x gallery compared with tpr_ray.metrics
+    eval_check: tuple[int, int] = (500, 50_000)  # queries x gallery compared with tpr_ray.evaluation.metrics
     eval_shard_rows: int = 250_000  # the library's streaming evaluator sees the gallery in shards
     images_per_person: int = 4
     top_k: int = 10
@@ -110,7 +110,7 @@ def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
 
 
 def count_ahead(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Items ranked ahead of each target under tpr_ray.metrics' tie rule (score desc, position asc).
+    """Items ranked ahead of each target under tpr_ray.evaluation.metrics' tie rule (score desc, position asc).
 
     ``targets`` are gallery positions ``[B, P]`` (-1 = none). Ties with another item are rare
     with real features, so the position-aware count runs only on rows that have one.
@@ -129,7 +129,7 @@ def count_ahead(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``k`` per row by (score desc, position asc), the order tpr_ray.metrics ranks by."""
+    """Best ``k`` per row by (score desc, position asc), the order tpr_ray.evaluation.metrics ranks by."""
     values, columns = torch.topk(scores, min(k, scores.shape[1]), dim=1)
     threshold = values[:, -1:]
     # topk keeps an arbitrary subset of the items tied at the k-th score: redo the rows where
@@ -151,7 +151,7 @@ def exact_eval(queries, gallery, query_pids, gallery_pids, *, top_k: int = 10, b
     """R@1/5/10, mAP, mINP and each query's top-k, exact, ``block`` queries at a time on their device.
 
     Each block's scores are counted against its positives (no full sort of the gallery) and
-    the ranks go through tpr_ray.metrics, so the numbers are the CPU evaluator's.
+    the ranks go through tpr_ray.evaluation.metrics, so the numbers are the CPU evaluator's.
     """
     targets = positive_slots(query_pids, gallery_pids)
     ranks = torch.zeros_like(targets)
@@ -173,9 +173,9 @@ def exact_eval(queries, gallery, query_pids, gallery_pids, *, top_k: int = 10, b
 def library_eval(queries, gallery, query_pids, gallery_pids, *, shard_rows: int, top_k: int = 10, block: int = 1024,
                  device: str = "cpu") -> dict:
     """The streaming evaluator's kernels, as the library runs them: the positive pass in numpy,
-    the rank pass in torch on ``device`` (tpr_ray.streaming_torch), shard by shard."""
-    from tpr_ray.streaming_kernels import merge_top_k, positive_positions, ranks_from_counts, shard_positive_scores
-    from tpr_ray.streaming_torch import shard_ranks_torch
+    the rank pass in torch on ``device`` (tpr_ray.evaluation.kernels_torch), shard by shard."""
+    from tpr_ray.evaluation.kernels import merge_top_k, positive_positions, ranks_from_counts, shard_positive_scores
+    from tpr_ray.evaluation.kernels_torch import shard_ranks_torch
 
     targets = positive_positions(query_pids, gallery_pids)
     firsts = range(0, len(gallery), shard_rows)
@@ -386,8 +386,8 @@ def text_cell(method, s: Settings, device) -> dict:
 
 
 def eval_check_cell(s: Settings, device) -> dict:
-    """The suite's device evaluator and the library's streaming kernels against tpr_ray.metrics."""
-    from tpr_ray.metrics import retrieval_metrics, stable_descending_order
+    """The suite's device evaluator and the library's streaming kernels against tpr_ray.evaluation.metrics."""
+    from tpr_ray.evaluation.metrics import retrieval_metrics, stable_descending_order
 
     nq, ng = s.eval_check
     q, g, qp, gp = synthetic_embeddings(nq, ng, s.eval_dim, s.images_per_person, device, seed=1)
@@ -611,7 +611,7 @@ def row(c: dict) -> str:
                 f"metrics as the suite's: {c.get('same_as_suite', '-')}, top-10 rows alike: "
                 f"{100 * c.get('top_k_rows_same', float('nan')):.2f} %")
     elif c["what"] == "eval_check" and c["status"] == "ok":
-        note = (f"suite and library equal to tpr_ray.metrics: {c['equal']} ({c['queries']} x {c['gallery']}, "
+        note = (f"suite and library equal to tpr_ray.evaluation.metrics: {c['equal']} ({c['queries']} x {c['gallery']}, "
                 f"{c['queries_tied_at_k']} queries tied at k)")
     mfu = c.get("mfu")
     return (f"{c['what']:<12} {c.get('method', '-'):<9} {c['batch']:>6} {c['mode']:<8} "

@@ -4,11 +4,11 @@ import time
 import pytest
 import torch
 
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import BEST_FILE, load_method, resolve_checkpoint, save_checkpoint
+from tpr_ray.methods.backbone import BackboneConfig
+from tpr_ray.model.checkpoint import BEST_FILE, load_method, resolve_checkpoint, save_checkpoint
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
-from tpr_ray.storage import write_json
+from tpr_ray.io.storage import write_json
 from tests.helpers import TINY
 
 
@@ -47,8 +47,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_remote_checkpoints_are_cached_by_content_and_the_cache_is_bounded(tmp_path, monkeypatch):
     import fsspec
 
-    from tpr_ray import checkpoint as ckpt
-
+    from tpr_ray.model import checkpoint as ckpt
     monkeypatch.setenv(ckpt.CACHE_ENV, str(tmp_path / "cache"))
     memory = fsspec.filesystem("memory")
     torch.manual_seed(0)
@@ -152,7 +151,7 @@ CORRUPTIONS = {
 def test_a_broken_checkpoint_is_one_error_naming_its_file(tmp_path, how):
     import re
 
-    from tpr_ray.checkpoint import validate_checkpoint
+    from tpr_ray.model.checkpoint import validate_checkpoint
 
     named = _corrupt(tmp_path / "ckpt", how)
     with pytest.raises(ConfigError, match=f"checkpoint file {re.escape(named)}: .*{CORRUPTIONS[how]}") as error:
@@ -162,7 +161,7 @@ def test_a_broken_checkpoint_is_one_error_naming_its_file(tmp_path, how):
 
 def test_a_sound_checkpoint_and_its_run_pass(tmp_path):
     from tests.helpers import save_tiny_checkpoint
-    from tpr_ray.checkpoint import validate_checkpoint
+    from tpr_ray.model.checkpoint import validate_checkpoint
 
     ckpt = save_tiny_checkpoint(str(tmp_path / "run" / "checkpoint_000001"))
     write_json(str(tmp_path / "run" / BEST_FILE), {"checkpoint": ckpt})

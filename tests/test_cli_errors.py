@@ -14,8 +14,7 @@ from cli.main import cli
 @pytest.fixture(autouse=True)
 def ray_starts(monkeypatch):
     """Records whether a command got as far as starting (or joining) Ray."""
-    from tpr_ray import ray_utils
-
+    from tpr_ray.io import cluster as ray_utils
     calls = []
     monkeypatch.setattr(ray_utils, "init_ray", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
         AssertionError("the mistake was found only after Ray started")))
@@ -135,7 +134,7 @@ def test_train_init_and_search_with_a_broken_checkpoint(dataset, tmp_path):
 
     from tests.test_checkpoint import _corrupt
     from tests.test_tables import write_table
-    from tpr_ray.index import build_index
+    from tpr_ray.index.faiss_index import build_index
 
     _corrupt(tmp_path / "ckpt", "weights of another shape")
     err = fails_in_one_line(train_args(dataset, tmp_path, "--model", "tpr-tiny", "--pretrained", "none",
