@@ -197,9 +197,10 @@ def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_pat
 
     uris = ["s3://b/crops/a.jpg", "/abs/b.jpg", "rel/c.jpg", "d.jpg", "gs://x/e.png"]
     listing = _listing(tmp_path / "listing.parquet", image_uri=uris, note=["ignored"] * 5)
-    assert is_listing(listing) and not is_listing(str(tmp_path / "*.parquet")) and check_listing(listing) == 5
     allowed = ["s3://b", "/abs", "gs://x"]  # besides the listing's own folder
-    batches = list(listing_batches(listing, batch_rows=2, allow_uri_prefixes=allowed))
+    assert is_listing(listing) and not is_listing(str(tmp_path / "*.parquet"))
+    assert check_listing(listing, allowed) == 5
+    batches = list(listing_batches(listing, batch_rows=2))
     assert [b.num_rows for b in batches] == [2, 2, 1]  # streamed, never the whole file
     table = pa.Table.from_batches(batches)
     expected = ["s3://b/crops/a.jpg", "/abs/b.jpg", f"{tmp_path}/rel/c.jpg", f"{tmp_path}/d.jpg", "gs://x/e.png"]
@@ -210,7 +211,7 @@ def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_pat
     with_ids = _listing(tmp_path / "ids.parquet", image_id=["x", "y", None],
                         person_id=pa.array([7, None, 8], pa.int32()),
                         image_uri=["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"])
-    table = pa.Table.from_batches(list(listing_batches(with_ids, allow_uri_prefixes=allowed)))
+    table = pa.Table.from_batches(list(listing_batches(with_ids)))
     assert table.column("image_id").to_pylist() == ["x", "y", "s3://b/3.jpg"]  # a missing id: the URI, as above
     assert table.column("person_id").to_pylist() == [7, None, 8]
     assert table.schema.field("person_id").type == pa.int64()
@@ -245,28 +246,68 @@ def test_a_bad_listing_file_is_an_error_naming_the_file_row_and_field(tmp_path):
 ])
 def test_a_listing_is_held_to_the_manifest_uri_rules(tmp_path, uri, problem):
     """`--images listing.parquet`: a listing's URIs stay in its folder unless a prefix is allowed."""
-    from tpr_ray.embedding.inputs import listing_batches
+    from tpr_ray.embedding.inputs import check_listing
 
     (tmp_path / "gallery").mkdir()
     listing = _listing(tmp_path / "gallery" / "listing.parquet",
                        image_uri=["a.jpg", f"{tmp_path}/gallery/b.jpg", f"file://{tmp_path}/gallery/c.jpg", uri])
     with pytest.raises(DataError, match=problem) as error:
-        list(listing_batches(listing, batch_rows=2))
+        check_listing(listing)
     print(f"\nlisting {uri}: {error.value}")
     assert "listing.parquet, entry 3, field 'image_uri'" in str(error.value)
-    assert "--allow-uri-prefix" in str(error.value)
+    assert ("never read" if problem == "link-local" else "--allow-uri-prefix") in str(error.value)
 
 
 def test_a_listing_reads_more_only_where_allowed(tmp_path, monkeypatch):
-    import pyarrow as pa
-
     from tpr_ray.data.uris import ENV_ALLOW
-    from tpr_ray.embedding.inputs import listing_batches
+    from tpr_ray.embedding.inputs import check_listing
 
-    listing = _listing(tmp_path / "listing.parquet", image_uri=["a.jpg", "s3://crops/1.jpg"])
-    with pytest.raises(DataError, match="s3://crops/1.jpg' is outside"):
-        list(listing_batches(listing))
-    rows = pa.Table.from_batches(list(listing_batches(listing, allow_uri_prefixes=["s3://crops"])))
-    assert rows.column("image_uri").to_pylist() == [f"{tmp_path}/a.jpg", "s3://crops/1.jpg"]
+    pq_rows = 70_000  # more than one batch: the row named is the file's, not the batch's
+    listing = _listing(tmp_path / "listing.parquet", image_uri=["a.jpg"] * pq_rows + ["s3://crops/1.jpg"])
+    with pytest.raises(DataError, match=rf"entry {pq_rows}, field 'image_uri': image_uri 's3://crops/1.jpg' is outside"):
+        check_listing(listing)
+    assert check_listing(listing, ["s3://crops"]) == pq_rows + 1
     monkeypatch.setenv(ENV_ALLOW, "s3://crops/")
-    assert pa.Table.from_batches(list(listing_batches(listing))).num_rows == 2
+    assert check_listing(listing) == pq_rows + 1
+
+
+def test_embed_checks_a_listing_before_ray_starts(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from tests.helpers import save_tiny_checkpoint
+    from tpr_ray.io import cluster
+
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: pytest.fail("Ray started before the listing was checked"))
+    checkpoint = save_tiny_checkpoint(str(tmp_path / "ckpt"))
+    (tmp_path / "gallery").mkdir()
+    listing = _listing(tmp_path / "gallery" / "listing.parquet",
+                       image_uri=["a.jpg", "http://169.254.169.254/latest/meta-data/iam/x.jpg"])
+    args = ["embed", "--checkpoint", checkpoint, "--images", listing, "--out", str(tmp_path / "emb")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    print(f"\nembed --images listing: {result.stderr.strip()}")
+    assert result.stderr.strip().splitlines() == [
+        f"Error: file {listing}, entry 1, field 'image_uri': image_uri "
+        "'http://169.254.169.254/latest/meta-data/iam/x.jpg' is a link-local address (where clouds serve instance "
+        "credentials): never read"]
+
+
+def test_embed_allow_uri_prefix_lets_a_listing_reach_the_job(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from tests.helpers import save_tiny_checkpoint
+    from tpr_ray.io import cluster
+
+    class RayStarts(Exception):
+        pass
+
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: (_ for _ in ()).throw(RayStarts("ray would start")))
+    checkpoint = save_tiny_checkpoint(str(tmp_path / "ckpt"))
+    listing = _listing(tmp_path / "listing.parquet", image_uri=["a.jpg", "s3://crops/1.jpg"])
+    args = ["embed", "--checkpoint", checkpoint, "--images", listing, "--out", str(tmp_path / "emb")]
+    refused = CliRunner().invoke(cli, args)
+    assert "s3://crops/1.jpg' is outside" in refused.stderr, refused.output
+    allowed = CliRunner().invoke(cli, [*args, "--allow-uri-prefix", "s3://crops"])
+    assert "ray would start" in allowed.stderr, allowed.output

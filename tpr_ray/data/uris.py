@@ -103,6 +103,9 @@ def check_image_uris(uris: Sequence[str], prefixes: Sequence[str], source: str, 
             real = _realpath(path, real_dirs)
             if not any(real.startswith(p) for p in resolved_prefixes):
                 problem = f"leads through a symlink to {real}, outside {_listing(prefixes)}"
+        if problem == LINK_LOCAL:
+            raise DataError(f"image_uri {uri!r} {problem}: never read", file=source, entry=first + row,
+                            field="image_uri")
         if problem is not None:
             raise DataError(f"image_uri {uri!r} {problem}; pass --allow-uri-prefix PREFIX (or set {ENV_ALLOW}) "
                             f"if these images are meant to be read{hint}", file=source, entry=first + row,
@@ -119,12 +122,13 @@ def _problem(uri: str, prefixes: Sequence[str]) -> str | None:
     if not scheme and not os.path.isabs(path):
         return "is a relative path"
     if scheme in WEB_SCHEMES and _is_link_local(path.split("/", 1)[0]):
-        return "is a link-local address (a cloud metadata endpoint)"
+        return LINK_LOCAL
     if not any(uri.startswith(p) if scheme else path.startswith(p) for p in prefixes):
         return f"is outside {_listing(prefixes)}"
     return None
 
 
+LINK_LOCAL = "is a link-local address (where clouds serve instance credentials)"
 METADATA_HOSTS = ("metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal")
 
 

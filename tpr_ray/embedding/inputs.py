@@ -124,51 +124,68 @@ def _listing_columns(uri: str, schema: pa.Schema) -> list[str]:
     return [name for name in wanted if name in schema.names]
 
 
-def check_listing(uri: str) -> int:
-    """Check a listing file's columns (from its footer, without reading rows); its row count."""
+def check_listing(uri: str, allow_uri_prefixes: Sequence[str] | None = None) -> int:
+    """Check a listing file before any job reads it; its row count.
+
+    Its columns from the footer, then its ``image_uri`` column alone, streamed: every URI
+    must be under the listing's folder or ``allow_uri_prefixes`` (None:
+    ``TPR_RAY_ALLOW_URI_PREFIX``), by the rules of manifests (:mod:`tpr_ray.data.uris`). The
+    first one that is not is a :class:`DataError` naming the file and row.
+    """
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
         raise DataError("no such listing file", file=uri)
+    extra = env_prefixes() if allow_uri_prefixes is None else allow_uri_prefixes
+    prefixes = allowed_prefixes(uri, extra)
     with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f)
-        _listing_columns(uri, meta.schema_arrow)
-        return meta.metadata.num_rows
+        reader = pq.ParquetFile(f)
+        _listing_columns(uri, reader.schema_arrow)
+        first = 0
+        for batch in reader.iter_batches(LISTING_BATCH_ROWS, columns=["image_uri"]):
+            uris = _listing_uris(batch, uri, first)
+            check_image_uris(uris.to_pylist(), prefixes, uri, first=first)
+            first += batch.num_rows
+        return reader.metadata.num_rows
 
 
-def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS, allow_uri_prefixes: Sequence[str] | None = None):
+def _listing_uris(batch: pa.RecordBatch, uri: str, first: int) -> pa.Array:
+    """A batch's ``image_uri`` values, relative paths joined to the listing's folder; a missing
+    or empty one is a :class:`DataError` naming its row (``first``: the batch's first row)."""
+    folder = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
+    uris = batch.column("image_uri").cast(pa.string())
+    bad = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_length(uris), 0))
+    if pc.any(bad).as_py():
+        row = first + pc.index(bad, True).as_py()
+        raise DataError("no image URI", file=uri, entry=f"row {row}", field="image_uri")
+    relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
+    if pc.any(relative).as_py():
+        uris = pc.if_else(relative, pc.binary_join_element_wise(folder, uris, "/"), uris)
+    return uris
+
+
+def listing_batches(uri: str, batch_rows: int = LISTING_BATCH_ROWS):
     """The gallery rows of a Parquet listing file, streamed in record batches in the file's order.
 
     Columns: ``image_uri`` (required: a URI or path; a relative path is taken relative to
     the listing's folder), ``image_id`` (where absent or null: the URI) and ``person_id``
     (default: null);
-    others are ignored. A missing or empty ``image_uri`` is an error naming its row, and so is
-    one outside the listing's folder and ``allow_uri_prefixes`` (None: ``TPR_RAY_ALLOW_URI_PREFIX``;
-    the rules of manifests, :mod:`tpr_ray.data.uris`). This
+    others are ignored. A missing or empty ``image_uri`` is an error naming its row. Where
+    the URIs may point is checked by :func:`check_listing`, which a caller runs first (the
+    embedding job does, before Ray starts). This
     never holds more than one batch of the listing, so a gallery of 100M images can be
     embedded from its listing (e.g. an S3 Inventory report) by a small driver.
     """
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
-    folder = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
-    extra = env_prefixes() if allow_uri_prefixes is None else allow_uri_prefixes
-    prefixes = allowed_prefixes(uri, extra)
     with fs.open(path, "rb") as f:
         reader = pq.ParquetFile(f)
         present = _listing_columns(uri, reader.schema_arrow)
         first = 0
         for batch in reader.iter_batches(batch_rows, columns=present):
-            uris = batch.column("image_uri").cast(pa.string())
-            bad = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_length(uris), 0))
-            if pc.any(bad).as_py():
-                row = first + pc.index(bad, True).as_py()
-                raise DataError("no image URI", file=uri, entry=f"row {row}", field="image_uri")
-            relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
-            if pc.any(relative).as_py():
-                uris = pc.if_else(relative, pc.binary_join_element_wise(folder, uris, "/"), uris)
-            check_image_uris(uris.to_pylist(), prefixes, uri, first=first)
+            uris = _listing_uris(batch, uri, first)
             ids = pc.coalesce(batch.column("image_id").cast(pa.string()), uris) if "image_id" in present else uris
             pids = (batch.column("person_id").cast(pa.int64()) if "person_id" in present
                     else pa.nulls(batch.num_rows, pa.int64()))

@@ -279,8 +279,10 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     # Read before Ray starts, so a wrong path is one line at once; each listing is handed to its
     # job (not kept here), which writes it to plan files and lets it go.
     if cfg.images is not None and is_listing(cfg.images):
-        check_listing(cfg.images)  # its columns, from the footer; the rows are streamed twice
-        listings = {"gallery": lambda: listing_batches(cfg.images, allow_uri_prefixes=cfg.allow_uri_prefixes)}
+        # its columns and where its URIs lead (its image_uri column streamed once); the rows
+        # are then streamed twice more, by the job
+        check_listing(cfg.images, cfg.allow_uri_prefixes)
+        listings = {"gallery": lambda: listing_batches(cfg.images)}
     else:
         listings = {"gallery": gallery_rows(cfg.data, cfg.images, cfg.split, cfg.allow_uri_prefixes)}
     if cfg.queries and cfg.data is not None:
