@@ -187,9 +187,21 @@ def read_shard_record(uri: str) -> dict | None:
         f.seek(0)
         try:
             rows = pq.ParquetFile(f).metadata.num_rows
-        except pa.ArrowInvalid:
-            return None
+        except Exception as err:
+            if is_unreadable_parquet(err):
+                return None
+            raise
     return {"rows": rows, "bytes": size, "footer": digest}
+
+
+def is_unreadable_parquet(error: BaseException) -> bool:
+    """Whether pyarrow refused a file's bytes as Parquet (bad magic, footer or thrift data),
+    rather than a fetch failing: pyarrow raises ArrowInvalid for some, OSError for others,
+    and a failed fetch is an OSError too, told apart by pyarrow's wording."""
+    if isinstance(error, pa.ArrowInvalid):
+        return True
+    text = str(error)
+    return isinstance(error, OSError) and ("Parquet" in text or "thrift" in text or "Thrift" in text)
 
 
 def _footer_digest(tail: bytes, read_footer, size: int | None = None) -> str | None:
@@ -242,7 +254,9 @@ def _read_parquet(uri: str, read):
     with fs.open(path, "rb") as f:
         try:
             return read(f)
-        except pa.ArrowInvalid as err:
+        except Exception as err:
+            if not is_unreadable_parquet(err):
+                raise
             reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             raise DataError(f"not a readable Parquet file ({reason}); re-run the embedding job that wrote it",
                             file=uri) from None

@@ -33,6 +33,7 @@ from tpr_ray.tables import (
     SIDECAR,
     check_unique_ids,
     embedding_array,
+    is_unreadable_parquet,
     read_shard_record,
     read_sidecar,
     rejects_dir,
@@ -393,8 +394,10 @@ def _parquet_rows(uri: str) -> int | None:
     with fs.open(path, "rb") as f:
         try:
             return pq.ParquetFile(f).metadata.num_rows
-        except pa.ArrowInvalid:
-            return None
+        except Exception as err:
+            if is_unreadable_parquet(err):
+                return None
+            raise
 
 
 def _remove_orphan_rejects(out: str, done: dict[int, dict]) -> None:
