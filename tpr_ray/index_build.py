@@ -327,7 +327,7 @@ def set_ivfpq_effort(index: faiss.Index, nprobe: int) -> None:
 def write_ids(shards: list[tuple], path: str) -> None:
     """row -> image_id, image_uri, person_id, streamed shard by shard into one Arrow IPC file."""
     tmp = os.path.join(os.path.dirname(path), storage.TEMP_PREFIX + os.path.basename(path))
-    writer = None
+    writer, schema = None, None
     with pa.OSFile(tmp, "wb") as sink:
         for uri, _, count in shards:
             fs, file_path = storage.filesystem(uri)
@@ -335,9 +335,10 @@ def write_ids(shards: list[tuple], path: str) -> None:
                 names = [c for c in ID_COLUMNS if c in pq.read_schema(f).names]
             table = tables.read_columns(uri, names)
             if writer is None:
-                writer = pa.ipc.new_file(sink, table.schema)
+                schema = table.schema
+                writer = pa.ipc.new_file(sink, schema)
             try:
-                writer.write_table(table.cast(writer.schema))
+                writer.write_table(table.cast(schema))
             except (pa.ArrowInvalid, ValueError) as error:
                 raise DataError(f"id columns differ from the first shard's ({error})", file=uri) from None
         writer.close()
