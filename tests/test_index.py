@@ -375,3 +375,24 @@ def test_ivfpq_build_killed_before_the_pointer_switch_finishes_without_rework(ra
     assert load_index(out)[2]["kind"] == "flat"
     info = _ivfpq(gallery, out, overwrite=True)
     assert info["kind"] == "ivfpq" and load_index(out)[0].ntotal == 6000
+
+
+@pytest.mark.slow
+def test_cli_builds_an_ivfpq_index_and_search_answers_as_before(ray_cluster, tmp_path):
+    ckpt = save_tiny_checkpoint(str(tmp_path / "ckpt"))
+    gallery = clustered(np.random.default_rng(12), 2000, 64)
+    write_gallery(tmp_path / "emb" / "gallery", gallery, checkpoint=ckpt)
+    result = CliRunner().invoke(cli, ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out",
+                                      str(tmp_path / "idx"), "--kind", "ivfpq", "--memory-budget", "1M"])
+    assert result.exit_code == 0, result.output
+    assert "ivfpq index of 2,000 x 64 vectors" in result.output and "recall_at_10_vs_exact" in result.output
+    hits = index_module.search(str(tmp_path / "idx"), ["a man in a blue jacket"], 5)[0]
+    method, _ = load_method(ckpt)
+    q = encode_captions(method, ["a man in a blue jacket"], torch.device("cpu"))[0]
+    exact = [f"img{i}" for i in np.argsort(-(gallery @ q), kind="stable")[:20]]
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5] and hits[0]["image_id"] in exact
+    assert all(h["image_uri"] == f"s3://b/{h['image_id']}.jpg" and set(h) == {"rank", "score", "image_id",
+               "image_uri", "person_id"} for h in hits)
+    refused = CliRunner().invoke(cli, ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out",
+                                       str(tmp_path / "idx2"), "--kind", "ivfpq", "--memory-budget", "1K"])
+    assert refused.exit_code != 0 and "too small" in refused.output and "Traceback" not in refused.output
