@@ -168,21 +168,25 @@ def index():
 @click.option("--embeddings", required=True, type=ExistingUri(),
               help="Output of `tpr-ray embed` (or its gallery/ folder).")
 @click.option("--out", required=True, help="Index folder (local or URI).")
-@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
-              help="flat = exact; ivf / hnsw = approximate, for large galleries (recall vs exact is measured).")
-@click.option("--nlist", type=int, help="IVF cells (default about 4 sqrt(N)).")
+@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw", "ivfpq"]), default="flat", show_default=True,
+              help="flat = exact; ivf / hnsw = approximate, in memory; ivfpq = approximate, built shard by shard "
+                   "on Ray and searched memory-mapped, for galleries larger than memory (recall vs exact is measured).")
+@click.option("--nlist", type=int, help="IVF cells (default: ivf about 4 sqrt(N); ivfpq the power of two below it).")
 @click.option("--nprobe", default=32, show_default=True, help="IVF cells searched per query.")
+@click.option("--memory-budget", default="4G", show_default=True,
+              help="ivfpq: the most the index may take (codes, ids, centroids), e.g. 512M, 16G; PQ m is chosen to fit.")
+@click.option("--opq", is_flag=True, help="ivfpq: learn a rotation before PQ (better recall, slower training).")
 @click.option("--allow-incomplete", is_flag=True, help="Index a gallery whose embedding job has not finished.")
 @click.option("--overwrite", is_flag=True, help="Replace the index already in OUT (the switch is atomic).")
 @cli_errors
-def index_build(embeddings, out, kind, nlist, nprobe, allow_incomplete, overwrite):
-    """Index a gallery embedding table."""
+def index_build(embeddings, out, kind, nlist, nprobe, memory_budget, opq, allow_incomplete, overwrite):
+    """Index a gallery embedding table. An ivfpq build that stopped continues where it stopped when re-run."""
     from tpr_ray.index.faiss_index import build_index
     from tpr_ray.tables import table_dir
 
     embeddings = table_dir(embeddings, "gallery")
     info = build_index(embeddings, out, kind=kind, nlist=nlist, nprobe=nprobe, allow_incomplete=allow_incomplete,
-                       overwrite=overwrite)
+                       overwrite=overwrite, memory_budget=memory_budget, opq=opq)
     recall = {k: v for k, v in info.items() if k.startswith("recall")}
     click.echo(f"{kind} index of {info['ntotal']:,} x {info['dim']} vectors -> {out} in {info['seconds']:.1f}s"
                + "".join(f"; {k} {v:.4f}" for k, v in recall.items()))

@@ -247,3 +247,152 @@ def test_an_index_folder_of_the_earlier_layout_still_loads_and_is_replaced_clean
     write_gallery(tmp_path / "emb", unit(np.random.default_rng(9), 10, 8))
     build_index(str(tmp_path / "emb"), str(legacy), overwrite=True)
     assert not (legacy / "index.faiss").exists() and load_index(str(legacy))[0].ntotal == 10
+
+
+# --------------------------------------------------------------------------- ivfpq (sharded, memory-mapped)
+
+
+def clustered(rng, n, dim, centres=50):
+    base = unit(rng, centres, dim)
+    x = base[rng.integers(0, centres, n)] + 0.4 * unit(rng, n, dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_shards(path, vectors, shards=4, prefix="img"):
+    path.mkdir(parents=True)
+    n = len(vectors)
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pq.write_table(pa.table({"image_id": [f"{prefix}{i}" for i in range(a, b)], "person_id": pa.array(np.arange(a, b)),
+                                 "image_uri": [f"s3://b/{prefix}{i}.jpg" for i in range(a, b)],
+                                 "embedding": embedding_array(vectors[a:b])}), path / f"part-{s:05d}.parquet")
+    (path / SIDECAR).write_text(json.dumps({"kind": "gallery", "dim": vectors.shape[1], "rows": n}))
+
+
+def test_ivfpq_parameters_fit_the_memory_budget_by_hand():
+    from tpr_ray.index.build import choose_ivfpq, parse_size
+
+    # 1M x 512: nlist = 2048 (power of two below 4 sqrt(N) = 4000); m = 64 needs
+    # 1M * (64 + 8) + 2048*512*4 + 256*512*4 = 76,718,592 bytes > 60 MiB; m = 32 needs 44,718,592.
+    params = choose_ivfpq(1_000_000, 512, parse_size("60M"))
+    assert (params.nlist, params.m, params.nbits) == (2048, 32, 8)
+    assert params.index_bytes(1_000_000, 512) == 44_718_592 <= 60 * 2**20
+    assert choose_ivfpq(1_000_000, 512, 76_718_592).m == 64
+    assert choose_ivfpq(1_000_000, 512, 76_718_591).m == 32
+    with pytest.raises(ConfigError, match="too small"):
+        choose_ivfpq(1_000_000, 512, parse_size("8M"))
+    assert choose_ivfpq(100_000_000, 512, parse_size("16G")).factory() == "IVF32768_HNSW32,PQ64x8"
+
+
+@pytest.fixture()
+def pq_gallery(tmp_path):
+    rng = np.random.default_rng(11)
+    vectors = clustered(rng, 6000, 32)
+    write_shards(tmp_path / "gal", vectors)
+    return str(tmp_path / "gal"), vectors
+
+
+def _ivfpq(gallery, out, **kw):
+    return build_index(gallery, out, kind="ivfpq", memory_budget="1M", rows_per_part=1500, nprobe=16, **kw)
+
+
+@pytest.mark.slow
+def test_ivfpq_build_and_search_match_exact_search(ray_cluster, pq_gallery, tmp_path):
+    gallery, vectors = pq_gallery
+    info = _ivfpq(gallery, str(tmp_path / "idx"))
+    assert info["kind"] == "ivfpq" and info["ntotal"] == 6000 and info["parts"] == 4
+    assert 0.5 < info["recall_at_10_vs_exact"] <= 1  # PQ8 codes of 32 dims (4 per sub-quantiser)
+    index, ids, saved = load_index(str(tmp_path / "idx"))
+    queries = vectors[:50]
+    _, rows = index.search(queries, 1)
+    assert (rows[:, 0] == np.arange(50)).mean() > 0.9  # each vector finds itself
+    assert ids.take(pa.array(rows[:5, 0])).column("image_id").to_pylist() == [f"img{r}" for r in rows[:5, 0]]
+    assert not (tmp_path / "idx" / "builds" / info["build"] / "work").exists()
+
+
+@pytest.mark.slow
+def test_ivfpq_memory_mapped_index_equals_the_in_memory_one(ray_cluster, pq_gallery, tmp_path):
+    import faiss
+
+    gallery, vectors = pq_gallery
+    info = _ivfpq(gallery, str(tmp_path / "idx"))
+    mapped, _, _ = load_index(str(tmp_path / "idx"))
+    # The same trained index with its lists in memory, filled in one process.
+    in_memory = faiss.read_index(str(tmp_path / "idx" / "builds" / info["build"] / "index.faiss"),
+                                 faiss.IO_FLAG_ONDISK_SAME_DIR)
+    ivf = faiss.extract_index_ivf(in_memory)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+    in_memory.ntotal = ivf.ntotal = 0
+    in_memory.add_with_ids(vectors, np.arange(len(vectors)))
+    queries = vectors[100:140]
+    np.testing.assert_array_equal(mapped.search(queries, 10)[1], in_memory.search(queries, 10)[1])
+    assert type(faiss.extract_index_ivf(mapped).invlists).__name__ != "ArrayInvertedLists"
+
+
+@pytest.mark.slow
+def test_ivfpq_build_killed_in_a_part_keeps_the_old_index_and_resumes(ray_cluster, pq_gallery, tmp_path, monkeypatch):
+    from tpr_ray.index import build as index_build
+
+    gallery, vectors = pq_gallery
+    out = str(tmp_path / "idx")
+    write_gallery(tmp_path / "old", unit(np.random.default_rng(3), 30, 32), prefix="old")
+    build_index(str(tmp_path / "old"), out)
+    real = index_build.add_part
+
+    def dies_on_part_2(trained, part, *args):
+        if part["start"] == 3000:
+            raise RuntimeError("killed")
+        return real(trained, part, *args)
+
+    monkeypatch.setattr(index_build, "add_part", dies_on_part_2)
+    with pytest.raises(Exception, match="killed"):
+        _ivfpq(gallery, out, overwrite=True)
+    monkeypatch.undo()
+    index, ids, info = load_index(out)  # the old index, whole
+    assert info["kind"] == "flat" and index.ntotal == ids.num_rows == 30
+    assert ids.column("image_id").to_pylist()[0] == "old0"
+    assert index.search(unit(np.random.default_rng(1), 2, 32), 3)[1].shape == (2, 3)
+    parts = list((tmp_path / "idx" / "builds").glob("ivfpq-*/work/parts/*.faiss"))
+    assert 1 <= len(parts) <= 3 and not any(p.name == "part-00002.faiss" for p in parts)
+    info = _ivfpq(gallery, out, overwrite=True)  # parts written before the failure are kept
+    assert (info["parts_built"], info["parts_reused"]) == (4 - len(parts), len(parts))
+    assert load_index(out)[0].ntotal == 6000
+
+
+@pytest.mark.slow
+def test_ivfpq_build_killed_before_the_pointer_switch_finishes_without_rework(ray_cluster, pq_gallery, tmp_path,
+                                                                                monkeypatch):
+    gallery, _ = pq_gallery
+    out = str(tmp_path / "idx")
+    write_gallery(tmp_path / "old", unit(np.random.default_rng(3), 30, 32), prefix="old")
+    build_index(str(tmp_path / "old"), out)
+    monkeypatch.setattr(index_module, "_switch_to", lambda *a: (_ for _ in ()).throw(Killed("before the switch")))
+    with pytest.raises(Killed):
+        _ivfpq(gallery, out, overwrite=True)
+    monkeypatch.undo()
+    assert load_index(out)[2]["kind"] == "flat"
+    info = _ivfpq(gallery, out, overwrite=True)
+    assert info["kind"] == "ivfpq" and load_index(out)[0].ntotal == 6000
+
+
+@pytest.mark.slow
+def test_cli_builds_an_ivfpq_index_and_search_answers_as_before(ray_cluster, tmp_path):
+    ckpt = save_tiny_checkpoint(str(tmp_path / "ckpt"))
+    gallery = clustered(np.random.default_rng(12), 2000, 64)
+    write_gallery(tmp_path / "emb" / "gallery", gallery, checkpoint=ckpt)
+    result = CliRunner().invoke(cli, ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out",
+                                      str(tmp_path / "idx"), "--kind", "ivfpq", "--memory-budget", "1M"])
+    assert result.exit_code == 0, result.output
+    assert "ivfpq index of 2,000 x 64 vectors" in result.output and "recall_at_10_vs_exact" in result.output
+    hits = index_module.search(str(tmp_path / "idx"), ["a man in a blue jacket"], 5)[0]
+    method, _ = load_method(ckpt)
+    q = encode_captions(method, ["a man in a blue jacket"], torch.device("cpu"))[0]
+    exact = [f"img{i}" for i in np.argsort(-(gallery @ q), kind="stable")[:20]]
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5] and hits[0]["image_id"] in exact
+    assert all(h["image_uri"] == f"s3://b/{h['image_id']}.jpg" and set(h) == {"rank", "score", "image_id",
+               "image_uri", "person_id"} for h in hits)
+    refused = CliRunner().invoke(cli, ["index", "build", "--embeddings", str(tmp_path / "emb"), "--out",
+                                       str(tmp_path / "idx2"), "--kind", "ivfpq", "--memory-budget", "1K"])
+    assert refused.exit_code != 0 and "too small" in refused.output and "Traceback" not in refused.output

@@ -303,11 +303,17 @@ def resume_command(info: dict, table_uri: str) -> str:
     return " ".join(parts)
 
 
+def shard_row_counts(shard_uris: list[str]) -> list[int]:
+    """The rows of each shard, from its Parquet footer (no data read)."""
+    counts = []
+    for uri in shard_uris:
+        counts.append(_read_parquet(uri, lambda f: pq.ParquetFile(f).metadata.num_rows))
+    return counts
+
+
 def check_row_count(info: dict, shard_uris: list[str]) -> int:
     """The rows of a table's shards, from their Parquet footers; must match the sidecar's ``rows``."""
-    total = 0
-    for uri in shard_uris:
-        total += _read_parquet(uri, lambda f: pq.ParquetFile(f).metadata.num_rows)
+    total = sum(shard_row_counts(shard_uris))
     if "rows" in info and info["rows"] != total:
         raise DataError(f"sidecar says {info['rows']} rows but the shards hold {total}; "
                         "a shard is missing or extra, re-run the embedding job", file=sidecar_uri(info["uri"]),

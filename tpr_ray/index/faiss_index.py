@@ -6,6 +6,9 @@
 - ``ivf``:  an inverted file over k-means cells (``nlist`` ~ 4 sqrt(N), ``nprobe`` searched);
             for large galleries. Its recall@k against exact search is measured when it is built.
 - ``hnsw``: a graph index (``M`` = 32, ``efSearch`` = 128); no training, fast queries, more memory.
+- ``ivfpq``: inverted file with product-quantised codes, sized for a memory budget and built
+            shard by shard on Ray, searched memory-mapped: for galleries larger than memory
+            (see :mod:`tpr_ray.index.build`).
 
 An index directory holds one folder per build, ``builds/<id>/`` with ``index.faiss``,
 ``ids.parquet`` (row -> image_id, image_uri, person_id) and ``index.json`` (kind,
@@ -37,7 +40,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 INFO_FILE = "index.json"
 BUILDS_DIR = "builds"
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 
 
 def make_index(kind: str, dim: int, num_vectors: int, nlist: int | None = None) -> faiss.Index:
@@ -77,6 +80,14 @@ def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
     return float(np.sum(hits)) / (k * len(hits))
 
 
+def near_queries(vectors: np.ndarray, num_queries: int = 1000, noise: float = 0.05, seed: int = 0) -> np.ndarray:
+    """Some of ``vectors`` with a little Gaussian noise, re-normalised (see :func:`measure_recall`)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(vectors), size=min(num_queries, len(vectors)), replace=False)
+    queries = vectors[picks] + noise * rng.standard_normal((len(picks), vectors.shape[1])).astype(np.float32)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
 def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10, num_queries: int = 1000,
                    noise: float = 0.05, seed: int = 0) -> float:
     """recall@k of ``index`` against exact search, for queries near gallery vectors.
@@ -84,10 +95,7 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10, num_que
     Queries are gallery vectors with a little Gaussian noise, re-normalised: what a matching
     text query looks like to the index (close to a few items, not exactly on one).
     """
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(vectors), size=min(num_queries, len(vectors)), replace=False)
-    queries = vectors[picks] + noise * rng.standard_normal((len(picks), vectors.shape[1])).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    queries = near_queries(vectors, num_queries, noise, seed)
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
     _, exact_ids = exact.search(queries, k)
@@ -96,18 +104,28 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10, num_que
 
 
 def build_index(embeddings: str, out: str, kind: str = "flat", nlist: int | None = None, nprobe: int = 32,
-                recall_k: int = 10, allow_incomplete: bool = False, overwrite: bool = False) -> dict:
+                recall_k: int = 10, allow_incomplete: bool = False, overwrite: bool = False,
+                memory_budget: int | str = "4G", opq: bool = False, rows_per_part: int = 250_000) -> dict:
     """Index a gallery embedding table (a folder written by `tpr-ray embed`) into ``out``.
 
     The build goes to a folder of its own under ``out/builds/``; ``out/index.json`` (the
     pointer) is switched to it last, so a build that dies midway leaves the previous index
-    whole. An existing index is replaced only with ``overwrite``.
+    whole. An existing index is replaced only with ``overwrite``. ``kind="ivfpq"`` never reads
+    the table into one process: ``memory_budget`` (bytes, or "4G") bounds the index, ``opq``
+    adds a learnt rotation, ``rows_per_part`` bounds what each Ray task reads (see
+    :mod:`tpr_ray.index.build`); re-running a build that died continues it.
     """
     tick = time.perf_counter()
     pointer_uri = storage.join(out, INFO_FILE)
     if storage.exists(pointer_uri) and not overwrite:
         raise ConfigError(f"{out} already holds an index; pass --overwrite (overwrite=True) to replace it, "
                           "or choose another --out")
+    if kind == "ivfpq":
+        return _build_ivfpq(embeddings, out, tick, nlist=nlist, nprobe=nprobe, recall_k=recall_k,
+                            allow_incomplete=allow_incomplete, memory_budget=memory_budget, opq=opq,
+                            rows_per_part=rows_per_part)
+    if kind not in KINDS:
+        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     table, info = read_embeddings(embeddings, allow_incomplete=allow_incomplete)
     check_kind(info, "gallery", hint="index the gallery/ table of an embedding run")
     vectors = embedding_matrix(table)
@@ -136,9 +154,28 @@ def build_index(embeddings: str, out: str, kind: str = "flat", nlist: int | None
     storage.write_bytes_atomic(storage.join(build_dir, INDEX_FILE), index_bytes)
     storage.write_bytes_atomic(storage.join(build_dir, IDS_FILE), ids_bytes)
     storage.write_json(storage.join(build_dir, INFO_FILE), details)
+    _switch_to(out, build, previous, details, tick)
+    return details
+
+
+def _switch_to(out: str, build: str, previous: str | None, details: dict, tick: float) -> None:
     details["seconds"] = time.perf_counter() - tick
-    storage.write_json(pointer_uri, details)  # the switch: readers see the old build or the new one, whole
+    storage.write_json(storage.join(out, INFO_FILE), details)  # the switch: readers see the old build or the new one
     _remove_old_builds(out, keep={build, previous})
+
+
+def _build_ivfpq(embeddings: str, out: str, tick: float, *, allow_incomplete: bool, memory_budget, **options) -> dict:
+    from tpr_ray.index.build import build_ivfpq, parse_size
+    from tpr_ray.tables import check_complete, read_sidecar
+
+    info = {**read_sidecar(embeddings), "uri": embeddings}
+    check_complete(info, embeddings, allow_incomplete)
+    check_kind(info, "gallery", hint="index the gallery/ table of an embedding run")
+    build, details = build_ivfpq(embeddings, out, info, memory_budget=parse_size(memory_budget), **options)
+    details.update(embeddings=embeddings, **{f: info.get(f) for f in ("method", "model", "checkpoint")})
+    pointer_uri = storage.join(out, INFO_FILE)
+    previous = storage.read_json(pointer_uri).get("build") if storage.exists(pointer_uri) else None
+    _switch_to(out, build, previous, details, tick)
     return details
 
 
@@ -172,6 +209,10 @@ def load_index(index_dir: str) -> tuple[faiss.Index, pa.Table, dict]:
     info = storage.read_json(pointer_uri)
     # Folders built before builds had folders of their own hold the files at the top.
     folder = storage.join(index_dir, BUILDS_DIR, info["build"]) if info.get("build") else index_dir
+    if info.get("kind") == "ivfpq":
+        from tpr_ray.index.build import load_ivfpq
+
+        return (*load_ivfpq(folder, info), info)
     index_uri, ids_uri = storage.join(folder, INDEX_FILE), storage.join(folder, IDS_FILE)
     for uri in (index_uri, ids_uri):
         if not storage.exists(uri):
@@ -222,7 +263,7 @@ class Searcher:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.method, _ = load_method(checkpoint)
         self.method.to(self.device)
-        self.columns = {name: ids.column(name).to_pylist() for name in ids.column_names}
+        self.ids = ids  # memory-mapped for ivfpq: only the rows of hits are read
 
     def search(self, texts: list[str], k: int = 10) -> list[list[dict]]:
         from tpr_ray.model.encode import encode_captions
@@ -238,9 +279,10 @@ class Searcher:
         scores, rows = self.index.search(np.ascontiguousarray(queries), min(k, self.index.ntotal))
         results = []
         for score_row, id_row in zip(scores, rows):
-            hits = [{"rank": rank + 1, "score": float(s), **{name: values[r] for name, values in self.columns.items()}}
-                    for rank, (s, r) in enumerate(zip(score_row, id_row)) if r >= 0]
-            results.append(hits)
+            found = id_row >= 0
+            named = self.ids.take(pa.array(id_row[found])).to_pylist()
+            results.append([{"rank": rank + 1, "score": float(s), **row}
+                            for rank, (s, row) in enumerate(zip(score_row[found], named))])
         return results
 
 
