@@ -4,7 +4,7 @@ import pytest
 
 from tpr_ray.methods import available
 from tpr_ray.methods.published import PUBLISHED, published
-from tpr_ray.reproduce import SMOKE_NOTE, SMOKE_STEPS, comparison, format_comparison
+from tpr_ray.workflows.reproduce import SMOKE_NOTE, SMOKE_STEPS, comparison, format_comparison
 
 
 def test_every_method_has_published_numbers_and_pd_shows_the_baselines():
@@ -38,7 +38,7 @@ def test_reproduce_smoke_runs_every_stage_then_embeds_evaluates_and_prints_the_c
     from click.testing import CliRunner
 
     from cli.main import cli
-    from tpr_ray.checkpoint import read_config
+    from tpr_ray.model.checkpoint import read_config
 
     result = CliRunner().invoke(cli, ["reproduce", "--method", "pd", "--out", str(tmp_path), "--smoke",
                                       "--loader-workers", "0"], catch_exceptions=False)
