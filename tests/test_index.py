@@ -203,7 +203,7 @@ def test_search_refuses_another_checkpoint_unless_told(two_checkpoints):
 @pytest.mark.parametrize("texts", [[""], ["a man", "   "], ["\t\n"]])
 def test_an_empty_query_is_refused_before_the_model_loads(two_checkpoints, monkeypatch, texts):
     index_dir, _, _ = two_checkpoints
-    import tpr_ray.checkpoint as checkpoint_module
+    import tpr_ray.model.checkpoint as checkpoint_module
 
     loads = []
     monkeypatch.setattr(checkpoint_module, "load_method", lambda *a, **kw: loads.append(a))
