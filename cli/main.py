@@ -207,8 +207,9 @@ def search_command(texts, index_dir, top, checkpoint, allow_other_checkpoint, in
     import sys
 
     from tpr_ray.io import storage
-    from tpr_ray.index.faiss_index import Searcher
+    from tpr_ray.index.faiss_index import Searcher, check_queries
 
+    check_queries(texts)  # before the index and the model load
     if texts and interactive:
         raise click.UsageError("give query texts or --interactive, not both")
     if not texts and not interactive and sys.stdin.isatty():

@@ -374,3 +374,12 @@ def test_synthetic_matrix_on_ray(ray_cluster, tmp_path):
     assert status[("baseline", "cuhk", "broken")] == ("failed", "plan")
     assert status[("baseline", "rstp", "cuhk")] == ("ok", None)
     assert third.counts["trained"] == 0 and third.counts["embedded"] == 0 and third.counts["skipped"] == 1
+
+
+def test_an_unknown_dataset_name_stops_the_matrix_before_any_work(fake, tmp_path):
+    jobs, registry = fake
+    result = CliRunner().invoke(crosseval_command, ["--train", "cuhk,icfgg", "--test", "cuhk", "--registry", registry,
+                                                    "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0].startswith("Error: unknown dataset 'icfgg': not in the registry"), result.output
+    assert jobs.calls == [] and not (tmp_path / "out").exists()  # nothing trained, nothing written

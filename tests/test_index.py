@@ -200,6 +200,21 @@ def test_search_refuses_another_checkpoint_unless_told(two_checkpoints):
     assert result.exit_code != 0 and "--allow-other-checkpoint" in result.output
 
 
+@pytest.mark.parametrize("texts", [[""], ["a man", "   "], ["\t\n"]])
+def test_an_empty_query_is_refused_before_the_model_loads(two_checkpoints, monkeypatch, texts):
+    index_dir, _, _ = two_checkpoints
+    import tpr_ray.model.checkpoint as checkpoint_module
+
+    loads = []
+    monkeypatch.setattr(checkpoint_module, "load_method", lambda *a, **kw: loads.append(a))
+    with pytest.raises(ConfigError, match=f"query {len(texts)} of {len(texts)} is empty"):
+        index_module.search(index_dir, texts, 3)
+    result = CliRunner().invoke(cli, ["search", *texts, "--index", index_dir])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0].startswith(f"Error: query {len(texts)} of {len(texts)} is empty")
+    assert loads == []
+
+
 def test_search_function_ranks_by_the_indexed_checkpoint(two_checkpoints):
     index_dir, (ckpt, _), gallery = two_checkpoints
     texts = ["a man in a red coat", "a child"]

@@ -20,7 +20,7 @@ from tpr_ray.methods.backbone import DEFAULT_IMAGE_SIZE
 from tpr_ray.crosseval.scheduler import error_record
 from tpr_ray.data import registry as datasets_registry
 from tpr_ray.data.registry import SYNTHETIC_STYLES, Dataset, child_path, safe_name
-from tpr_ray.errors import ConfigError, DataError
+from tpr_ray.errors import ConfigError
 
 if TYPE_CHECKING:
     from tpr_ray.training.config import TrainConfig
@@ -140,8 +140,10 @@ class CellPlan:
 def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
     """Resolve datasets and recipes and key every training run and cell.
 
-    A dataset or method that cannot be resolved fails the cells that need it (with the
-    error), not the matrix.
+    A dataset name that is neither in the registry, nor a built-in synthetic style, nor a
+    folder or URI stops the matrix here, before any work (a typo would otherwise surface
+    after every other cell had trained). A named dataset that cannot be read, or a method
+    that does not load, fails the cells that need it (with the error), not the matrix.
     """
     from tpr_ray.methods import get_method
     from tpr_ray.training.config import TrainConfig
@@ -150,12 +152,9 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
     out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     registry = datasets_registry.load_registry(cfg.registry)
     specs = list(dict.fromkeys([*cfg.train, *cfg.test]))
-    datasets, dataset_errors = {}, {}
-    for spec in specs:
-        try:
-            datasets[spec] = datasets_registry.resolve_dataset(spec, registry, cfg.synthetic_ids, cfg.seed)
-        except (ConfigError, DataError) as exc:
-            dataset_errors[spec] = error_record("plan", exc)
+    datasets = {spec: datasets_registry.resolve_dataset(spec, registry, cfg.synthetic_ids, cfg.seed)
+                for spec in specs}
+    dataset_errors = {}
     # The backbone follows the training data: synthetic training sets get the tiny model.
     model, pretrained, base_overrides = backbone_choice(cfg, [datasets[s] for s in cfg.train if s in datasets])
     versions = {}

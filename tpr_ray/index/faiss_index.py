@@ -238,6 +238,17 @@ def same_checkpoint(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def check_queries(texts) -> list[str]:
+    """The query texts as a list; an empty or whitespace-only one is refused (it would still
+    be embedded and return the gallery's top images for no description at all)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for number, text in enumerate(texts, 1):
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"query {number} of {len(texts)} is empty: give a description of the person, "
+                              f"e.g. \"a woman in a red coat with a black backpack\"")
+    return texts
+
+
 class Searcher:
     """An index with its text encoder loaded once, for many queries (see :func:`search`)."""
 
@@ -270,9 +281,10 @@ class Searcher:
 
         if k < 1:
             raise ConfigError(f"the number of results must be at least 1, got {k}")
+        texts = check_queries(texts)
         if not texts:
             return []
-        queries = encode_captions(self.method, list(texts), self.device)
+        queries = encode_captions(self.method, texts, self.device)
         if queries.shape[1] != self.info["dim"]:
             raise ConfigError(f"checkpoint {self.checkpoint} embeds to dim {queries.shape[1]}, the index holds dim "
                               f"{self.info['dim']}")
@@ -294,4 +306,5 @@ def search(index_dir: str, texts: list[str], k: int = 10, checkpoint: str | None
     ``checkpoint`` is refused unless ``allow_other_checkpoint``. To search many times with
     the model loaded once, use :class:`Searcher`.
     """
+    texts = check_queries(texts)  # before the model loads
     return Searcher(index_dir, checkpoint, allow_other_checkpoint).search(texts, k)

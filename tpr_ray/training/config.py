@@ -25,6 +25,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     loader_workers: int = 2
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
+    stage_max_steps: int | None = None  # end each stage after this many steps, then go on to the next (smoke runs)
     log_every: int = 20
     seed: int = 0
     holdout_fraction: float = 0.05

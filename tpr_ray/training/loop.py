@@ -92,6 +92,7 @@ class EpochResult:
     samples: int  # global samples (all workers)
     finished: bool  # the epoch ran to its end
     stop: bool  # max_steps reached: the run ends after this epoch's report
+    stage_stop: bool = False  # stage_max_steps reached: the stage ends after this epoch's report
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -113,9 +114,11 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         for stage_index in range(start_stage, len(stages)):
             run = prepare_stage(method, stages, stage_index, data, worker, resumed, cached)
+            stage_steps = 0
             for epoch in range(run.start_epoch, run.recipe.epochs):
-                result = train_epoch(method, run, epoch, global_step, worker, tracker)
+                result = train_epoch(method, run, epoch, global_step, worker, tracker, stage_steps)
                 global_step += result.steps
+                stage_steps += result.steps
                 if result.finished:
                     advance(run.scheduler, run.recipe, "epoch")
                 metrics = epoch_metrics(run, epoch, result, global_step, worker)
@@ -127,6 +130,8 @@ def train_loop_per_worker(config: dict) -> None:
                 _report(method, run.optimizer, run.scheduler, metrics, cfg, run.counts, worker.rank, data.version)
                 if result.stop:
                     return
+                if result.stage_stop:
+                    break
     finally:
         tracker.close()
 
@@ -213,12 +218,14 @@ def prepare_stage(method: Method, stages: list[Stage], index: int, data: Trainin
     return StageRun(index, stage, model, loader, sampler, optimizer, scheduler, counts, start_epoch)
 
 
-def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, worker: Worker, tracker) -> EpochResult:
-    """One pass over this worker's share of the pairs (or up to ``max_steps``)."""
+def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, worker: Worker, tracker,
+                stage_steps: int = 0) -> EpochResult:
+    """One pass over this worker's share of the pairs (or up to ``max_steps``, or up to
+    ``stage_max_steps`` counting the ``stage_steps`` this stage already took)."""
     cfg, recipe = worker.cfg, run.recipe
     run.sampler.set_epoch(epoch)
     run.model.train()
-    tick, sums, steps, stop = time.perf_counter(), {}, 0, False
+    tick, sums, steps, stop, stage_stop = time.perf_counter(), {}, 0, False, False
     steps_per_epoch = len(run.loader)
     for batch in run.loader:
         losses = train_step(method, run, batch, worker.device)
@@ -226,7 +233,8 @@ def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, wor
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         stop = cfg.max_steps is not None and global_step + steps >= cfg.max_steps
-        if worker.leader and (steps % cfg.log_every == 0 or steps == steps_per_epoch or stop):
+        stage_stop = cfg.stage_max_steps is not None and stage_steps + steps >= cfg.stage_max_steps
+        if worker.leader and (steps % cfg.log_every == 0 or steps == steps_per_epoch or stop or stage_stop):
             rate = steps * recipe.batch_size * worker.world / (time.perf_counter() - tick)
             terms = " ".join(f"{k} {v / steps:.4f}" for k, v in sums.items())
             lr = run.scheduler.get_last_lr()[0]
@@ -237,10 +245,10 @@ def train_epoch(method: Method, run: StageRun, epoch: int, global_step: int, wor
                 f"{terms} lr {lr:.3e} samples/s {rate:.1f} ETA {eta}")
             tracker.log({**{f"train/{k}": v / steps for k, v in sums.items()}, "lr": lr, "samples_per_s": rate},
                         global_step + steps)
-        if stop:
+        if stop or stage_stop:
             break
     return EpochResult(steps, sums, time.perf_counter() - tick, steps * recipe.batch_size * worker.world,
-                       finished=steps == steps_per_epoch, stop=stop)
+                       finished=steps == steps_per_epoch, stop=stop, stage_stop=stage_stop)
 
 
 def train_step(method: Method, run: StageRun, batch: dict, device) -> dict:

@@ -6,8 +6,9 @@ difference. Re-running with the same ``out`` continues: training resumes from it
 checkpoint and the embedding job from its committed shards.
 
 ``smoke=True`` checks the whole chain in a minute on CPU: a small synthetic dataset (unless
-``data`` is given), the tiny random-weight model and a few optimizer steps. Its numbers mean
-nothing; the published ones are shown against the synthetic data's style.
+``data`` is given), the tiny random-weight model and a few optimizer steps in each of the
+method's stages (PD's two included). Its numbers mean nothing: its table says so, and the
+published ones are shown against the synthetic data's style.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from tpr_ray.methods.published import METRICS, published
 
 SMOKE_IDS = 16
 SMOKE_OVERRIDES = {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "lr": 1e-4}
-SMOKE_STEPS = 3
+SMOKE_STEPS = 3  # per stage
+SMOKE_NOTE = "smoke, synthetic: not comparable to the paper"
+SMOKE_NOTE_OWN_DATA = "smoke (tiny random-weight model, a few steps): not comparable to the paper"
 RESULT_FILE = "reproduce.json"
 
 
@@ -71,12 +74,15 @@ def comparison(metrics: dict, method: str, dataset: str) -> dict:
     return {"source": source, "rows": rows}
 
 
-def format_comparison(table: dict, method: str, dataset: str) -> str:
+def format_comparison(table: dict, method: str, dataset: str, note: str | None = None) -> str:
+    """The table as text; ``note`` (a smoke run's warning) heads it."""
     def cell(value):
         return "-" if value is None else f"{value:.2f}"
 
     lines = [f"{method} on {dataset} (test, text-to-image, %); published: {table['source']}",
              f"{'metric':<7} {'ours':>7} {'paper':>7} {'diff':>7}"]
+    if note:
+        lines.insert(0, f"[{note}]")
     for row in table["rows"]:
         diff = row["difference"]
         lines.append(f"{row['metric']:<7} {cell(row['ours']):>7} {cell(row['published']):>7} "
@@ -89,17 +95,20 @@ def reproduce(cfg: ReproduceConfig, address: str | None = None, echo=print) -> d
     from tpr_ray.evaluation.evaluate import evaluate
     from tpr_ray.training.config import TrainConfig
     from tpr_ray.training.driver import train
+    from tpr_ray.training.driver import registered_checkpoints
 
     tick = time.perf_counter()
     get_method(cfg.method)  # an unknown method fails before anything starts
     out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
-    data, model, pretrained, overrides, max_steps = cfg.data, cfg.model, cfg.pretrained, dict(cfg.overrides), None
+    data, model, pretrained, overrides, stage_steps = cfg.data, cfg.model, cfg.pretrained, dict(cfg.overrides), None
+    note = None
     if cfg.smoke:
+        note = SMOKE_NOTE if data is None else SMOKE_NOTE_OWN_DATA
         if data is None:
             data = os.path.join(out, "smoke-data", "CUHK-PEDES")
             if not storage.exists(storage.join(data, "reid_raw.json")):
                 synthesize("cuhk", SMOKE_IDS, cfg.seed, data)
-        model, pretrained, max_steps = "tpr-tiny", None, SMOKE_STEPS
+        model, pretrained, stage_steps = "tpr-tiny", None, SMOKE_STEPS
         overrides = {**_smoke_overrides(cfg.method), **overrides}
     if data is None:
         raise ConfigError("reproduce needs --data (a CUHK-PEDES, ICFG-PEDES or RSTPReid folder), or --smoke")
@@ -107,22 +116,23 @@ def reproduce(cfg: ReproduceConfig, address: str | None = None, echo=print) -> d
 
     runs = storage.join(out, "runs")
     run_dir = storage.join(runs, cfg.method)
-    resume = storage.exists(run_dir)
+    resume = bool(registered_checkpoints(run_dir))
     echo(f"[reproduce] {cfg.method} on {dataset}: {'resuming' if resume else 'training'} {run_dir}")
     result = train(TrainConfig(method=cfg.method, data=data, out=runs, name=cfg.method, model=model,
                                pretrained=pretrained, overrides=overrides, num_workers=cfg.workers,
-                               use_gpu=cfg.use_gpu, loader_workers=cfg.loader_workers, max_steps=max_steps,
+                               use_gpu=cfg.use_gpu, loader_workers=cfg.loader_workers, stage_max_steps=stage_steps,
                                seed=cfg.seed, resume=resume), address=address)
     embeddings = storage.join(out, "embeddings", cfg.method)
     echo(f"[reproduce] embedding the test split with {result.best_checkpoint}")
     embed(EmbedConfig(checkpoint=result.run_dir, data=data, out=embeddings, split="test"), address=address)
     metrics = evaluate(storage.join(embeddings, "gallery"), storage.join(embeddings, "queries"))
     table = comparison(metrics, cfg.method, dataset)
-    report = {"method": cfg.method, "dataset": dataset, "data": data, "smoke": cfg.smoke, "run": result.run_dir,
-              "checkpoint": result.best_checkpoint, "recipe": get_method(cfg.method).default_recipe.override(
+    report = {"method": cfg.method, "dataset": dataset, "data": data, "smoke": cfg.smoke, "note": note,
+              "run": result.run_dir, "checkpoint": result.best_checkpoint,
+              "latest_checkpoint": result.latest_checkpoint, "recipe": get_method(cfg.method).default_recipe.override(
                   **overrides).to_dict(), "metrics": {k: metrics[k] for k in METRICS}, "comparison": table,
               "seconds": time.perf_counter() - tick}
     storage.write_json(storage.join(out, RESULT_FILE), json.loads(json.dumps(report, default=str)))
-    echo(format_comparison(table, cfg.method, dataset))
+    echo(format_comparison(table, cfg.method, dataset, note))
     echo(f"[reproduce] {time.perf_counter() - tick:.0f}s; results in {storage.join(out, RESULT_FILE)}")
     return report
