@@ -3,7 +3,7 @@
     python benchmarks/decode.py                 # crops and large photos, one process = one core
     python benchmarks/decode.py --crops 2000 --photos 40
 
-Runs `tpr_ray.images.decode_pixels` (what `decode_batch` does per image, minus the fetch) into
+Runs `tpr_ray.io.images.decode_pixels` (what `decode_batch` does per image, minus the fetch) into
 a batch array on in-memory JPEGs: pedestrian crops of 100x250 to 300x800 pixels (the size range
 of CUHK-PEDES) and large photos (4000x3000), at the model input 384x128. Rates are per
 CPU-second of this single-threaded process, i.e. images/s per core. In the same run:
@@ -12,7 +12,7 @@ CPU-second of this single-threaded process, i.e. images/s per core. In the same 
   conversion each copying, then a copy out and another into the batch), for a before/after;
 - the large photos decoded without the JPEG draft reduction, to show what the draft buys;
 - torchvision's JPEG decoder + torch's antialiased bicubic resize on the CPU (what
-  `tpr_ray.gpu_decode` runs on the GPU), and the bytes that cross the object store per image
+  `tpr_ray.io.gpu_decode` runs on the GPU), and the bytes that cross the object store per image
   when the GPU decodes (the JPEG) instead of the CPU (the 384x128x3 pixels).
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from tpr_ray.images import decode_pixels  # noqa: E402
+from tpr_ray.io.images import decode_pixels  # noqa: E402
 
 TARGET = (384, 128)
 
@@ -71,7 +71,7 @@ def current_path(data: bytes, size, draft: bool, out: np.ndarray) -> None:
     if draft:
         decode_pixels(data, size, out)
     else:  # the draft only applies with a target size: decode whole, then resize
-        from tpr_ray.images import decode_image, resize_uint8
+        from tpr_ray.io.images import decode_image, resize_uint8
 
         resize_uint8(decode_image(data), size, out)
 
@@ -80,7 +80,7 @@ def torch_path(data: bytes, size, draft: bool, out: np.ndarray) -> None:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from tpr_ray.gpu_decode import resize_on_device
+    from tpr_ray.io.gpu_decode import resize_on_device
 
     chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     out[...] = resize_on_device(chw, size).numpy()

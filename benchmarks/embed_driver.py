@@ -6,8 +6,8 @@
 What the driver of `tpr-ray embed` does, without Ray and without images. The input listing
 (a synthetic bare gallery: ``image_id``, null ``person_id``, ``image_uri``) is written to a
 Parquet file first, by another process: what ``tpr-ray embed --images listing.parquet`` reads.
-The measured process then reads it as that command does (:func:`tpr_ray.gallery.listing_batches`)
-and plans the job as the driver does (:func:`tpr_ray.embed.plan_job`: streams the listing twice, for the resume
+The measured process then reads it as that command does (:func:`tpr_ray.embedding.inputs.listing_batches`)
+and plans the job as the driver does (:func:`tpr_ray.embedding.pipeline.plan_job`: streams the listing twice, for the resume
 fingerprint and to write the shard-plan files), and commits every shard as the results come
 back from the pipeline: batches of ``--batch`` rows carrying the input columns (read here from
 the plan files, as the workers do) and random unit ``--dim`` embeddings, in shard order, as a
@@ -54,9 +54,9 @@ def make_listing(rows: int, path: str) -> None:
 def one_size(listing: str, dim: int, batch: int, rows_per_shard: int, out: str) -> dict:
     import numpy as np
 
-    from tpr_ray.embed import EmbedConfig, plan_job
-    from tpr_ray.gallery import listing_batches
-    from tpr_ray.plan import read_plan
+    from tpr_ray.embedding.pipeline import EmbedConfig, plan_job
+    from tpr_ray.embedding.inputs import listing_batches
+    from tpr_ray.embedding.plan import read_plan
     from tpr_ray.tables import plan_dir
 
     start_rss = vm_hwm()

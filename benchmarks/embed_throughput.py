@@ -4,7 +4,7 @@
     python benchmarks/embed_throughput.py --models ViT-B-16 --images 4096 --batch-size 256   # on a GPU node
 
 Prints images/s for (a) the model in a plain in-process loop on pre-decoded uint8 tensors,
-(b) `tpr_ray.embed` (Ray Data: read, decode + resize, actor pool, shard commits) reading JPEGs
+(b) `tpr_ray.embedding.pipeline` (Ray Data: read, decode + resize, actor pool, shard commits) reading JPEGs
 from local disk, and (c) the same reading from an S3 endpoint (moto's server on loopback),
 with the ratios (b)/(a) and (c)/(a), all in one run on the same model and images. The pipeline
 figures are whole jobs (Ray Data start-up, actor start-up, model load, planning included). The
@@ -44,11 +44,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tpr_ray import storage  # noqa: E402
-from tpr_ray.backbone import BackboneConfig  # noqa: E402
-from tpr_ray.checkpoint import load_method, save_checkpoint  # noqa: E402
-from tpr_ray.embed import EmbedConfig, embed  # noqa: E402
-from tpr_ray.inference import encode_images  # noqa: E402
+from tpr_ray.io import storage  # noqa: E402
+from tpr_ray.methods.backbone import BackboneConfig  # noqa: E402
+from tpr_ray.model.checkpoint import load_method, save_checkpoint  # noqa: E402
+from tpr_ray.embedding.pipeline import EmbedConfig, embed  # noqa: E402
+from tpr_ray.model.encode import encode_images  # noqa: E402
 from tpr_ray.methods import get_method  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def model_only(checkpoint: str, n: int, batch: int, device: torch.device) -> flo
 
 
 def pipeline(checkpoint: str, images: str, out: str, batch: int, actors: int, ray_default_threads=False) -> float:
-    import tpr_ray.embed as embed_module
+    import tpr_ray.embedding.pipeline as embed_module
 
     saved = embed_module._cpu_threads_per_actor
     if ray_default_threads:

@@ -13,7 +13,7 @@ L2-normalised. The gallery is written as Parquet shards of a gallery embedding t
 Three phases, each in its own process so each peak RSS (``ru_maxrss``) is its own:
 
 1. generate the data (not measured);
-2. the streaming evaluator (:func:`tpr_ray.streaming_eval.evaluate_sharded`, in-process,
+2. the streaming evaluator (:func:`tpr_ray.evaluation.streaming.evaluate_sharded`, in-process,
    ``--threads`` shards at a time, BLAS one thread each): wall time from reading the shard
    person ids to the metrics, peak RSS, its top-10 per query;
 3. faiss: read every shard into an ``IndexFlatIP`` and search the top 10 (the compute
@@ -80,7 +80,7 @@ def generate(args) -> dict:
 def stream(args) -> dict:
     import numpy as np
 
-    from tpr_ray.streaming_eval import StreamingSettings, evaluate_sharded
+    from tpr_ray.evaluation.streaming import StreamingSettings, evaluate_sharded
     from tpr_ray.tables import list_shards
 
     queries = np.load(os.path.join(args.workdir, "queries.npy"))

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,20 +33,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from tpr_ray.backbone import BackboneConfig  # noqa: E402
-from tpr_ray.inference import autocast  # noqa: E402
+from tpr_ray.methods.backbone import BackboneConfig  # noqa: E402
+from tpr_ray.model.encode import autocast  # noqa: E402
 from tpr_ray.methods import METHODS, get_method  # noqa: E402
-from tpr_ray.metrics import metrics_from_positive_ranks  # noqa: E402
-from tpr_ray.optim import build_optimizer  # noqa: E402  (the optimizer training builds)
+from tpr_ray.training.optim import build_optimizer  # noqa: E402  (the optimizer training builds)
 
-# Dense (no sparsity) peaks from the vendors' data sheets, TFLOP/s: (bf16 tensor core, fp32).
-# An 8192^3 bf16 matmul reaches about 790 of the H200's 989 here, so 80 % MFU is the practical top.
-CHIP_PEAKS = (("H200", 989.0, 67.0), ("H100 PCIe", 756.0, 51.0), ("H100 NVL", 835.0, 60.0),
-              ("H100", 989.0, 67.0), ("A100", 312.0, 19.5))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the suite's own modules beside it
+from gpu_eval import (block_scores, count_ahead, exact_eval, library_eval, synthetic_embeddings,  # noqa: E402,F401
+                      top_k_stable)
+from gpu_measure import HEADER, chip_peaks, environment, flops_of, fmt, peak_gib, per_sample_gflop, reset_memory, row, sync, timed  # noqa: E402,F401
+
 CUHK_TRAIN_IDS = 11003  # classifier width of the ID loss on CUHK-PEDES
 WORDS = ("a man woman wearing black white blue red grey dark light long short sleeve shirt jacket coat "
          "jeans trousers skirt shoes boots bag backpack carrying walking holding hair glasses hat and "
@@ -73,7 +69,7 @@ class Settings:
     eval_gallery: int = 1_000_000
     eval_dim: int = 512
     eval_block: int = 1024
-    eval_check: tuple[int, int] = (500, 50_000)  # queries x gallery compared with tpr_ray.metrics
+    eval_check: tuple[int, int] = (500, 50_000)  # queries x gallery compared with tpr_ray.evaluation.metrics
     eval_shard_rows: int = 250_000  # the library's streaming evaluator sees the gallery in shards
     images_per_person: int = 4
     top_k: int = 10
@@ -87,127 +83,6 @@ class Settings:
                    compile_methods=("baseline",), warmup_steps=1, timed_steps=2,
                    embed_batches=(8, 16), text_batch=16, eval_queries=96, eval_gallery=3000, eval_dim=32,
                    eval_block=40, eval_check=(40, 800), eval_shard_rows=700, budget_s=300.0, compile_estimate_s=5.0)
-
-
-# --------------------------------------------------------------------------- exact evaluation
-
-
-def positive_slots(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> torch.Tensor:
-    """Gallery positions of each query's positives, ``[Q, P]`` ascending, padded with -1."""
-    order = torch.argsort(gallery_pids, stable=True)
-    sorted_pids = gallery_pids[order]
-    start = torch.searchsorted(sorted_pids, query_pids)
-    count = torch.searchsorted(sorted_pids, query_pids, right=True) - start
-    slots = torch.arange(max(1, int(count.max())), device=query_pids.device)
-    valid = slots < count[:, None]
-    index = (start[:, None] + slots).clamp(max=len(order) - 1)
-    return torch.where(valid, order[index], -1)
-
-
-def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """float32 inner products of a block of queries with the whole gallery."""
-    return queries.float() @ gallery.float().T
-
-
-def count_ahead(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Items ranked ahead of each target under tpr_ray.metrics' tie rule (score desc, position asc).
-
-    ``targets`` are gallery positions ``[B, P]`` (-1 = none). Ties with another item are rare
-    with real features, so the position-aware count runs only on rows that have one.
-    """
-    positions = torch.arange(scores.shape[1], device=scores.device)
-    target_scores = scores.gather(1, targets.clamp(min=0))
-    counts = torch.empty_like(targets)
-    for slot in range(targets.shape[1]):
-        t = target_scores[:, slot, None]
-        counts[:, slot] = (scores > t).sum(1)
-        tied = ((scores == t).sum(1) > 1).nonzero().squeeze(1)
-        if len(tied):
-            earlier = (scores[tied] == t[tied]) & (positions < targets[tied, slot, None])
-            counts[tied, slot] += earlier.sum(1)
-    return counts
-
-
-def top_k_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``k`` per row by (score desc, position asc), the order tpr_ray.metrics ranks by."""
-    values, columns = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    threshold = values[:, -1:]
-    # topk keeps an arbitrary subset of the items tied at the k-th score: redo the rows where
-    # some were left out, keeping the earliest positions.
-    short = ((scores == threshold).sum(1) > (values == threshold).sum(1)).nonzero().squeeze(1)
-    for row in short.tolist():
-        above = (scores[row] > threshold[row]).nonzero().squeeze(1)
-        tied = (scores[row] == threshold[row]).nonzero().squeeze(1)[: values.shape[1] - len(above)]
-        columns[row] = torch.cat([above, tied])
-        values[row] = scores[row, columns[row]]
-    by_position = columns.argsort(dim=1)
-    columns, values = columns.gather(1, by_position), values.gather(1, by_position)
-    by_score = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return values.gather(1, by_score), columns.gather(1, by_score)
-
-
-def exact_eval(queries, gallery, query_pids, gallery_pids, *, top_k: int = 10, block: int = 1024,
-               skip_queries_without_positives: bool = False) -> dict:
-    """R@1/5/10, mAP, mINP and each query's top-k, exact, ``block`` queries at a time on their device.
-
-    Each block's scores are counted against its positives (no full sort of the gallery) and
-    the ranks go through tpr_ray.metrics, so the numbers are the CPU evaluator's.
-    """
-    targets = positive_slots(query_pids, gallery_pids)
-    ranks = torch.zeros_like(targets)
-    top_scores = torch.empty(len(queries), min(top_k, len(gallery)), device=queries.device)
-    top_positions = torch.empty(top_scores.shape, dtype=torch.int64, device=queries.device)
-    for start in range(0, len(queries), block):
-        stop = min(start + block, len(queries))
-        scores = block_scores(queries[start:stop], gallery)
-        block_targets = targets[start:stop]
-        ranks[start:stop] = torch.where(block_targets >= 0, count_ahead(scores, block_targets) + 1, 0)
-        top_scores[start:stop], top_positions[start:stop] = top_k_stable(scores, top_k)
-        del scores
-    metrics = metrics_from_positive_ranks(ranks.cpu().numpy(),
-                                          skip_queries_without_positives=skip_queries_without_positives)
-    metrics["num_gallery"] = len(gallery)
-    return {"metrics": metrics, "top_scores": top_scores, "top_positions": top_positions}
-
-
-def library_eval(queries, gallery, query_pids, gallery_pids, *, shard_rows: int, top_k: int = 10, block: int = 1024,
-                 device: str = "cpu") -> dict:
-    """The streaming evaluator's kernels, as the library runs them: the positive pass in numpy,
-    the rank pass in torch on ``device`` (tpr_ray.streaming_torch), shard by shard."""
-    from tpr_ray.streaming_kernels import merge_top_k, positive_positions, ranks_from_counts, shard_positive_scores
-    from tpr_ray.streaming_torch import shard_ranks_torch
-
-    targets = positive_positions(query_pids, gallery_pids)
-    firsts = range(0, len(gallery), shard_rows)
-    target_scores = np.full(targets.shape, np.nan, dtype=np.float32)
-    for first in firsts:
-        part = shard_positive_scores(queries, gallery[first:first + shard_rows], first, targets, block)
-        target_scores = np.where(np.isnan(part), target_scores, part)
-    counts, tops = np.zeros(targets.shape, dtype=np.int64), []
-    for first in firsts:
-        out = shard_ranks_torch(queries, gallery[first:first + shard_rows], first, target_scores, targets,
-                                top_k, block, device)
-        counts += out["counts"]
-        tops.append((out["top_scores"], out["top_positions"]))
-    metrics = metrics_from_positive_ranks(ranks_from_counts(counts, targets), skip_queries_without_positives=True)
-    metrics["num_gallery"] = len(gallery)
-    top_scores, top_positions = merge_top_k(tops, top_k)
-    return {"metrics": metrics, "top_scores": top_scores, "top_positions": top_positions}
-
-
-def synthetic_embeddings(num_queries, num_gallery, dim, per_person, device, seed=0, noise=2.0):
-    """Person centres plus noise: realistic score distributions and a few positives per query."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    persons = max(1, num_gallery // per_person)
-    centres = torch.randn(persons, dim, device=device, generator=gen)
-    gallery_pids = torch.randperm(num_gallery, device=device, generator=gen) % persons
-    query_pids = torch.randint(0, persons, (num_queries,), device=device, generator=gen)
-
-    def views(pids):
-        x = centres[pids] + noise * torch.randn(len(pids), dim, device=device, generator=gen)
-        return F.normalize(x, dim=1)
-
-    return views(query_pids), views(gallery_pids), query_pids, gallery_pids
 
 
 # --------------------------------------------------------------------------- measuring
@@ -243,53 +118,6 @@ class Budget:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device):
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-
-
-def timed(fn, warmup: int, steps: int, device) -> tuple[float, float]:
-    """(seconds per call over ``steps`` after ``warmup`` calls, seconds of the first call)."""
-    tick = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - tick
-    for _ in range(warmup - 1):
-        fn()
-    sync(device)
-    tick = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - tick) / steps, first
-
-
-def flops_of(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-def per_sample_gflop(encode, inputs, count: int = 4) -> float:
-    """Forward GFLOP per sample, counted on a few samples (an encoder's cost is per sample).
-
-    Counted with autograd on: under no_grad the counter's module hooks fail on modules that
-    take a parameter as input (CSKT's prompt projections), and a few samples keep it cheap.
-    """
-    return flops_of(lambda: encode(inputs[:count])) / len(inputs[:count]) / 1e9
 
 
 def captions(n: int, seed: int) -> list[str]:
@@ -386,8 +214,8 @@ def text_cell(method, s: Settings, device) -> dict:
 
 
 def eval_check_cell(s: Settings, device) -> dict:
-    """The suite's device evaluator and the library's streaming kernels against tpr_ray.metrics."""
-    from tpr_ray.metrics import retrieval_metrics, stable_descending_order
+    """The suite's device evaluator and the library's streaming kernels against tpr_ray.evaluation.metrics."""
+    from tpr_ray.evaluation.metrics import retrieval_metrics, stable_descending_order
 
     nq, ng = s.eval_check
     q, g, qp, gp = synthetic_embeddings(nq, ng, s.eval_dim, s.images_per_person, device, seed=1)
@@ -445,21 +273,6 @@ def library_eval_cell(s: Settings, device, suite_result: dict | None) -> dict:
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def chip_peaks(device, peak_tflops: float | None, peak_fp32_tflops: float | None) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    bf16 = fp32 = None
-    source = "none: pass --peak-tflops"
-    for key, chip_bf16, chip_fp32 in CHIP_PEAKS:
-        if device.type == "cuda" and key in name:
-            bf16, fp32, source = chip_bf16, chip_fp32, f"data sheet ({key})"
-            break
-    if peak_tflops:
-        bf16, source = peak_tflops, "--peak-tflops"
-    if peak_fp32_tflops:
-        fp32 = peak_fp32_tflops
-    return {"name": name, "bf16": bf16, "fp32": fp32, "source": source}
 
 
 class Suite:
@@ -569,55 +382,6 @@ class Suite:
             counters.clear()
             self.compiled_module = (name, torch.compile(method, backend=self.s.compile_backend))
         return train_cell(method, batch, self.s, self.device, compiled=self.compiled_module[1])
-
-
-def environment(device, peaks) -> dict:
-    import open_clip
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"device": peaks["name"], "peak_bf16_tflops": peaks["bf16"], "peak_fp32_tflops": peaks["fp32"],
-            "peak_source": peaks["source"], "torch": torch.__version__, "cuda": torch.version.cuda,
-            "open_clip": open_clip.__version__, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-            "commit": commit}
-
-
-def fmt(value, spec):
-    width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
-    return format("-", f">{width}") if value is None else format(value, spec)
-
-
-HEADER = (f"{'what':<12} {'method':<9} {'batch':>6} {'mode':<8} {'rate/s':>10} {'peak GiB':>8} "
-          f"{'GFLOP':>8} {'ceiling/s':>10} {'MFU %':>6}  note")
-
-
-def row(c: dict) -> str:
-    note = c.get("reason", "") if c["status"] != "ok" else ""
-    if c["what"] == "train" and c["status"] == "ok":
-        note = f"stage {c['stage']}"
-        if "compile_s" in c:
-            note += f", first step {c['compile_s']:.1f} s, {c['graphs']} graph{'s' * (c['graphs'] != 1)}"
-    elif c["what"] == "text" and c["status"] == "ok":
-        note = f"tokenize {c['tokenize_per_s_cpu']:.0f}/s on CPU"
-    elif c["what"] == "eval" and c["status"] == "ok":
-        m = c["metrics"]
-        note = (f"{c['seconds']:.1f} s; R1 {m['R1']:.2f} R5 {m['R5']:.2f} R10 {m['R10']:.2f} "
-                f"mAP {m['mAP']:.2f} mINP {m['mINP']:.2f}; fp32 ceiling")
-    elif c["what"] == "eval_library" and c["status"] == "ok":
-        note = (f"{c['seconds']:.1f} s; tpr_ray.streaming kernels, {c['shards']} shards; "
-                f"metrics as the suite's: {c.get('same_as_suite', '-')}, top-10 rows alike: "
-                f"{100 * c.get('top_k_rows_same', float('nan')):.2f} %")
-    elif c["what"] == "eval_check" and c["status"] == "ok":
-        note = (f"suite and library equal to tpr_ray.metrics: {c['equal']} ({c['queries']} x {c['gallery']}, "
-                f"{c['queries_tied_at_k']} queries tied at k)")
-    mfu = c.get("mfu")
-    return (f"{c['what']:<12} {c.get('method', '-'):<9} {c['batch']:>6} {c['mode']:<8} "
-            f"{fmt(c.get('samples_per_s'), '10.0f')} {fmt(c.get('peak_gib'), '8.2f')} "
-            f"{fmt(c.get('gflop_per_sample'), '8.2f')} {fmt(c.get('ceiling_per_s'), '10.0f')} "
-            f"{fmt(None if mfu is None else 100 * mfu, '6.1f')}  {note}").rstrip()
 
 
 def main(argv=None) -> dict:

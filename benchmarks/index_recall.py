@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tpr_ray.index import fill_index, make_index, recall_at_k, set_search_effort  # noqa: E402
+from tpr_ray.index.faiss_index import fill_index, make_index, recall_at_k, set_search_effort  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:

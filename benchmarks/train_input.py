@@ -33,13 +33,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tpr_ray import decoded_cache
-from tpr_ray.backbone import BackboneConfig
+from tpr_ray.training import decoded_cache
+from tpr_ray.methods.backbone import BackboneConfig
 from tpr_ray.data import load_manifest, synthesize, write_manifest
-from tpr_ray.gallery import manifest_split
+from tpr_ray.embedding.inputs import manifest_split
 from tpr_ray.methods import get_method
-from tpr_ray.train import CaptionPairs, build_optimizer
-from tpr_ray.transforms import normalize
+from tpr_ray.training.inputs import CaptionPairs
+from tpr_ray.training.optim import build_optimizer
+from tpr_ray.model.transforms import normalize
 
 SIZE = (384, 128)
 RECIPE = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0}

@@ -27,8 +27,7 @@ def _storage_failure(uri: str, option: str, error: Exception) -> ConfigError:
 
 def must_exist(uri: str, option: str) -> None:
     """``uri`` (local path or URI) exists and this process may read it."""
-    from tpr_ray import storage
-
+    from tpr_ray.io import storage
     try:
         found = storage.exists(uri)
     except Exception as error:  # botocore / s3fs / fsspec raise many kinds
@@ -58,15 +57,14 @@ def model_and_weights(model: str, pretrained: str | None) -> None:
     tpr-ray checkpoint, or None for random weights)."""
     import open_clip
 
-    import tpr_ray.backbone  # noqa: F401  (registers tpr-tiny)
+    import tpr_ray.methods.backbone  # noqa: F401  (registers tpr-tiny)
 
     if model not in open_clip.list_models():
         raise ConfigError(f"unknown --model {model!r}; use an open_clip architecture such as ViT-B-16 "
                           f"(open_clip.list_models()), or tpr-tiny for tests")
     if not pretrained or pretrained.startswith("hf-hub:"):
         return
-    from tpr_ray import storage
-
+    from tpr_ray.io import storage
     if os.sep in pretrained or "://" in pretrained or os.path.exists(pretrained) or \
             pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         must_exist(pretrained, "--pretrained")
@@ -83,7 +81,7 @@ def model_and_weights(model: str, pretrained: str | None) -> None:
 
 def init_matches(init: str, method: str) -> None:
     """``--init`` names a checkpoint (or run) of the same method."""
-    from tpr_ray.checkpoint import read_config, resolve_checkpoint
+    from tpr_ray.model.checkpoint import read_config, resolve_checkpoint
 
     must_exist(init, "--init")
     checkpoint = resolve_checkpoint(init)

@@ -63,7 +63,7 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
     With no dataset options the three built-in synthetic styles are used
     with the tiny model, which finishes on 2 CPU cores in a few minutes.
     """
-    from tpr_ray import storage
+    from tpr_ray.io import storage
     from tpr_ray.crosseval import CrossEvalConfig, crosseval as run_matrix
 
     overrides = collect_overrides(sets, epochs, batch_size, lr)
@@ -94,6 +94,5 @@ def crosseval(methods, train_sets, test_sets, out, registry, model, pretrained, 
 
 
 def open_text(uri: str) -> str:
-    from tpr_ray import storage
-
+    from tpr_ray.io import storage
     return storage.read_bytes(uri).decode()

@@ -5,12 +5,9 @@ from __future__ import annotations
 import click
 
 from .options import block_size_option, cli_errors, ks_option
-from tpr_ray import storage
-from tpr_ray.evaluate import evaluate_embeddings, format_metrics_table, write_metrics_json
-
-# Above this many gallery rows `eval` streams the gallery shard by shard (bounded memory)
-# unless told otherwise; the in-memory evaluator holds the gallery and a chunk x gallery matrix.
-STREAMING_ABOVE_ROWS = 500_000
+from tpr_ray.io import storage
+from tpr_ray.evaluation.evaluate import STREAMING_ABOVE_ROWS, evaluate
+from tpr_ray.evaluation.in_memory import format_metrics_table, write_metrics_json
 
 
 @click.command("eval")
@@ -40,15 +37,10 @@ def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mi
     gallery_uri = gallery_uri or storage.join(embeddings_dir, "gallery")
     queries_uri = queries_uri or storage.join(embeddings_dir, "queries")
 
-    if streaming is None:
-        streaming = _gallery_rows(gallery_uri) > STREAMING_ABOVE_ROWS
-    if streaming:
-        metrics = _evaluate_streaming(gallery_uri, queries_uri, ks, allow_mismatch, skip_queries_without_positives,
-                                      allow_incomplete, block_size, address)
-    else:
-        metrics = evaluate_embeddings(gallery_uri, queries_uri, ks, allow_mismatch=allow_mismatch,
-                                      skip_queries_without_positives=skip_queries_without_positives,
-                                      chunk_size=block_size, allow_incomplete=allow_incomplete)
+    mode = "auto" if streaming is None else ("streaming" if streaming else "in-memory")
+    metrics = evaluate(gallery_uri, queries_uri, ks, mode=mode, allow_mismatch=allow_mismatch,
+                       skip_queries_without_positives=skip_queries_without_positives,
+                       allow_incomplete=allow_incomplete, block_size=block_size, address=address)
 
     skipped = metrics["num_queries_skipped"]
     click.echo(f"gallery {gallery_uri}: {metrics['num_gallery']} images; "
@@ -60,23 +52,3 @@ def eval_command(embeddings_dir, gallery_uri, queries_uri, out_uri, ks, allow_mi
         write_metrics_json(metrics, out_uri)
         click.echo(f"wrote {out_uri}")
 
-
-def _gallery_rows(gallery_uri: str) -> int:
-    from tpr_ray.tables import check_row_count, list_shards, read_sidecar
-
-    info = read_sidecar(gallery_uri)
-    return info["rows"] if "rows" in info else check_row_count({"uri": gallery_uri}, list_shards(gallery_uri))
-
-
-def _evaluate_streaming(gallery_uri, queries_uri, ks, allow_mismatch, skip, allow_incomplete, block_size,
-                        address) -> dict:
-    from tpr_ray.streaming_eval import StreamingSettings, evaluate_tables
-
-    if address:
-        from tpr_ray.ray_utils import init_ray
-
-        init_ray(None if address == "auto" else address)
-    settings = StreamingSettings(ks=ks, block_size=block_size, use_ray=bool(address),
-                                 skip_queries_without_positives=skip)
-    return evaluate_tables(gallery_uri, queries_uri, settings=settings, allow_mismatch=allow_mismatch,
-                           allow_incomplete=allow_incomplete).metrics

@@ -85,7 +85,8 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 
     Watch it with `tensorboard --logdir OUT` (event files in OUT/NAME/tensorboard)."""
     from tpr_ray.methods import get_method
-    from tpr_ray.train import TrainConfig, train as run_training
+    from tpr_ray.training.config import TrainConfig
+    from tpr_ray.training.driver import train as run_training
 
     get_method(method)
     pretrained = None if pretrained.lower() == "none" else pretrained
@@ -134,7 +135,7 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
           rows_per_shard, queries, max_reject_rate, endpoint_url, address):
     """Embed a gallery (and captions) into sharded Parquet tables with Ray Data; re-run to resume."""
-    from tpr_ray.embed import EmbedConfig, embed as run_embed
+    from tpr_ray.embedding.pipeline import EmbedConfig, embed as run_embed
 
     summary = run_embed(EmbedConfig(checkpoint=checkpoint, data=data_uri, images=images, out=out, split=split,
                                     batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
@@ -173,7 +174,7 @@ def index():
 @cli_errors
 def index_build(embeddings, out, kind, nlist, nprobe, allow_incomplete, overwrite):
     """Index a gallery embedding table."""
-    from tpr_ray.index import build_index
+    from tpr_ray.index.faiss_index import build_index
     from tpr_ray.tables import table_dir
 
     embeddings = table_dir(embeddings, "gallery")
@@ -198,8 +199,8 @@ def search_command(texts, index_dir, top, checkpoint, allow_other_checkpoint, in
     """Rank the indexed gallery for each text description (given, or one per line on stdin)."""
     import sys
 
-    from tpr_ray import storage
-    from tpr_ray.index import Searcher
+    from tpr_ray.io import storage
+    from tpr_ray.index.faiss_index import Searcher
 
     if texts and interactive:
         raise click.UsageError("give query texts or --interactive, not both")
@@ -229,7 +230,7 @@ def search_command(texts, index_dir, top, checkpoint, allow_other_checkpoint, in
 @cli_errors
 def demo(out, ids, epochs, seed):
     """Synthesize data, train the baseline (tiny CLIP), embed and evaluate, on CPU in minutes."""
-    from tpr_ray.demo import run_demo
+    from tpr_ray.workflows.demo import run_demo
 
     run_demo(out, n_ids=ids, epochs=epochs, seed=seed, echo=click.echo)
 
@@ -275,8 +276,7 @@ def _log_file(path: str, params: dict) -> str:
     import getpass
     import tempfile
 
-    from tpr_ray import storage
-
+    from tpr_ray.io import storage
     name = "tpr-ray-" + path.replace(" ", "-") + ".log"
     out = params.get("out")
     if path in LOG_IN_OUT and out and not storage.is_remote(out):
@@ -290,7 +290,7 @@ def _quiet(callback, path: str):
     @functools.wraps(callback)
     def run(*args, **kwargs):
         if not is_verbose():
-            from tpr_ray.ray_utils import quiet_console
+            from tpr_ray.io.cluster import quiet_console
 
             quiet_console(_log_file(path, kwargs))
         return callback(*args, **kwargs)

@@ -205,7 +205,6 @@ def collect_overrides(sets: tuple[str, ...], epochs=None, batch_size=None, lr=No
 def method_names() -> list[str]:
     """Registered methods, from the registry (so help text cannot drift from it)."""
     from tpr_ray import methods
-
     available = getattr(methods, "available", None)
     return list(available()) if callable(available) else list(methods.METHODS)
 
@@ -233,6 +232,3 @@ def parse_size(text: str) -> tuple[int, int]:
         raise click.BadParameter(f"expected positive sizes, got {text!r}", param_hint="--image-size")
     return h, w
 
-
-# Kept for callers written before the one decorator existed.
-clean_errors = cli_errors

@@ -27,7 +27,7 @@ def reproduce(method, data_uri, out, smoke, model, pretrained, sets, workers, gp
 
     Example: tpr-ray reproduce --method cskt --data /data/CUHK-PEDES --out repro/cskt-cuhk
     """
-    from tpr_ray.reproduce import ReproduceConfig, reproduce as run
+    from tpr_ray.workflows.reproduce import ReproduceConfig, reproduce as run
 
     run(ReproduceConfig(method=method, data=data_uri, out=out, smoke=smoke, model=model,
                         pretrained=None if pretrained.lower() == "none" else pretrained,

@@ -67,7 +67,8 @@ def baseline_source(ray_cluster, tmp_path_factory) -> str:
     """A tpr-tiny baseline trained on synthetic CUHK style: the pretrained start that the
     other methods' learning tests adapt to another style (run directory; its best checkpoint)."""
     from tpr_ray.data import synthesize
-    from tpr_ray.train import TrainConfig, train
+    from tpr_ray.training.config import TrainConfig
+    from tpr_ray.training.driver import train
 
     root = tmp_path_factory.mktemp("source")
     data = synthesize("cuhk", 80, 0, str(root / "CUHK-PEDES"))

@@ -24,12 +24,13 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from tpr_ray import storage  # noqa: E402
-from tpr_ray.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE  # noqa: E402
+from tpr_ray.io import storage  # noqa: E402
+from tpr_ray.model.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE  # noqa: E402
 from tpr_ray.data import synthesize  # noqa: E402
-from tpr_ray.embed import EmbedConfig, embed  # noqa: E402
+from tpr_ray.embedding.pipeline import EmbedConfig, embed  # noqa: E402
 from tpr_ray.errors import ConfigError  # noqa: E402
-from tpr_ray.train import TrainConfig, train  # noqa: E402
+from tpr_ray.training.config import TrainConfig  # noqa: E402
+from tpr_ray.training.driver import train
 from tests.helpers import TINY, save_tiny_checkpoint  # noqa: E402
 
 BUCKET = os.environ.get("TPR_TEST_BUCKET", "s3://tpr-test")

@@ -11,7 +11,7 @@ def free_port() -> int:
 
 TINY = {"model": "tpr-tiny", "pretrained": None}
 
-# The tiny model from scratch needs a from-scratch learning rate (see tpr_ray/demo.py).
+# The tiny model from scratch needs a from-scratch learning rate (see tpr_ray/workflows/demo.py).
 SOURCE_RECIPE = {"lr": 1e-3, "batch_size": 32, "epochs": 10, "warmup_epochs": 1, "weight_decay": 1e-4}
 
 # moto's S3 server on loopback: the endpoint and dummy credentials (moto accepts any).
@@ -25,8 +25,8 @@ def save_tiny_checkpoint(path: str, seed: int = 0, num_classes: int = 3, meta: d
     """A tpr-tiny baseline with seeded random weights, saved as a checkpoint at ``path``."""
     import torch
 
-    from tpr_ray.backbone import BackboneConfig
-    from tpr_ray.checkpoint import save_checkpoint
+    from tpr_ray.methods.backbone import BackboneConfig
+    from tpr_ray.model.checkpoint import save_checkpoint
     from tpr_ray.methods import get_method
 
     torch.manual_seed(seed)

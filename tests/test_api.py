@@ -13,8 +13,8 @@ def checkpoint(tmp_path_factory):
     """A tpr-tiny baseline checkpoint written without Ray, inside a run folder with best.json."""
     import torch
 
-    from tpr_ray.backbone import BackboneConfig
-    from tpr_ray.checkpoint import BEST_FILE, save_checkpoint
+    from tpr_ray.methods.backbone import BackboneConfig
+    from tpr_ray.model.checkpoint import BEST_FILE, save_checkpoint
     from tpr_ray.methods import get_method
 
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def test_load_encodes_like_the_method_itself(checkpoint, tmp_path):
     from PIL import Image
 
     import tpr_ray
-    from tpr_ray.inference import encode_captions, encode_images
+    from tpr_ray.model.encode import encode_captions, encode_images
 
     method, run = checkpoint
     model = tpr_ray.load(run)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tpr_ray.backbone import BackboneConfig
+from tpr_ray.methods.backbone import BackboneConfig
 from tpr_ray.methods import available, get_method
 from tests.conftest import TINY
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer
+from tpr_ray.methods.backbone import BackboneConfig, build_clip, get_tokenizer
 from tpr_ray.errors import ConfigError
 
 

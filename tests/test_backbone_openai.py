@@ -3,7 +3,7 @@
 The oracle is OpenAI's reference code (``clip-anytorch``: ``clip.model.build_model``).
 A tiny OpenAI-architecture CLIP (2 layers, width 128; ``build_model`` derives the whole
 architecture from the state dict) with random weights is saved as OpenAI ships its
-weights (half precision), then loaded through ``tpr_ray.backbone`` exactly as
+weights (half precision), then loaded through ``tpr_ray.methods.backbone`` exactly as
 ``--pretrained FILE`` does. Comparisons run in fp32 at the native 224 x 224 resolution.
 """
 
@@ -42,7 +42,7 @@ def _import_openai_clip():
 clip = _import_openai_clip()
 openai_model = clip.model
 
-from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer  # noqa: E402
+from tpr_ray.methods.backbone import BackboneConfig, build_clip, get_tokenizer  # noqa: E402
 
 ARCH = "tpr-test-openai-tiny"  # open_clip's name for the architecture below
 CAPTIONS = ["a woman in a red coat with a black backpack", "a man wearing blue jeans and white shoes", "person"]
@@ -99,7 +99,7 @@ def test_openai_format_file_gives_openais_features_to_fp32_precision(openai_file
     path, reference = openai_file
     ours = build_clip(BackboneConfig(ARCH, path, (224, 224)))
     diff = _max_abs_diff(ours, reference)
-    print(f"\nOpenAI-format file through tpr_ray.backbone: max abs feature difference {diff:.3e}")
+    print(f"\nOpenAI-format file through tpr_ray.methods.backbone: max abs feature difference {diff:.3e}")
     assert _activations(ours) == {"QuickGELU"}
     assert diff < 1e-5
 

@@ -4,7 +4,7 @@ import torch
 import torchvision.transforms as T
 from torchvision.transforms.v2 import functional as F
 
-from tpr_ray.batch_augment import (
+from tpr_ray.training.augment import (
     AugmentSettings,
     BatchAugment,
     erase_,
@@ -12,7 +12,7 @@ from tpr_ray.batch_augment import (
     flip,
     pad_crop,
 )
-from tpr_ray.transforms import CLIP_MEAN, CLIP_STD, train_augment
+from tpr_ray.model.transforms import CLIP_MEAN, CLIP_STD, train_augment
 
 MEAN = CLIP_MEAN.flatten().tolist()
 STD = CLIP_STD.flatten().tolist()

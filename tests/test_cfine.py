@@ -7,16 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import load_method, read_config, save_checkpoint
+from tpr_ray.methods.backbone import BackboneConfig
+from tpr_ray.model.checkpoint import load_method, read_config, save_checkpoint
 from tpr_ray.errors import ConfigError
-from tpr_ray.inference import encode_captions, encode_images
+from tpr_ray.model.encode import encode_captions, encode_images
 from tpr_ray.methods import get_method
 from tpr_ray.methods import cfine
 from tpr_ray.methods.cfine import (
     CFine, CFineRecipe, cfr_scores, fcd_scores, select_groups, select_patches, select_words, topk_count,
 )
-from tpr_ray.train import build_optimizer, lr_factor
+from tpr_ray.training.optim import build_optimizer, lr_factor
 from tests.helpers import TINY
 
 SOS, EOS = 49406, 49407
@@ -327,7 +327,7 @@ def test_each_loss_term_is_finite_and_trains_what_it_should(model, batch):
 
 
 def test_loss_weights_are_the_official_ones(model, batch):
-    from tpr_ray.losses import cmpc_loss, cmpm_loss
+    from tpr_ray.methods.losses import cmpc_loss, cmpm_loss
 
     model.train()
     with torch.no_grad():
@@ -443,8 +443,8 @@ def cfine_run(ray_cluster, baseline_source, icfg_target, tmp_path_factory):
 
 @pytest.mark.slow
 def test_cfine_learns_on_a_synthetic_style(cfine_run, baseline_source, icfg_target):
-    from tpr_ray import storage
-    from tpr_ray.train import evaluate_split
+    from tpr_ray.io import storage
+    from tpr_ray.training.inputs import evaluate_split
 
     test = _test_split(icfg_target)
     cpu = torch.device("cpu")
@@ -463,7 +463,7 @@ def test_cfine_learns_on_a_synthetic_style(cfine_run, baseline_source, icfg_targ
 
 @pytest.mark.slow
 def test_generic_embed_and_eval_jobs_run_a_cfine_checkpoint(cfine_run, icfg_target, tmp_path):
-    from tpr_ray.train import evaluate_split
+    from tpr_ray.training.inputs import evaluate_split
 
     emb = str(tmp_path / "emb")
     _cli(["embed", "--checkpoint", cfine_run, "--data", icfg_target, "--out", emb])

@@ -4,11 +4,11 @@ import time
 import pytest
 import torch
 
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import BEST_FILE, load_method, resolve_checkpoint, save_checkpoint
+from tpr_ray.methods.backbone import BackboneConfig
+from tpr_ray.model.checkpoint import BEST_FILE, load_method, resolve_checkpoint, save_checkpoint
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
-from tpr_ray.storage import write_json
+from tpr_ray.io.storage import write_json
 from tests.helpers import TINY
 
 
@@ -47,8 +47,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_remote_checkpoints_are_cached_by_content_and_the_cache_is_bounded(tmp_path, monkeypatch):
     import fsspec
 
-    from tpr_ray import checkpoint as ckpt
-
+    from tpr_ray.model import checkpoint as ckpt
     monkeypatch.setenv(ckpt.CACHE_ENV, str(tmp_path / "cache"))
     memory = fsspec.filesystem("memory")
     torch.manual_seed(0)

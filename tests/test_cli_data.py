@@ -145,7 +145,7 @@ def test_check_images_lists_every_unreadable_file(tmp_path):
 
 
 def test_a_fetch_failure_is_retried_and_never_recorded_as_bad(tmp_path, monkeypatch):
-    from tpr_ray import storage
+    from tpr_ray.io import storage
     from tpr_ray.data import check
 
     good = str(jpeg(tmp_path / "good.jpg"))

@@ -14,8 +14,7 @@ from cli.main import cli
 @pytest.fixture(autouse=True)
 def ray_starts(monkeypatch):
     """Records whether a command got as far as starting (or joining) Ray."""
-    from tpr_ray import ray_utils
-
+    from tpr_ray.io import cluster as ray_utils
     calls = []
     monkeypatch.setattr(ray_utils, "init_ray", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
         AssertionError("the mistake was found only after Ray started")))

@@ -193,8 +193,8 @@ def test_runner_admits_jobs_by_declared_cpus():
 
 
 def test_jobs_receive_their_config_objects_and_declare_what_those_ask_for(fake, tmp_path, monkeypatch):
-    from tpr_ray.embed import EmbedConfig
-    from tpr_ray.train import TrainConfig
+    from tpr_ray.embedding.pipeline import EmbedConfig
+    from tpr_ray.training.config import TrainConfig
 
     jobs, registry = fake
     submitted = []
@@ -219,14 +219,14 @@ def test_jobs_receive_their_config_objects_and_declare_what_those_ask_for(fake, 
 
 
 def test_declared_resources_follow_the_config():
-    from tpr_ray.embed import EmbedConfig
-    from tpr_ray.train import TrainConfig
+    from tpr_ray.embedding.pipeline import EmbedConfig
+    from tpr_ray.training.config import TrainConfig
 
     embed = EmbedConfig(checkpoint="c", out="o", actors=3, cpus_per_actor=2.0, decode_cpus=1.0, gpus_per_actor=1.0)
     assert cells.embed_resources(embed) == (7.0, 3.0)
     train = TrainConfig(method="baseline", data="d", out="o", num_workers=4, cpus_per_worker=2.0, use_gpu=True)
     assert cells.train_resources(train) == (8.0, 4.0)
-    from tpr_ray.streaming_eval import StreamingSettings
+    from tpr_ray.evaluation.streaming import StreamingSettings
 
     streaming = StreamingSettings(ks=(1,), cpus_per_task=2.0, gpus_per_task=0.5)
     assert cells.eval_resources(cells.EvalJob("e", streaming)) == (2.0, 0.5)
@@ -335,7 +335,7 @@ def test_allowed_uri_prefixes_reach_the_jobs_and_only_them(fake, tmp_path, monke
 
 @pytest.mark.slow
 def test_synthetic_matrix_on_ray(ray_cluster, tmp_path):
-    from tpr_ray.evaluate import evaluate_embeddings
+    from tpr_ray.evaluation.in_memory import evaluate_embeddings
 
     out = str(tmp_path / "matrix")
     cfg = CrossEvalConfig(out=out, methods=["baseline"], train=["cuhk", "rstp"], test=["cuhk", "rstp"],

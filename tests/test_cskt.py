@@ -4,11 +4,11 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import MODEL_FILE, load_method, read_config, save_checkpoint
+from tpr_ray.methods.backbone import BackboneConfig
+from tpr_ray.model.checkpoint import MODEL_FILE, load_method, read_config, save_checkpoint
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
-from tpr_ray.train import build_optimizer
+from tpr_ray.training.optim import build_optimizer
 from tests.helpers import TINY
 
 CSKT = get_method("cskt")
@@ -234,7 +234,8 @@ ADAPT_RECIPE = {"lr": 3e-3, "batch_size": 32, "epochs": 10, "warmup_epochs": 1}
 
 @pytest.fixture(scope="module")
 def adapted(ray_cluster, baseline_source, icfg_target, tmp_path_factory):
-    from tpr_ray.train import TrainConfig, train
+    from tpr_ray.training.config import TrainConfig
+    from tpr_ray.training.driver import train
 
     out = str(tmp_path_factory.mktemp("cskt_runs"))
     result = train(TrainConfig(method="cskt", data=icfg_target, out=out, name="cskt", model="tpr-tiny",
@@ -251,7 +252,7 @@ def _test_split(data):
 
 @pytest.mark.slow
 def test_cskt_adapts_a_baseline_to_a_new_style(adapted, baseline_source, icfg_target):
-    from tpr_ray.train import evaluate_split
+    from tpr_ray.training.inputs import evaluate_split
 
     test = _test_split(icfg_target)
     source, _ = load_method(baseline_source)
@@ -273,9 +274,9 @@ def test_cskt_adapts_a_baseline_to_a_new_style(adapted, baseline_source, icfg_ta
 
 @pytest.mark.slow
 def test_embedder_and_evaluator_handle_a_cskt_checkpoint(adapted, icfg_target, tmp_path):
-    from tpr_ray.embed import EmbedConfig, embed
-    from tpr_ray.evaluate import evaluate_embeddings
-    from tpr_ray.train import evaluate_split
+    from tpr_ray.embedding.pipeline import EmbedConfig, embed
+    from tpr_ray.evaluation.in_memory import evaluate_embeddings
+    from tpr_ray.training.inputs import evaluate_split
 
     out = str(tmp_path / "emb")
     embed(EmbedConfig(checkpoint=adapted.run_dir, data=icfg_target, out=out, split="test", batch_size=16))

@@ -6,13 +6,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tpr_ray import decoded_cache
+from tpr_ray.training import decoded_cache
 from tpr_ray.data.manifest import build_manifest, read_manifest, write_manifest
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.gallery import manifest_split
-from tpr_ray.images import decode_image, resize_uint8
-from tpr_ray.train import CaptionPairs
-from tpr_ray.transforms import normalize
+from tpr_ray.embedding.inputs import manifest_split
+from tpr_ray.io.images import decode_image, resize_uint8
+from tpr_ray.training.inputs import CaptionPairs
+from tpr_ray.model.transforms import normalize
 
 SIZE = (32, 16)
 
@@ -125,8 +125,8 @@ def test_an_exception_from_the_decode_stage_fails_the_build_and_records_nothing(
 
 
 def test_a_fetch_that_keeps_failing_stops_the_build_instead_of_becoming_a_reject(tmp_path, monkeypatch):
-    from tpr_ray import images, storage
-
+    from tpr_ray.io import images
+    from tpr_ray.io import storage
     manifest = _dataset(tmp_path)
     rows = manifest_split(manifest, "train")
     out = str(tmp_path / "c")
@@ -148,7 +148,7 @@ def test_a_fetch_that_keeps_failing_stops_the_build_instead_of_becoming_a_reject
 
 
 def test_training_refuses_a_cache_that_lost_images_the_check_read():
-    from tpr_ray.train_run import check_cache_rejects
+    from tpr_ray.training.driver import check_cache_rejects
 
     marker = {"rejects": [{"image_id": "a", "image_uri": "/d/imgs/a.jpg", "reason": "OSError: [Errno 5] I/O error"}]}
     with pytest.raises(DataError, match="records 1 image.* the up-front check read .*/d/imgs/a.jpg"):
@@ -158,8 +158,9 @@ def test_training_refuses_a_cache_that_lost_images_the_check_read():
 
 
 def test_decoded_stream_needs_the_decoded_cache_before_ray_starts(tmp_path, monkeypatch):
-    from tpr_ray import ray_utils
-    from tpr_ray.train import TrainConfig, train
+    from tpr_ray.io import cluster as ray_utils
+    from tpr_ray.training.config import TrainConfig
+    from tpr_ray.training.driver import train
 
     monkeypatch.setattr(ray_utils, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     with pytest.raises(ConfigError, match="--decoded-stream streams the decoded cache: give --decoded-cache"):
@@ -220,11 +221,12 @@ def test_ray_data_build_equals_the_local_build(ray_cluster, tmp_path):
 def test_training_from_the_cache_takes_the_same_first_step_as_todays_input(ray_cluster, cuhk_small, tmp_path):
     """The Ray Train call site: a run fed by the cache reports the loss today's loader gives in-process."""
     from tests.conftest import TINY
-    from tpr_ray.backbone import BackboneConfig
-    from tpr_ray.checkpoint import read_config
+    from tpr_ray.methods.backbone import BackboneConfig
+    from tpr_ray.model.checkpoint import read_config
     from tpr_ray.data import load_manifest, selection_split
     from tpr_ray.methods import get_method
-    from tpr_ray.train import TrainConfig, train
+    from tpr_ray.training.config import TrainConfig
+    from tpr_ray.training.driver import train
 
     overrides = {"optimizer": "sgd", "lr": 0.5, "batch_size": 8, "augment": False, "warmup_factor": 1.0, "epochs": 1}
     cfg = TrainConfig(method="baseline", data=cuhk_small, out=str(tmp_path / "runs"), name="cached", **TINY,
@@ -257,7 +259,7 @@ def _todays_batches_of(rows, labels, batch, seed):
 
 @pytest.mark.slow
 def test_streamed_pairs_are_the_cached_pairs(ray_cluster, tmp_path):
-    from tpr_ray.batch_augment import BatchAugment
+    from tpr_ray.training.augment import BatchAugment
 
     manifest = _dataset(tmp_path, broken=(2,))
     rows = manifest_split(manifest, "train")
@@ -280,8 +282,9 @@ def test_streamed_pairs_are_the_cached_pairs(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_training_can_stream_the_cache_through_ray_data(ray_cluster, cuhk_small, tmp_path):
     from tests.conftest import TINY
-    from tpr_ray.checkpoint import read_config
-    from tpr_ray.train import TrainConfig, train
+    from tpr_ray.model.checkpoint import read_config
+    from tpr_ray.training.config import TrainConfig
+    from tpr_ray.training.driver import train
 
     overrides = {"batch_size": 8, "epochs": 1, "lr": 1e-3}
     cfg = TrainConfig(method="baseline", data=cuhk_small, out=str(tmp_path / "runs"), name="streamed", **TINY,

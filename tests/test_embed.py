@@ -7,14 +7,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tpr_ray.checkpoint import load_method
+from tpr_ray.model.checkpoint import load_method
 from tpr_ray.data import load_manifest
-from tpr_ray.embed import SIDECAR, EmbedConfig, embed
-from tpr_ray.evaluate import evaluate_embeddings
-from tpr_ray.inference import encode_captions, encode_images
-from tpr_ray.metrics import retrieval_metrics
-from tpr_ray.storage import read_bytes
-from tpr_ray.images import decode_image, resize_uint8
+from tpr_ray.embedding.pipeline import EmbedConfig, embed
+from tpr_ray.tables import SIDECAR
+from tpr_ray.evaluation.in_memory import evaluate_embeddings
+from tpr_ray.model.encode import encode_captions, encode_images
+from tpr_ray.evaluation.metrics import retrieval_metrics
+from tpr_ray.io.storage import read_bytes
+from tpr_ray.io.images import decode_image, resize_uint8
 from tests.helpers import save_tiny_checkpoint
 
 
@@ -79,8 +80,8 @@ def _batch(rows, shard, emb, reasons=None):
 
 
 def test_non_finite_embeddings_stop_the_job_before_the_shard_is_committed(tmp_path):
-    from tpr_ray.commit import ShardCommitter
-    from tpr_ray.plan import plan_shards
+    from tpr_ray.embedding.committer import ShardCommitter
+    from tpr_ray.embedding.plan import plan_shards
     from tpr_ray.errors import DataError
 
     out = str(tmp_path / "gallery")
@@ -93,8 +94,8 @@ def test_non_finite_embeddings_stop_the_job_before_the_shard_is_committed(tmp_pa
 
 
 def test_a_reject_rate_over_the_limit_stops_the_job_and_says_so(tmp_path):
-    from tpr_ray.commit import ShardCommitter
-    from tpr_ray.plan import plan_shards
+    from tpr_ray.embedding.committer import ShardCommitter
+    from tpr_ray.embedding.plan import plan_shards
     from tpr_ray.errors import DataError
 
     out = str(tmp_path / "gallery")
@@ -116,8 +117,8 @@ def test_a_reject_rate_over_the_limit_stops_the_job_and_says_so(tmp_path):
 # --- the driver at scale: no listing in the driver, a sidecar that does not grow per shard ------
 
 def test_the_committer_needs_no_listing_and_writes_the_sidecar_only_at_start_and_end(tmp_path, monkeypatch):
-    from tpr_ray import commit
-    from tpr_ray.plan import plan_shards
+    from tpr_ray.embedding import committer as commit
+    from tpr_ray.embedding.plan import plan_shards
 
     writes = []
     write_sidecar = commit.write_sidecar
@@ -155,9 +156,9 @@ def test_the_committer_needs_no_listing_and_writes_the_sidecar_only_at_start_and
 
 
 def test_the_fingerprint_streams_and_the_plan_files_hold_each_pending_shard(tmp_path):
-    from tpr_ray.commit import open_job
-    from tpr_ray.embed import EmbedConfig, plan_job
-    from tpr_ray.plan import Fingerprint, plan_fingerprint, plan_shards, read_plan
+    from tpr_ray.embedding.committer import open_job
+    from tpr_ray.embedding.pipeline import EmbedConfig, plan_job
+    from tpr_ray.embedding.plan import Fingerprint, plan_fingerprint, plan_shards, read_plan
     from tpr_ray.tables import plan_dir
 
     rows = _gallery_rows(10).set_column(1, "person_id", pa.array([1, None] * 5, pa.int64()))
@@ -199,8 +200,8 @@ def test_the_committer_matches_a_brute_force_reference_on_shuffled_repeated_batc
     delivered twice (until its shard is complete, the later copy wins; after, copies are
     ignored), columns as Arrow or numpy, some rows rejected. The committed table and rejects
     must be what a row-by-row reference computes."""
-    from tpr_ray import commit
-    from tpr_ray.plan import plan_shards
+    from tpr_ray.embedding import committer as commit
+    from tpr_ray.embedding.plan import plan_shards
 
     rng = np.random.default_rng(seed)
     n, per_shard = int(rng.integers(40, 120)), int(rng.integers(3, 17))

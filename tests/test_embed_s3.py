@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tpr_ray import storage
-from tpr_ray.embed import SIDECAR, rejects_dir, EmbedConfig, embed
-from tpr_ray.plan import plan_fingerprint, plan_shards
+from tpr_ray.io import storage
+from tpr_ray.embedding.pipeline import EmbedConfig, embed
+from tpr_ray.tables import SIDECAR, rejects_dir
+from tpr_ray.embedding.plan import plan_fingerprint, plan_shards
 from tpr_ray.errors import ConfigError, DataError
 from tests.helpers import save_tiny_checkpoint
 
@@ -67,7 +68,12 @@ def test_fingerprint_covers_every_column_and_values_cannot_join_into_a_collision
 def test_job_fingerprint_changes_with_the_checkpoint_content_and_the_manifest_version(tmp_path):
     import pyarrow as pa
 
-    from tpr_ray.embed import job_fingerprint
+    from tpr_ray.embedding.pipeline import job_settings
+    from tpr_ray.embedding.plan import plan_fingerprint
+
+    def job_fingerprint(kind, rows, checkpoint, rows_per_shard, image_size, manifest_version):
+        settings = job_settings(kind, checkpoint, rows_per_shard, image_size, manifest_version)
+        return plan_fingerprint(rows, settings), settings
 
     path = save_tiny_checkpoint(str(tmp_path / "ckpt"))
     rows = pa.table({"image_id": ["a"], "person_id": pa.array([1], pa.int64()), "image_uri": ["u"]})
@@ -222,8 +228,7 @@ def test_credentials_revoked_mid_job_stop_it_and_the_rerun_rejects_nothing(ray_c
     from moto import settings
     from moto.core.authorization import ActionAuthenticatorMixin
 
-    from tpr_ray import embed as embed_module
-
+    from tpr_ray.embedding import pipeline as embed_module
     rng = np.random.default_rng(2)
     names = [f"{i:03d}.jpg" for i in range(40)]
     fs, bucket = storage.filesystem(s3_bucket)
@@ -258,7 +263,7 @@ def test_credentials_revoked_mid_job_stop_it_and_the_rerun_rejects_nothing(ray_c
 
 
 def test_the_output_lease_works_on_s3(s3_bucket):
-    from tpr_ray.lease import LEASE_FILE, Lease, LeaseHeld
+    from tpr_ray.io.lease import LEASE_FILE, Lease, LeaseHeld
 
     out = f"{s3_bucket}/leased"
     with Lease(out, settle_s=0.1) as first:
@@ -329,9 +334,9 @@ def test_a_parquet_listing_on_s3_embeds_the_images_it_names_in_its_order(ray_clu
     uris = a.column("image_uri").to_pylist()
     assert uris == [f"{s3_bucket}/listed/imgs/{names[i]}" for i in order]
 
-    from tpr_ray.checkpoint import load_method
-    from tpr_ray.images import decode_image, resize_uint8
-    from tpr_ray.inference import encode_images
+    from tpr_ray.model.checkpoint import load_method
+    from tpr_ray.io.images import decode_image, resize_uint8
+    from tpr_ray.model.encode import encode_images
 
     method, _ = load_method(checkpoint)
     pixels = np.stack([resize_uint8(decode_image(storage.read_bytes(u)), (384, 128)) for u in uris])

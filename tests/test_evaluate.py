@@ -9,14 +9,14 @@ from click.testing import CliRunner
 
 from cli.evaluate import eval_command
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.evaluate import (
+from tpr_ray.evaluation.in_memory import (
     chance_level,
     evaluate_embeddings,
     format_metrics_table,
     write_metrics_json,
 )
 from tpr_ray.tables import read_embeddings
-from tpr_ray.metrics import retrieval_metrics
+from tpr_ray.evaluation.metrics import retrieval_metrics
 
 PROVENANCE = {"method": "cskt", "model": "ViT-B-16", "checkpoint": "runs/cskt/epoch_60.pt"}
 
@@ -264,13 +264,13 @@ def test_cli_needs_an_embedding_location():
 
 
 def test_cli_streaming_gives_the_in_memory_metrics(run_dir, tmp_path, monkeypatch):
-    import cli.evaluate
+    import tpr_ray.evaluation.evaluate
 
     run, expected = run_dir
     outputs = {}
     for mode in ("--in-memory", "--streaming", None):
         if mode is None:  # auto: streams because the gallery is above the (lowered) threshold
-            monkeypatch.setattr(cli.evaluate, "STREAMING_ABOVE_ROWS", 11)
+            monkeypatch.setattr(tpr_ray.evaluation.evaluate, "STREAMING_ABOVE_ROWS", 11)
         out = tmp_path / f"{mode}.json"
         args = ["--embeddings", str(run), "--k", "1,2,5", "--out", str(out)] + ([mode] if mode else [])
         result = CliRunner().invoke(eval_command, args)

@@ -84,9 +84,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from tpr_ray import storage  # noqa: E402
-from tpr_ray.commit import open_job  # noqa: E402
-from tpr_ray.plan import plan_fingerprint, plan_shards  # noqa: E402
+from tpr_ray.io import storage  # noqa: E402
+from tpr_ray.embedding.committer import open_job  # noqa: E402
+from tpr_ray.embedding.plan import plan_fingerprint, plan_shards  # noqa: E402
 from tpr_ray.tables import SIDECAR, rejects_dir  # noqa: E402
 
 N_ROWS, PER_SHARD = 9, 3
@@ -208,7 +208,7 @@ def test_a_committed_shard_that_came_back_empty_is_redone_and_logged(tmp_path, c
     out = str(tmp_path / "gallery")
     run_job(out, rejected=(4,))
     open(os.path.join(out, "part-00001.parquet"), "wb").close()
-    with caplog.at_level("WARNING", logger="tpr_ray.commit"):
+    with caplog.at_level("WARNING", logger="tpr_ray.embedding.committer"):
         info = run_job(out, rejected=(4,))
     assert "part-00001.parquet" in caplog.text and "redo" in caplog.text
     assert info["complete"]
@@ -238,7 +238,7 @@ def test_local_writes_are_fsynced_before_the_rename_and_the_folder_after(tmp_pat
 
 # --- one writer per output: the lease ------------------------------------------------------
 
-from tpr_ray.lease import LEASE_FILE, Lease, LeaseHeld  # noqa: E402
+from tpr_ray.io.lease import LEASE_FILE, Lease, LeaseHeld  # noqa: E402
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lease(tmp_path):

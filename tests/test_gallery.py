@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.gallery import gallery_rows, list_images, query_rows
-from tpr_ray.images import decode_image, resize_uint8
+from tpr_ray.embedding.inputs import gallery_rows, list_images, query_rows
+from tpr_ray.io.images import decode_image, resize_uint8
 
 
 def touch(path, data=b"x"):
@@ -67,7 +67,7 @@ def _png_bytes(size, mode="RGB"):
 
 
 def test_unreadable_bytes_are_rejects_with_a_reason(tmp_path):
-    from tpr_ray.images import decode_batch
+    from tpr_ray.io.images import decode_batch
 
     good = _png_bytes((20, 40))
     files = {"zero.png": b"", "garbage.jpg": b"not an image" * 10, "truncated.png": good[: len(good) // 2],
@@ -80,8 +80,8 @@ def test_unreadable_bytes_are_rejects_with_a_reason(tmp_path):
 
 
 def test_a_fetch_that_keeps_failing_stops_the_batch_instead_of_rejecting(tmp_path, monkeypatch):
-    from tpr_ray import images, storage
-
+    from tpr_ray.io import images
+    from tpr_ray.io import storage
     (tmp_path / "a.png").write_bytes(_png_bytes((20, 40)))
     calls = []
 
@@ -101,8 +101,8 @@ def test_a_fetch_that_keeps_failing_stops_the_batch_instead_of_rejecting(tmp_pat
 
 
 def test_a_fetch_that_recovers_is_retried_with_backoff(tmp_path, monkeypatch):
-    from tpr_ray import images, storage
-
+    from tpr_ray.io import images
+    from tpr_ray.io import storage
     (tmp_path / "a.png").write_bytes(_png_bytes((20, 40)))
     real, failures = storage.read_bytes, [OSError("connection reset"), TimeoutError("read timed out")]
 
@@ -118,8 +118,7 @@ def test_a_fetch_that_recovers_is_retried_with_backoff(tmp_path, monkeypatch):
 
 
 def test_running_out_of_memory_while_decoding_is_not_a_reject(tmp_path, monkeypatch):
-    from tpr_ray import images
-
+    from tpr_ray.io import images
     (tmp_path / "a.png").write_bytes(_png_bytes((20, 40)))
 
     def oom(data, target_size=None):
@@ -169,7 +168,7 @@ def test_declared_decode_memory_covers_an_image_at_the_limit(tmp_path):
     # VmHWM (peak resident memory of this process image; ru_maxrss would carry pytest's over exec)
     code = f"""
 from PIL import Image
-from tpr_ray import images
+from tpr_ray.io import images
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 Image.MAX_IMAGE_PIXELS = 2048 * 2048
@@ -194,7 +193,7 @@ def _listing(where, **columns):
 def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_paths(tmp_path):
     import pyarrow as pa
 
-    from tpr_ray.gallery import check_listing, is_listing, listing_batches
+    from tpr_ray.embedding.inputs import check_listing, is_listing, listing_batches
 
     uris = ["s3://b/crops/a.jpg", "/abs/b.jpg", "rel/c.jpg", "d.jpg", "gs://x/e.png"]
     listing = _listing(tmp_path / "listing.parquet", image_uri=uris, note=["ignored"] * 5)
@@ -219,7 +218,7 @@ def test_a_listing_file_streams_its_rows_in_order_with_defaults_and_relative_pat
 def test_a_bad_listing_file_is_an_error_naming_the_file_row_and_field(tmp_path):
     import pyarrow as pa
 
-    from tpr_ray.gallery import check_listing, listing_batches
+    from tpr_ray.embedding.inputs import check_listing, listing_batches
 
     no_uri = _listing(tmp_path / "no_uri.parquet", path=["a.jpg"])
     with pytest.raises(DataError, match=r"no_uri.parquet.*field 'image_uri'.*needs an image_uri column"):

@@ -2,7 +2,7 @@
 
 The suite is written for a GPU machine that has torch but no Ray, so the end-to-end test runs
 its ``--smoke`` mode in a subprocess where importing Ray (or anything else that machine lacks)
-fails. Its evaluator is checked against tpr_ray.metrics on data full of exact ties.
+fails. Its evaluator is checked against tpr_ray.evaluation.metrics on data full of exact ties.
 """
 
 import importlib.util
@@ -18,7 +18,7 @@ import torch
 
 from tpr_ray.errors import DataError
 from tpr_ray.methods import METHODS
-from tpr_ray.metrics import retrieval_metrics, stable_descending_order
+from tpr_ray.evaluation.metrics import retrieval_metrics, stable_descending_order
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
@@ -185,4 +185,4 @@ def test_smoke_run_without_ray_reports_every_cell(tmp_path):
     (library,) = find(what="eval_library")
     assert library["metrics"]["num_queries"] == 96 and library["shards"] == 5
     assert isinstance(library["same_as_suite"], bool) and "_top" not in evaluation
-    assert "suite and library equal to tpr_ray.metrics: True" in proc.stdout
+    assert "suite and library equal to tpr_ray.evaluation.metrics: True" in proc.stdout

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tpr_ray import images, storage
+from tpr_ray.io import images
+
+from tpr_ray.io import storage
 from tpr_ray.errors import DataError
-from tpr_ray.train_data import find_unreadable_images
+from tpr_ray.training.inputs import find_unreadable_images
 
 SIZE = (24, 8)
 

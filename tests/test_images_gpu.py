@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tpr_ray import gpu_decode, images
+from tpr_ray.io import gpu_decode
 
+from tpr_ray.io import images
 SIZE = (96, 32)
 
 
@@ -124,7 +125,7 @@ def test_an_image_over_the_pixel_limit_never_reaches_the_device(monkeypatch, fak
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     from tests.helpers import save_tiny_checkpoint
-    from tpr_ray.checkpoint import read_config
+    from tpr_ray.model.checkpoint import read_config
 
     path = save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "checkpoint"), seed=1, num_classes=5)
     return path, tuple(read_config(path)["backbone"]["image_size"])
@@ -133,7 +134,7 @@ def tiny_checkpoint(tmp_path_factory):
 def test_the_actor_embeds_fetched_bytes_as_the_cpu_stage_pixels(tiny_checkpoint, tmp_path, monkeypatch):
     """fetch_batch + decode in the actor == decode_batch + actor, rejects included; then the same
     through the (fake) device decoder within tolerance of the embeddings."""
-    from tpr_ray.embed import Embedder
+    from tpr_ray.embedding.pipeline import Embedder
 
     checkpoint, size = tiny_checkpoint
     named = _blobs()
@@ -164,8 +165,7 @@ def test_the_actor_embeds_fetched_bytes_as_the_cpu_stage_pixels(tiny_checkpoint,
 def test_a_cpu_model_actor_gets_the_node_cores_not_rays_fractional_share(tiny_checkpoint, monkeypatch):
     import ray
 
-    from tpr_ray import embed
-
+    from tpr_ray.embedding import pipeline as embed
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 16.0}},
                                                {"Alive": True, "Resources": {"CPU": 8.0}},
                                                {"Alive": False, "Resources": {"CPU": 64.0}}])

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from tpr_ray.losses import id_loss, identity_labels, sdm_loss
+from tpr_ray.methods.losses import id_loss, identity_labels, sdm_loss
 
 
 def sdm_reference(img, txt, pids, temperature, eps=1e-8):

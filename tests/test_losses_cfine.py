@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpr_ray.losses import cfine_triplet_loss, cmpc_loss, cmpm_loss, diversity_loss
+from tpr_ray.methods.losses import cfine_triplet_loss, cmpc_loss, cmpm_loss, diversity_loss
 
 
 def cmpm_reference(img, txt, pids, eps=1e-8):

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tpr_ray.data.loading import load_manifest
 from tpr_ray.data.manifest import (
     MANIFEST_SCHEMA,
     build_manifest,
-    load_manifest,
     manifest_info,
     read_manifest,
     selection_split,

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli.data import data
-from tpr_ray.data.manifest import build_manifest, load_manifest, read_manifest, write_manifest
+from tpr_ray.data.loading import load_manifest
+from tpr_ray.data.manifest import build_manifest, read_manifest, write_manifest
 from tpr_ray.data.uris import ENV_ALLOW
 from tpr_ray.errors import DataError
 

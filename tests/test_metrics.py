@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tpr_ray.errors import DataError
-from tpr_ray.metrics import (
+from tpr_ray.evaluation.metrics import (
     count_ranked_ahead,
     metrics_from_positive_ranks,
     positive_ranks,

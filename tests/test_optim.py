@@ -6,10 +6,11 @@ import types
 import pytest
 import torch
 
-import tpr_ray.optim as optim
-from tpr_ray.backbone import BackboneConfig
+import tpr_ray.training.optim as optim
+from tpr_ray.methods.backbone import BackboneConfig
 from tpr_ray.methods import get_method
-from tpr_ray.train import TrainConfig, build_method
+from tpr_ray.training.config import TrainConfig
+from tpr_ray.training.loop import build_method
 from tests.helpers import TINY
 
 
@@ -72,7 +73,7 @@ def test_cfine_lr_follows_the_official_warmup_multistep_schedule():
     """CFine's WarmupMultiStepLR: 10 warm-up epochs from 1 %, then x0.1 at epochs 20, 25, 35
     (absolute epochs), stepped once per epoch; hand-computed factors."""
     from tpr_ray.methods import get_method
-    from tpr_ray.optim import build_scheduler
+    from tpr_ray.training.optim import build_scheduler
 
     recipe = get_method("cfine").default_recipe
     assert recipe.step_milestones == (20, 25, 35)

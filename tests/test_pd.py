@@ -6,13 +6,16 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.checkpoint import MODEL_FILE, OPTIMIZER_FILE, load_method, read_config, save_checkpoint
+from tpr_ray.methods.backbone import BackboneConfig
+from tpr_ray.model.checkpoint import MODEL_FILE, OPTIMIZER_FILE, load_method, read_config, save_checkpoint
 from tpr_ray.data import load_manifest, selection_split
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
 from tpr_ray.methods.pd import PD, PDRecipe, fit_tokens
-from tpr_ray.train import TrainConfig, build_optimizer, evaluate_split, train
+from tpr_ray.training.config import TrainConfig
+from tpr_ray.training.driver import train
+from tpr_ray.training.inputs import evaluate_split
+from tpr_ray.training.optim import build_optimizer
 from tests.helpers import TINY
 
 PROMPTS = ("text_prompts", "image_prompts")

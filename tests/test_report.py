@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import re
 import shutil
@@ -8,12 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tpr_ray.report import (
+from tpr_ray.crosseval.report import (
     METRICS,
     colour,
     heatmap_png,
     markdown_table,
-    read_cells,
     write_cell_json,
     write_report,
 )
@@ -102,7 +102,8 @@ def test_cell_json_round_trips(records, tmp_path):
     records[0]["metrics"]["R1"] = np.float64(62.5)  # numpy values are written as plain numbers
     for record in records:
         write_cell_json(record, str(tmp_path / "cells" / f"{record['key']}.json"))
-    back = read_cells(str(tmp_path / "cells"))
+    back = sorted((json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")),
+                  key=lambda r: (r["method"], r["train"], r["test"]))
     assert [(r["method"], r["train"], r["test"]) for r in back] == sorted(
         (r["method"], r["train"], r["test"]) for r in records)
     assert back[0]["metrics"]["R1"] == 62.5

@@ -4,7 +4,7 @@ import pytest
 
 from tpr_ray.methods import available
 from tpr_ray.methods.published import PUBLISHED, published
-from tpr_ray.reproduce import comparison, format_comparison
+from tpr_ray.workflows.reproduce import comparison, format_comparison
 
 
 def test_every_method_has_published_numbers_and_pd_shows_the_baselines():

@@ -58,7 +58,7 @@ PROC_HELPERS = textwrap.dedent("""
 PROBE = PROC_HELPERS + textwrap.dedent("""
     import json, os
     import ray
-    from tpr_ray.ray_utils import init_ray
+    from tpr_ray.io.cluster import init_ray
 
     init_ray(num_cpus=1)
     from ray._raylet import AuthenticationMode, get_authentication_mode

@@ -5,17 +5,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tpr_ray import streaming_kernels
+from tpr_ray.evaluation import kernels as streaming_kernels
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.evaluate import evaluate_embeddings
-from tpr_ray.metrics import (
+from tpr_ray.evaluation.in_memory import evaluate_embeddings
+from tpr_ray.evaluation.metrics import (
     count_ranked_ahead,
     retrieval_metrics,
     retrieval_metrics_from_embeddings,
     stable_descending_order,
 )
-from tpr_ray.streaming_eval import ShardArrays, StreamingSettings, evaluate_sharded, evaluate_tables
-from tpr_ray.streaming_kernels import (
+from tpr_ray.evaluation.streaming import ShardArrays, StreamingSettings, evaluate_sharded, evaluate_tables
+from tpr_ray.evaluation.kernels import (
     count_ahead,
     merge_top_k,
     positive_positions,
@@ -23,7 +23,7 @@ from tpr_ray.streaming_kernels import (
     shard_ranks,
     top_k_of_block,
 )
-from tpr_ray.streaming_torch import shard_ranks_torch
+from tpr_ray.evaluation.kernels_torch import shard_ranks_torch
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_queries_skipped", "num_gallery")
 

@@ -12,9 +12,9 @@ from cli.evaluate import eval_command
 from cli.main import cli
 from tpr_ray import tables
 from tpr_ray.errors import ConfigError, DataError
-from tpr_ray.evaluate import evaluate_embeddings
-from tpr_ray.index import build_index
-from tpr_ray.streaming_eval import evaluate_tables
+from tpr_ray.evaluation.in_memory import evaluate_embeddings
+from tpr_ray.index.faiss_index import build_index
+from tpr_ray.evaluation.streaming import evaluate_tables
 
 
 def write_table(directory, kind, pids, vectors, bounds, **sidecar):

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from tpr_ray.errors import ConfigError
-from tpr_ray.tracking import Tracker, epoch_scalars, log_best_to_mlflow, open_mlflow_run
+from tpr_ray.training.tracking import Tracker, epoch_scalars, log_best_to_mlflow, open_mlflow_run
 
 
 def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
@@ -124,11 +124,12 @@ def test_mlflow_run_gets_params_metrics_and_the_best_checkpoint_and_is_reused_on
 
 
 def test_mlflow_option_without_the_package_is_one_clear_error_before_ray_starts(cuhk_small, tmp_path, monkeypatch):
-    import tpr_ray.ray_utils
-    from tpr_ray.train import TrainConfig, train
+    import tpr_ray.io.cluster
+    from tpr_ray.training.config import TrainConfig
+    from tpr_ray.training.driver import train
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
-    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", lambda address=None: pytest.fail("Ray started"))
+    monkeypatch.setattr(tpr_ray.io.cluster, "init_ray", lambda address=None: pytest.fail("Ray started"))
     cfg = TrainConfig(method="baseline", data=cuhk_small, out=str(tmp_path), model="tpr-tiny", pretrained=None,
                       mlflow=f"file://{tmp_path}/mlruns", bad_images="off")
     with pytest.raises(ConfigError, match="pip install mlflow"):
@@ -136,8 +137,7 @@ def test_mlflow_option_without_the_package_is_one_clear_error_before_ray_starts(
 
 
 def test_tensorboard_files_of_a_run_on_object_storage_are_copied_up(s3_bucket, tmp_path):
-    from tpr_ray import storage
-
+    from tpr_ray.io import storage
     run_dir = f"{s3_bucket}/tracking/run"
     tracker = Tracker(run_dir)
     tracker.log({"train/loss": 1.0}, step=1)

@@ -4,11 +4,13 @@ import os
 import pytest
 import torch
 
-from tpr_ray.checkpoint import MODEL_FILE, load_method, read_config
+from tpr_ray.model.checkpoint import MODEL_FILE, load_method, read_config
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import Recipe, get_method
-from tpr_ray.backbone import BackboneConfig
-from tpr_ray.train import TrainConfig, lr_factor, train
+from tpr_ray.methods.backbone import BackboneConfig
+from tpr_ray.training.config import TrainConfig
+from tpr_ray.training.driver import train
+from tpr_ray.training.optim import lr_factor
 from tests.helpers import TINY
 
 
@@ -110,7 +112,7 @@ def _lrs_seen(recipe, steps_per_epoch):
     """The lr of every optimizer step of a stage, driven the way the training loop drives it."""
     from types import SimpleNamespace
 
-    from tpr_ray.optim import advance, build_scheduler
+    from tpr_ray.training.optim import advance, build_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
@@ -150,9 +152,45 @@ def test_unknown_schedule_unit_is_a_config_error():
 
 
 def test_worker_progress_lines_name_their_run_and_give_an_eta(capsys, monkeypatch):
-    import tpr_ray.train as train
+    import tpr_ray.training.loop as train
 
     monkeypatch.setattr(train, "_RUN_LABEL", "baseline-cuhk")
     train.log("baseline epoch 1/20 step 5/10")
     assert capsys.readouterr().out == "[tpr-ray] baseline-cuhk: baseline epoch 1/20 step 5/10\n"
     assert (train.format_eta(59.6), train.format_eta(61), train.format_eta(3725)) == ("1:00", "1:01", "1:02:05")
+
+
+def test_a_method_builds_its_own_inputs_through_prepare_batch():
+    """The training step hands the loader's batch to ``Method.prepare_batch`` (IRRA's MLM masks
+    its tokens there); ``forward`` receives what it returns, the base tokens included."""
+    from types import SimpleNamespace
+
+    from tpr_ray.methods.baseline import Baseline
+    from tpr_ray.training.loop import train_step
+
+    seen = []
+
+    class Masking(Baseline):
+        def prepare_batch(self, batch, device):
+            inputs = super().prepare_batch(batch, device)
+            inputs["mlm_tokens"] = inputs["tokens"].clone()
+            inputs["mlm_tokens"][:, 1] = 0
+            return inputs
+
+        def forward(self, batch):
+            seen.append(batch)
+            return super().forward(batch)
+
+    torch.manual_seed(0)
+    method = Masking(BackboneConfig("tpr-tiny", None, (32, 16)), Baseline.default_recipe, num_classes=3)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.0)
+    run = SimpleNamespace(model=method, optimizer=optimizer, recipe=method.recipe,
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    batch = {"image": torch.rand(2, 3, 32, 16), "caption": ["a man in red", "a woman in blue"],
+             "person_id": torch.tensor([1, 2]), "label": torch.tensor([0, 1])}
+    losses = train_step(method, run, batch, torch.device("cpu"))
+    assert torch.isfinite(losses["loss"])
+    (inputs,) = seen
+    assert torch.equal(inputs["tokens"], method.tokenize(batch["caption"]))
+    assert inputs["mlm_tokens"][:, 1].eq(0).all() and not inputs["tokens"][:, 1].eq(0).any()
+    assert torch.equal(inputs["labels"], batch["label"])

@@ -5,11 +5,12 @@ import shutil
 
 import pytest
 
-from tpr_ray import storage
+from tpr_ray.io import storage
 from tpr_ray.data import load_manifest, selection_split
 from tpr_ray.errors import DataError
-from tpr_ray.train import TrainConfig, train
-from tpr_ray.train_data import check_images, find_unreadable_images, load_training_data
+from tpr_ray.training.config import TrainConfig
+from tpr_ray.training.driver import train
+from tpr_ray.training.inputs import check_images, find_unreadable_images, load_training_data
 
 SIZE = (32, 16)
 
@@ -42,7 +43,7 @@ def test_unreadable_images_are_listed_with_their_reason(broken_copy, tmp_path):
 def test_a_missing_image_stops_the_check_instead_of_being_skipped(broken_copy, tmp_path, monkeypatch):
     """Missing on this node is not proof of a bad image (a mount, an object not visible yet):
     the check stops naming it rather than let --bad-images skip drop it."""
-    monkeypatch.setattr("tpr_ray.images.FETCH_BACKOFF_S", 0.0)
+    monkeypatch.setattr("tpr_ray.io.images.FETCH_BACKOFF_S", 0.0)
     with pytest.raises(DataError, match="missing.jpg"):
         find_unreadable_images([str(tmp_path / "missing.jpg")], SIZE, threads=1)
 

@@ -9,8 +9,9 @@ import pytest
 from tpr_ray.data import load_manifest, manifest_info
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
-from tpr_ray.train import TrainConfig, train
-from tpr_ray.train_run import registered_checkpoints
+from tpr_ray.training.config import TrainConfig
+from tpr_ray.training.driver import train
+from tpr_ray.training.driver import registered_checkpoints
 
 BASE_RECIPE = {"batch_size": 8, "epochs": 2, "lr": 1e-3}
 
@@ -20,7 +21,7 @@ def _fake_checkpoint(run_dir, name, *, data, data_version, model="tpr-tiny", pre
     """A checkpoint folder as `_report` writes it (only the config matters to the driver)."""
     path = os.path.join(run_dir, name)
     os.makedirs(path)
-    from tpr_ray.train_run import from_scratch_overrides
+    from tpr_ray.training.driver import from_scratch_overrides
 
     effective, _ = from_scratch_overrides(pretrained, None, recipe or BASE_RECIPE)  # as the driver records it
     full_recipe = get_method(method).default_recipe.override(**effective).to_dict()
@@ -63,12 +64,12 @@ def test_resume_refuses_another_recipe_model_or_backbone_naming_the_field(starte
 
 
 def test_resume_with_the_same_settings_passes_the_check(started_run, cuhk_small, tmp_path, monkeypatch):
-    import tpr_ray.ray_utils
+    import tpr_ray.io.cluster
 
     def started(address=None):
         raise _Started
 
-    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", started)
+    monkeypatch.setattr(tpr_ray.io.cluster, "init_ray", started)
     with pytest.raises(_Started):
         train(_config(cuhk_small, tmp_path))
 
@@ -110,7 +111,7 @@ class _Started(Exception):
 
 def test_a_failed_first_attempt_without_checkpoints_does_not_block_the_corrected_command(cuhk_small, tmp_path,
                                                                                           monkeypatch):
-    import tpr_ray.ray_utils
+    import tpr_ray.io.cluster
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -120,15 +121,15 @@ def test_a_failed_first_attempt_without_checkpoints_does_not_block_the_corrected
     def started(address=None):
         raise _Started
 
-    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", started)
+    monkeypatch.setattr(tpr_ray.io.cluster, "init_ray", started)
     with pytest.raises(_Started):
         train(_config(cuhk_small, tmp_path, resume=False))
 
 
 def test_an_interrupted_run_still_names_its_best_checkpoint(cuhk_small, tmp_path, monkeypatch):
-    import tpr_ray.ray_utils
-    import tpr_ray.train
-    from tpr_ray.checkpoint import resolve_checkpoint
+    import tpr_ray.io.cluster
+    import tpr_ray.training.driver
+    from tpr_ray.model.checkpoint import resolve_checkpoint
 
     run_dir = tmp_path / "run"
     version = manifest_info(load_manifest(cuhk_small)).get("version")
@@ -145,9 +146,9 @@ def test_an_interrupted_run_still_names_its_best_checkpoint(cuhk_small, tmp_path
             raise KeyboardInterrupt
 
     trainer = Interrupted()
-    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", lambda address=None: None)
-    monkeypatch.setattr(tpr_ray.ray_utils, "require_shared_storage", lambda *a, **k: None)
-    monkeypatch.setattr(tpr_ray.train, "_trainer", lambda *a, **k: trainer)
+    monkeypatch.setattr(tpr_ray.io.cluster, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(tpr_ray.io.cluster, "require_shared_storage", lambda *a, **k: None)
+    monkeypatch.setattr(tpr_ray.training.driver, "_trainer", lambda *a, **k: trainer)
     with pytest.raises(KeyboardInterrupt):
         train(_config(cuhk_small, tmp_path, resume=False, use_gpu=False))
     best = json.loads((run_dir / "best.json").read_text())
@@ -157,7 +158,7 @@ def test_an_interrupted_run_still_names_its_best_checkpoint(cuhk_small, tmp_path
 
 
 def test_a_random_backbone_trains_with_the_from_scratch_recipe_unless_told_otherwise():
-    from tpr_ray.train_run import FROM_SCRATCH_RECIPE, from_scratch_overrides
+    from tpr_ray.training.driver import FROM_SCRATCH_RECIPE, from_scratch_overrides
 
     assert from_scratch_overrides(None, None, {}) == (FROM_SCRATCH_RECIPE, FROM_SCRATCH_RECIPE)
     assert from_scratch_overrides("none", None, {"lr": 5e-4}) == ({**FROM_SCRATCH_RECIPE, "lr": 5e-4},
@@ -167,8 +168,8 @@ def test_a_random_backbone_trains_with_the_from_scratch_recipe_unless_told_other
 
 
 def test_the_driver_applies_the_from_scratch_recipe_and_says_so(cuhk_small, tmp_path, monkeypatch, caplog):
-    import tpr_ray.ray_utils
-    import tpr_ray.train
+    import tpr_ray.io.cluster
+    import tpr_ray.training.driver
 
     seen = {}
 
@@ -176,9 +177,9 @@ def test_the_driver_applies_the_from_scratch_recipe_and_says_so(cuhk_small, tmp_
         seen.update(config)
         raise _Started
 
-    monkeypatch.setattr(tpr_ray.ray_utils, "init_ray", lambda address=None: None)
-    monkeypatch.setattr(tpr_ray.ray_utils, "require_shared_storage", lambda *a, **k: None)
-    monkeypatch.setattr(tpr_ray.train, "_trainer", capture)
+    monkeypatch.setattr(tpr_ray.io.cluster, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(tpr_ray.io.cluster, "require_shared_storage", lambda *a, **k: None)
+    monkeypatch.setattr(tpr_ray.training.driver, "_trainer", capture)
     with caplog.at_level("WARNING", logger="tpr_ray"), pytest.raises(_Started):
         train(_config(cuhk_small, tmp_path, resume=False, use_gpu=False, overrides={"epochs": 2}, bad_images="off"))
     assert seen["overrides"] == {"lr": 1e-3, "warmup_epochs": 1, "weight_decay": 1e-4, "epochs": 2}
@@ -186,7 +187,7 @@ def test_the_driver_applies_the_from_scratch_recipe_and_says_so(cuhk_small, tmp_
 
 
 def test_a_recipe_tuple_recorded_as_a_json_list_is_the_same_setting():
-    from tpr_ray.train_run import resume_mismatches
+    from tpr_ray.training.driver import resume_mismatches
 
     base = {"method": "cfine", "model": "m", "pretrained": None, "image_size": [8, 4], "data": "d",
             "data_version": "v"}

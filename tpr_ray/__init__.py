@@ -18,7 +18,7 @@ __version__ = _version()
 _API = {
     "load": ("tpr_ray.api", "load"),
     "Model": ("tpr_ray.api", "Model"),
-    "search": ("tpr_ray.index", "search"),
+    "search": ("tpr_ray.index.faiss_index", "search"),
     "read_table": ("tpr_ray.tables", "read_table"),
 }
 __all__ = ["__version__", *_API]

@@ -35,8 +35,8 @@ def _to_uint8(item, size: tuple[int, int]) -> np.ndarray:
     """A path / URI, PIL image or HxWx3 uint8 array -> the model's HxWx3 uint8 input."""
     from PIL import Image, ImageOps
 
-    from tpr_ray import storage
-    from tpr_ray.images import decode_image, resize_uint8
+    from tpr_ray.io import storage
+    from tpr_ray.io.images import decode_image, resize_uint8
 
     if isinstance(item, str):
         image = decode_image(storage.read_bytes(item), size)
@@ -64,7 +64,7 @@ class Model:
     device: Any = field(repr=False)
 
     def encode_text(self, texts: Iterable[str], batch_size: int = 256) -> np.ndarray:
-        from tpr_ray.inference import encode_captions
+        from tpr_ray.model.encode import encode_captions
 
         texts = _as_list(texts)
         if not all(isinstance(t, str) for t in texts):
@@ -74,7 +74,7 @@ class Model:
         return np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float32)
 
     def encode_images(self, images, batch_size: int = 64) -> np.ndarray:
-        from tpr_ray.inference import encode_images
+        from tpr_ray.model.encode import encode_images
 
         images = _as_list(images)
         parts = []
@@ -88,7 +88,7 @@ class Model:
         ``preprocess``); ``encode_images`` applies it itself."""
         import torch
 
-        from tpr_ray.transforms import normalize
+        from tpr_ray.model.transforms import normalize
 
         return normalize(torch.from_numpy(_to_uint8(image, self.image_size))[None])[0]
 
@@ -97,7 +97,7 @@ def load(run_or_checkpoint: str, device: str | None = None) -> Model:
     """Load a training run (its best checkpoint) or a checkpoint folder, local or s3://."""
     import torch
 
-    from tpr_ray.checkpoint import load_method
+    from tpr_ray.model.checkpoint import load_method
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, config = load_method(run_or_checkpoint, map_location=device)

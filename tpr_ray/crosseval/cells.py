@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tpr_ray import storage
+from tpr_ray.io import storage
 from tpr_ray.crosseval.scheduler import Job, error_record
 
 if TYPE_CHECKING:
-    from tpr_ray.embed import EmbedConfig
-    from tpr_ray.streaming_eval import StreamingSettings
-    from tpr_ray.train import TrainConfig
+    from tpr_ray.embedding.pipeline import EmbedConfig
+    from tpr_ray.evaluation.streaming import StreamingSettings
+    from tpr_ray.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def make_job(kind: str, config, done: Callable[[dict], None], label: str) -> Job
 
 def train_job(cfg: TrainConfig, address: str | None) -> dict:
     """Train one (method, training set); returns the checkpoint's identity."""
-    from tpr_ray.train import train
+    from tpr_ray.training.driver import train
 
     tick = time.perf_counter()
     result = train(cfg, address=address)
@@ -76,7 +76,7 @@ def embed_job(cfg: EmbedConfig, address: str | None) -> dict:
     """Embed one test split with one checkpoint (resumes a partial folder)."""
     import ray.data
 
-    from tpr_ray.embed import embed
+    from tpr_ray.embedding.pipeline import embed
 
     tick = time.perf_counter()
     ray.data.DataContext.get_current().enable_progress_bars = False  # parallel jobs would interleave bars
@@ -87,7 +87,7 @@ def embed_job(cfg: EmbedConfig, address: str | None) -> dict:
 
 def eval_job(cfg: EvalJob, address: str | None) -> dict:
     """Evaluate one cell with the streaming evaluator; returns metrics and report samples."""
-    from tpr_ray.streaming_eval import evaluate_tables
+    from tpr_ray.evaluation.streaming import evaluate_tables
 
     tick = time.perf_counter()
     gallery, queries = storage.join(cfg.embed_dir, "gallery"), storage.join(cfg.embed_dir, "queries")
@@ -114,7 +114,7 @@ def run_job(kind: str, config, address: str | None = None) -> dict:
 
 def checkpoint_identity(run_dir: str) -> dict:
     """Best checkpoint of a run: URI, content hash of its weights, epoch, step, val metrics."""
-    from tpr_ray.checkpoint import BEST_FILE, MODEL_FILE, read_config, resolve_checkpoint
+    from tpr_ray.model.checkpoint import BEST_FILE, MODEL_FILE, read_config, resolve_checkpoint
 
     uri = resolve_checkpoint(run_dir)
     config = read_config(uri)

@@ -12,14 +12,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from tpr_ray import storage
+from tpr_ray.io import storage
 from tpr_ray.crosseval import cells as jobs
 from tpr_ray.crosseval.plan import EVAL_VERSION, TEST_SPLIT, CellPlan, CrossEvalConfig, TrainPlan, plan, \
     train_identity
 from tpr_ray.crosseval.scheduler import Runner
 from tpr_ray.data.uris import ENV_ALLOW, env_prefixes
 from tpr_ray.errors import ConfigError
-from tpr_ray.report import write_cell_json, write_report
+from tpr_ray.crosseval.report import write_cell_json, write_report
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _make_runner(cfg: CrossEvalConfig, address: str | None) -> Runner:
         return Runner(jobs.run_job, False, cpus=float("inf"), gpus=float("inf"), max_parallel=1, address=address)
     import ray
 
-    from tpr_ray.ray_utils import init_ray
+    from tpr_ray.io.cluster import init_ray
 
     init_ray(address)
     resources = ray.cluster_resources()
@@ -161,7 +161,7 @@ def _use_gpu(cfg: CrossEvalConfig, runner: Runner) -> bool | None:
 
 def _after_training(train_plan: TrainPlan, cfg: CrossEvalConfig, runner: Runner, run: _Run) -> None:
     """Embed each pending test set with the checkpoint (or reuse its embeddings), then evaluate."""
-    from tpr_ray.embed import EmbedConfig
+    from tpr_ray.embedding.pipeline import EmbedConfig
 
     use_gpu = _use_gpu(cfg, runner)
     gpus_per_actor = None if use_gpu is None else (1.0 if use_gpu else 0.0)
@@ -194,7 +194,7 @@ def _eval_settings(cfg: CrossEvalConfig) -> dict:
 
 
 def _submit_eval(cell: CellPlan, cfg: CrossEvalConfig, runner: Runner, run: _Run) -> None:
-    from tpr_ray.streaming_eval import StreamingSettings
+    from tpr_ray.evaluation.streaming import StreamingSettings
 
     streaming = StreamingSettings(ks=tuple(cfg.ks), top_k=cfg.top_k, block_size=cfg.block_size,
                                   use_ray=runner.use_ray)

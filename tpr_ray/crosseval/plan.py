@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tpr_ray import storage
-from tpr_ray.backbone import DEFAULT_IMAGE_SIZE
+from tpr_ray.io import storage
+from tpr_ray.methods.backbone import DEFAULT_IMAGE_SIZE
 from tpr_ray.crosseval.scheduler import error_record
 from tpr_ray.data import registry as datasets_registry
 from tpr_ray.data.registry import SYNTHETIC_STYLES, Dataset, child_path, safe_name
 from tpr_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from tpr_ray.train import TrainConfig
+    from tpr_ray.training.config import TrainConfig
 
 # A random-init tiny CLIP on synthetic data needs a from-scratch learning rate and a few epochs.
 TINY_MODEL = "tpr-tiny"
@@ -82,7 +82,7 @@ def backbone_choice(cfg: CrossEvalConfig, datasets: Sequence[Dataset]) -> tuple[
         pretrained = None if model == TINY_MODEL else "openai"
     if isinstance(pretrained, str) and pretrained.lower() == "none":
         pretrained = None
-    from tpr_ray.train_run import from_scratch_overrides
+    from tpr_ray.training.driver import from_scratch_overrides
 
     base = dict(SYNTHETIC_BASE) if model == TINY_MODEL and pretrained is None else {}
     base, _ = from_scratch_overrides(pretrained, None, base)
@@ -144,7 +144,7 @@ def plan(cfg: CrossEvalConfig) -> tuple[list[TrainPlan], list[CellPlan]]:
     error), not the matrix.
     """
     from tpr_ray.methods import get_method
-    from tpr_ray.train import TrainConfig
+    from tpr_ray.training.config import TrainConfig
 
     check_method_names(cfg.methods)
     out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)

@@ -1,10 +1,10 @@
 """Datasets: the canonical manifest, readers for the three real formats, and synthetic data."""
 
 from tpr_ray.data.formats import FORMATS, detect_format, read_dataset
+from tpr_ray.data.loading import load_manifest
 from tpr_ray.data.manifest import (
     MANIFEST_SCHEMA,
     SPLITS,
-    load_manifest,
     manifest_info,
     read_manifest,
     selection_split,

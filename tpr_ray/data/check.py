@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fsspec.core import url_to_fs
 
-from tpr_ray import storage
+from tpr_ray.io import storage
 from tpr_ray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def image_problem(uri: str) -> str | None:
 
     Errors fetching it (other than its absence) are retried and then raised.
     """
-    from tpr_ray.images import decode_image
+    from tpr_ray.io.images import decode_image
 
     for attempt in range(FETCH_ATTEMPTS):
         try:
@@ -97,7 +97,7 @@ def undecodable(uris: Sequence[str], *, use_ray: bool | None = None, address: st
     if use_ray:
         import ray
 
-        from tpr_ray.ray_utils import init_ray
+        from tpr_ray.io.cluster import init_ray
 
         init_ray(address)
         # Ray retries a task whose fetch kept failing (with its own backoff) before giving up.

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from tpr_ray import storage
+from tpr_ray.io import storage
 from tpr_ray.data.check import CHECKS, describe, missing_files, undecodable
 from tpr_ray.data.manifest import SPLITS, build_manifest, file_version
 from tpr_ray.data.uris import IMAGE_FOLDER, check_image_uris

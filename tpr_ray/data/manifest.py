@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
-from tpr_ray import storage
+from tpr_ray.io import storage
+from tpr_ray.data.uris import allowed_prefixes, check_image_uris, env_prefixes
 from tpr_ray.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -80,8 +80,6 @@ def read_manifest(uri: str, *, allow_uri_prefixes: Sequence[str] | None = None) 
 
     ``allow_uri_prefixes``: more places its images may be; None reads ``TPR_RAY_ALLOW_URI_PREFIX``.
     """
-    from tpr_ray.data.uris import allowed_prefixes, check_image_uris, env_prefixes
-
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     except FileNotFoundError:
@@ -191,25 +189,3 @@ def selection_split(table: pa.Table, holdout_fraction: float = 0.05, seed: int =
 
 def _rank(seed: int, person_id: int) -> bytes:
     return hashlib.sha256(f"{seed}:{person_id}".encode()).digest()
-
-
-# ---------------------------------------------------------------------------------------
-# Front door
-
-
-def load_manifest(data_uri: str, *, on_error: str = "raise", rejects_uri: str | None = None,
-                  allow_uri_prefixes: Sequence[str] | None = None) -> pa.Table:
-    """A manifest from either a `.parquet` manifest or a dataset folder (format auto-detected).
-
-    `on_error` and `rejects_uri` apply to dataset folders only (see formats.read_dataset);
-    a manifest has been validated when it was written. `allow_uri_prefixes`: see read_manifest.
-    """
-    # Imported here because formats.py builds its tables with this module.
-    from tpr_ray.data.formats import read_dataset
-
-    if data_uri.rstrip("/").endswith(".parquet"):
-        return read_manifest(data_uri, allow_uri_prefixes=allow_uri_prefixes)
-    fs, path = url_to_fs(data_uri)
-    if fs.isfile(path):
-        raise DataError("expected a dataset folder or a .parquet manifest, got another file", file=data_uri)
-    return read_dataset(data_uri, on_error=on_error, rejects_uri=rejects_uri)

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from tpr_ray import storage
+from tpr_ray.io import storage
 from tpr_ray.data.synth import STYLES as SYNTHETIC_STYLES
 from tpr_ray.errors import ConfigError, DataError
 
@@ -143,7 +143,8 @@ def _has_annotations(root: str) -> bool:
 
 def dataset_version(dataset: Dataset) -> dict:
     """Name, root, format and annotation hash of a dataset (its identity in every key)."""
-    from tpr_ray.data.manifest import load_manifest, manifest_info
+    from tpr_ray.data.loading import load_manifest
+    from tpr_ray.data.manifest import manifest_info
 
     info = manifest_info(load_manifest(dataset.root))
     return {**dataset.describe(), "format": info.get("dataset"), "version": info.get("version")}

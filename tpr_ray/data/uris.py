@@ -29,7 +29,6 @@ from tpr_ray.errors import DataError
 ENV_ALLOW = "TPR_RAY_ALLOW_URI_PREFIX"
 IMAGE_FOLDER = "imgs"
 WEB_SCHEMES = ("http", "https", "ftp", "ftps")
-LOCAL_SCHEMES = ("", "file", "local")
 
 
 def split_uri(uri: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from tpr_ray.backbone import BackboneConfig, build_clip, get_tokenizer, resolved
+from tpr_ray.methods.backbone import BackboneConfig, build_clip, get_tokenizer, resolved
 from tpr_ray.errors import ConfigError
 
 SCHEDULE_UNITS = ("epoch", "step")
@@ -114,12 +114,19 @@ class Method(nn.Module):
     # Parameter-name prefixes of modules the method adds (trained at a higher lr).
     new_module_prefixes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, backbone: BackboneConfig, recipe: Recipe, num_classes: int):
+    def __init__(self, backbone: BackboneConfig, recipe: Recipe, num_classes: int, clip: nn.Module | None = None):
+        """``clip``: towers built elsewhere (a tpr-ray checkpoint as the backbone); ``backbone``
+        then says what they are, with its activation decided."""
         super().__init__()
-        self.backbone_config = resolved(backbone)  # with its activation decided, for checkpoints
         self.recipe = self.check_recipe(recipe)
         self.num_classes = num_classes
-        self.clip = build_clip(self.backbone_config)
+        if clip is None:
+            self.backbone_config = resolved(backbone)  # with its activation decided, for checkpoints
+            self.clip = build_clip(self.backbone_config)
+        else:
+            if backbone.quick_gelu is None:
+                raise ConfigError("towers passed to a method need a backbone config with quick_gelu decided")
+            self.backbone_config, self.clip = backbone, clip
         self.tokenizer = get_tokenizer(backbone)
 
     @classmethod
@@ -149,11 +156,19 @@ class Method(nn.Module):
     # --- training --------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the towers' block activations in the backward pass (open_clip's switch,
-        honoured by ``towers.run_blocks``): less memory, same gradients, ~30 % more compute."""
+        honoured by ``clip_blocks.run_blocks``): less memory, same gradients, ~30 % more compute."""
         self.clip.set_grad_checkpointing(enable)
 
+    def prepare_batch(self, batch: dict, device: torch.device) -> dict:
+        """The inputs of ``forward`` from one training batch: ``images`` (normalised, on the
+        device), ``captions`` (strings), ``person_ids`` and ``labels``. Here: the captions
+        tokenized. A method that builds more inputs (IRRA's MLM: masked tokens and their
+        targets) overrides this and adds its own keys. Runs outside autocast and DDP."""
+        return {"images": batch["images"], "tokens": self.tokenize(batch["captions"]).to(device),
+                "person_ids": batch["person_ids"], "labels": batch["labels"]}
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Losses for one batch; ``loss`` is the total to back-propagate.
+        """Losses for one batch (made by ``prepare_batch``); ``loss`` is the total to back-propagate.
 
         Training goes through ``forward`` (not a named method) so DDP sees the call.
         """

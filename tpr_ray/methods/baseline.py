@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tpr_ray.losses import id_loss, sdm_loss
-from tpr_ray.methods import towers
+from tpr_ray.methods.losses import id_loss, sdm_loss
+from tpr_ray.methods import clip_blocks
 from tpr_ray.methods.base import Method, Recipe, Stage
 
 
@@ -46,15 +46,15 @@ class Baseline(Method):
     )
     new_module_prefixes = ("classifier.",)
 
-    def __init__(self, backbone, recipe, num_classes):
-        super().__init__(backbone, recipe, num_classes)
+    def __init__(self, backbone, recipe, num_classes, clip=None):
+        super().__init__(backbone, recipe, num_classes, clip)
         self.classifier = identity_classifier(self.embed_dim, num_classes)
 
     def encode_image(self, images):
-        return towers.encode_image(self.clip, images)
+        return clip_blocks.encode_image(self.clip, images)
 
     def encode_text(self, tokens):
-        return towers.encode_text(self.clip, tokens)
+        return clip_blocks.encode_text(self.clip, tokens)
 
     def forward(self, batch):
         return sdm_and_id_losses(self.classifier, self.encode_image(batch["images"]),

@@ -45,8 +45,8 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
 from tpr_ray.errors import ConfigError
-from tpr_ray.losses import cfine_triplet_loss, cmpc_loss, cmpm_loss, diversity_loss
-from tpr_ray.methods import towers
+from tpr_ray.methods.losses import cfine_triplet_loss, cmpc_loss, cmpm_loss, diversity_loss
+from tpr_ray.methods import clip_blocks
 from tpr_ray.methods.base import Method, Recipe, Stage
 
 
@@ -296,8 +296,8 @@ class CFine(Method):
     )
     new_module_prefixes = ("mgf.", "image_neck.", "text_neck.", "cmpc_classifier")
 
-    def __init__(self, backbone, recipe, num_classes):
-        super().__init__(backbone, recipe, num_classes)
+    def __init__(self, backbone, recipe, num_classes, clip=None):
+        super().__init__(backbone, recipe, num_classes, clip)
         _check_towers(self.clip, backbone.model)
         width = self.clip_dim
         self.mgf = MGFBlock(width, heads=max(1, width // 64))
@@ -319,18 +319,18 @@ class CFine(Method):
     def _image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected tokens (batch, 1 + patches, dim) with [CLS] first, [CLS] attention over patches)."""
         visual = self.clip.visual
-        x = visual.ln_pre(towers.image_tokens(visual, images))
-        x, attention = towers.run_blocks(visual.transformer, x, last_attention=True)
-        return towers.project_image(visual, visual.ln_post(x)), attention[:, 0, 1:]
+        x = visual.ln_pre(clip_blocks.image_tokens(visual, images))
+        x, attention = clip_blocks.run_blocks(visual.transformer, x, last_attention=True)
+        return clip_blocks.project_image(visual, visual.ln_post(x)), attention[:, 0, 1:]
 
     def _text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected tokens (batch, context, dim), [EOS] attention over all positions)."""
         clip = self.clip
-        x = towers.text_tokens(clip, tokens)
-        x, attention = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
+        x = clip_blocks.text_tokens(clip, tokens)
+        x, attention = clip_blocks.run_blocks(clip.transformer, x, clip_blocks.text_attention_mask(clip, x.shape[1]),
                                          last_attention=True)
-        x = towers.project_text(clip, clip.ln_final(x))
-        eos = towers.eos_positions(tokens)
+        x = clip_blocks.project_text(clip, clip.ln_final(x))
+        eos = clip_blocks.eos_positions(tokens)
         return x, attention[torch.arange(tokens.shape[0], device=tokens.device), eos]
 
     def _features(self, global_token, tokens, groups, context, context_mask, neck) -> list[torch.Tensor]:
@@ -351,7 +351,7 @@ class CFine(Method):
     def text_side(self, tokens: torch.Tensor) -> Side:
         feats_all, attention = self._text_tokens(tokens)
         groups = select_words(attention, tokens, self.recipe.text_topk_ratio)
-        eos = towers.eos_positions(tokens)
+        eos = clip_blocks.eos_positions(tokens)
         position = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
         real = position <= eos.view(-1, 1)  # [SOS] .. [EOS]; padding is not attended
         global_token = feats_all[torch.arange(tokens.shape[0], device=tokens.device), eos]

@@ -28,8 +28,8 @@ from open_clip.transformer import LayerNorm, ResidualAttentionBlock, VisionTrans
 from torch import nn
 
 from tpr_ray.errors import ConfigError
-from tpr_ray.losses import sdm_loss
-from tpr_ray.methods import towers
+from tpr_ray.methods.losses import sdm_loss
+from tpr_ray.methods import clip_blocks
 from tpr_ray.methods.base import Method, Recipe, Stage
 
 TRAINABLE_PREFIXES = ("prompts.", "adapters.")
@@ -97,7 +97,7 @@ def adapted_block(block: ResidualAttentionBlock, adapter: Adapter, scale: float,
     return x + block.ls_2(block.mlp(block.ln_2(x))) + scale * adapter(x)
 
 
-def _adapted(adapters: nn.ModuleList, scale: float) -> towers.BlockRunner:
+def _adapted(adapters: nn.ModuleList, scale: float) -> clip_blocks.BlockRunner:
     return lambda layer, block, x, mask: adapted_block(block, adapters[layer], scale, x, mask)
 
 
@@ -114,8 +114,8 @@ class CSKT(Method):
     )
     checkpoint_holds_backbone = False
 
-    def __init__(self, backbone, recipe, num_classes):
-        super().__init__(backbone, recipe, num_classes)  # num_classes is kept for the interface; no ID loss
+    def __init__(self, backbone, recipe, num_classes, clip=None):
+        super().__init__(backbone, recipe, num_classes, clip)  # num_classes is kept for the interface; no ID loss
         recipe = self.recipe
         self._check_backbone(recipe)
         self.clip.requires_grad_(False)
@@ -182,33 +182,33 @@ class CSKT(Method):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual
-        x = towers.image_tokens(visual, images)
+        x = clip_blocks.image_tokens(visual, images)
         keep = x.shape[1]  # [CLS] + patches
-        x = visual.ln_pre(torch.cat([x, towers.batch_of(self.prompts.image_tokens(0), x)], dim=1))
+        x = visual.ln_pre(torch.cat([x, clip_blocks.batch_of(self.prompts.image_tokens(0), x)], dim=1))
 
         def layer_prompts(layer: int, x: torch.Tensor) -> torch.Tensor:
             if layer == 0:
                 return x
-            return torch.cat([x[:, :keep], towers.batch_of(self.prompts.image_tokens(layer), x)], dim=1)
+            return torch.cat([x[:, :keep], clip_blocks.batch_of(self.prompts.image_tokens(layer), x)], dim=1)
 
-        x = towers.run_blocks(visual.transformer, x, before=layer_prompts,
+        x = clip_blocks.run_blocks(visual.transformer, x, before=layer_prompts,
                               run=_adapted(self.adapters["image"], self.recipe.image_adapter_scale))
-        return towers.project_image(visual, towers.pool_image(visual, x[:, :keep]))
+        return clip_blocks.project_image(visual, clip_blocks.pool_image(visual, x[:, :keep]))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         clip, n = self.clip, self.prompts.tokens_per_layer
         tokens = self.fit_tokens(tokens)
         # [SOS], prompts, caption + [EOS] + padding: 1 + n + caption_room - 1 = context length.
-        x = towers.text_tokens(clip, tokens, self.prompts.text_tokens(0))
+        x = clip_blocks.text_tokens(clip, tokens, self.prompts.text_tokens(0))
 
         def layer_prompts(layer: int, x: torch.Tensor) -> torch.Tensor:
             if layer == 0:
                 return x
-            return torch.cat([x[:, :1], towers.batch_of(self.prompts.text_tokens(layer), x), x[:, 1 + n:]], dim=1)
+            return torch.cat([x[:, :1], clip_blocks.batch_of(self.prompts.text_tokens(layer), x), x[:, 1 + n:]], dim=1)
 
-        x = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
+        x = clip_blocks.run_blocks(clip.transformer, x, clip_blocks.text_attention_mask(clip, x.shape[1]),
                               before=layer_prompts, run=_adapted(self.adapters["text"], self.recipe.text_adapter_scale))
-        return towers.project_text(clip, towers.pool_text(clip, x, tokens, offset=n))
+        return clip_blocks.project_text(clip, clip_blocks.pool_text(clip, x, tokens, offset=n))
 
     # --- training --------------------------------------------------------
     def forward(self, batch):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from tpr_ray.errors import ConfigError
-from tpr_ray.methods import towers
+from tpr_ray.methods import clip_blocks
 from tpr_ray.methods.base import Method, Stage
 from tpr_ray.methods.baseline import Baseline, BaselineRecipe, identity_classifier, sdm_and_id_losses
 
@@ -94,8 +94,8 @@ class PD(Method):
     default_recipe = PDRecipe(**dataclasses.asdict(Baseline.default_recipe))
     new_module_prefixes = Baseline.new_module_prefixes
 
-    def __init__(self, backbone, recipe, num_classes):
-        super().__init__(backbone, recipe, num_classes)
+    def __init__(self, backbone, recipe, num_classes, clip=None):
+        super().__init__(backbone, recipe, num_classes, clip)
         recipe, clip = self.recipe, self.clip
         if not hasattr(clip, "token_embedding") or getattr(clip, "text_pool_type", "argmax") not in ("argmax", "eos"):
             raise ConfigError(f"PD needs a CLIP whose text tower pools the [EOS] token; {backbone.model} is not one")
@@ -139,7 +139,7 @@ class PD(Method):
         def replace(layer: int, x: torch.Tensor) -> torch.Tensor:
             if layer == 0:
                 return x
-            return torch.cat([x[:, :start], towers.batch_of(prompts_of_layer[layer - 1], x), x[:, start + n:]], dim=1)
+            return torch.cat([x[:, :start], clip_blocks.batch_of(prompts_of_layer[layer - 1], x), x[:, start + n:]], dim=1)
         return replace
 
     # --- inference -------------------------------------------------------
@@ -149,19 +149,19 @@ class PD(Method):
     def encode_text(self, tokens):
         clip, n = self.clip, self.text_prompts.shape[0]
         tokens = fit_tokens(tokens, clip.context_length - n, self.eos_id)
-        x = towers.text_tokens(clip, tokens, self.text_prompts)
-        x = towers.run_blocks(clip.transformer, x, towers.text_attention_mask(clip, x.shape[1]),
+        x = clip_blocks.text_tokens(clip, tokens, self.text_prompts)
+        x = clip_blocks.run_blocks(clip.transformer, x, clip_blocks.text_attention_mask(clip, x.shape[1]),
                               before=self._deep(getattr(self, "deep_text_prompts", None), 1, n))
-        return towers.project_text(clip, towers.pool_text(clip, x, tokens, offset=n))
+        return clip_blocks.project_text(clip, clip_blocks.pool_text(clip, x, tokens, offset=n))
 
     def encode_image(self, images):
         visual, n = self.clip.visual, self.image_prompts.shape[0]
-        x = towers.image_tokens(visual, images)
+        x = clip_blocks.image_tokens(visual, images)
         keep = x.shape[1]  # [CLS] + patches
-        x = visual.ln_pre(torch.cat([x, towers.batch_of(self.image_prompts, x)], dim=1))
-        x = towers.run_blocks(visual.transformer, x,
+        x = visual.ln_pre(torch.cat([x, clip_blocks.batch_of(self.image_prompts, x)], dim=1))
+        x = clip_blocks.run_blocks(visual.transformer, x,
                               before=self._deep(getattr(self, "deep_image_prompts", None), keep, n))
-        return towers.project_image(visual, towers.pool_image(visual, x[:, :keep]))  # CLIP's own pooling
+        return clip_blocks.project_image(visual, clip_blocks.pool_image(visual, x[:, :keep]))  # CLIP's own pooling
 
     # --- training --------------------------------------------------------
     def stages(self):

@@ -1,0 +1,1 @@
+"""faiss indexes over embedding tables, and text search against them."""

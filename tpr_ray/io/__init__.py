@@ -1,0 +1,1 @@
+"""Storage, the output lease, image fetch/decode and the Ray session: what talks to the outside."""

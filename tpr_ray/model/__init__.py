@@ -1,0 +1,1 @@
+"""A trained model as files and as encoders: checkpoints, encoding, pixel transforms."""
