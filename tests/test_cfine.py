@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tpr_ray.methods.backbone import BackboneConfig
-from tpr_ray.model.checkpoint import load_method, read_config, save_checkpoint
+from tpr_ray.model.checkpoint import build_method, load_method, read_config, save_checkpoint
 from tpr_ray.errors import ConfigError
 from tpr_ray.model.encode import encode_captions, encode_images
 from tpr_ray.methods import get_method
@@ -449,7 +449,7 @@ def test_cfine_learns_on_a_synthetic_style(cfine_run, baseline_source, icfg_targ
     test = _test_split(icfg_target)
     cpu = torch.device("cpu")
     torch.manual_seed(0)  # the trainer seeds the same way before building the model: same start
-    start = CFine(BackboneConfig("tpr-tiny", baseline_source), CFine.default_recipe, num_classes=1)
+    start = build_method(CFine, BackboneConfig("tpr-tiny", baseline_source), CFine.default_recipe, num_classes=1)
     before = evaluate_split(start, test, (384, 128), cpu)
     latest = storage.read_json(storage.join(cfine_run, "best.json"))["latest"]
     trained, config = load_method(latest)
