@@ -126,6 +126,8 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 @click.option("--queries/--no-queries", default=True, show_default=True, help="Also embed the split's captions.")
 @click.option("--max-reject-rate", default=0.01, show_default=True,
               help="Stop once more than this fraction of the images are unreadable.")
+@click.option("--stall-minutes", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Warn with what Ray is waiting for when no shard is committed for this long (0: never).")
 @click.option("--endpoint-url", is_eager=True, callback=lambda ctx, param, value: set_endpoint(value),
               help="S3-compatible endpoint (MinIO, Ceph); same as AWS_ENDPOINT_URL.")
 @click.option("--allow-uri-prefix", "allow_uri_prefixes", multiple=True, metavar="PREFIX",
@@ -134,7 +136,7 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
 @address_option
 @cli_errors
 def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
-          rows_per_shard, queries, max_reject_rate, endpoint_url, allow_uri_prefixes, address):
+          rows_per_shard, queries, max_reject_rate, stall_minutes, endpoint_url, allow_uri_prefixes, address):
     """Embed a gallery (and captions) into sharded Parquet tables with Ray Data; re-run to resume."""
     from tpr_ray.data.uris import env_prefixes
     from tpr_ray.embedding.pipeline import EmbedConfig, embed as run_embed
@@ -143,7 +145,7 @@ def embed(checkpoint, data_uri, images, split, out, batch_size, actors, gpus_per
                                     batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                                     cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus,
                                     rows_per_shard=rows_per_shard, queries=queries,
-                                    max_reject_rate=max_reject_rate,
+                                    max_reject_rate=max_reject_rate, stall_minutes=stall_minutes,
                                     allow_uri_prefixes=(*env_prefixes(), *allow_uri_prefixes)), address=address)
     for kind, info in summary.items():
         rate = info["rows_this_run"] / info["seconds"] if info["rows_this_run"] else 0.0

@@ -147,6 +147,11 @@ def test_dims_must_agree_between_tables(tmp_path):
 def test_sidecar_row_count_catches_a_missing_shard(run_dir):
     run, _ = run_dir
     (run / "gallery" / "part-00001.parquet").unlink()
+    with pytest.raises(DataError, match="part-00001.parquet is in the sidecar's list but not in the folder"):
+        read_embeddings(str(run / "gallery"))
+    sidecar = run / "gallery" / "_tpr_ray.json"
+    info = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**info, "shards": None}))  # no list: the row count still tells
     with pytest.raises(DataError, match="sidecar says 12 rows"):
         read_embeddings(str(run / "gallery"))
 

@@ -202,6 +202,17 @@ def test_an_extra_shard_is_refused_naming_it(done, tmp_path):
     refused_everywhere(done, tmp_path, r"gallery/part-00002.parquet: shard not in the sidecar's list")
 
 
+def test_a_shard_list_of_bare_names_is_checked_by_name(done, tmp_path):
+    """Another writer's sidecar may list file names only: present ones read, an extra one is refused."""
+    sidecar = done / "gallery" / tables.SIDECAR
+    info = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**info, "shards": [entry["file"] for entry in info["shards"]]}))
+    assert tables.read_embeddings(str(done / "gallery"))[0].num_rows == info["rows"]
+    (done / "gallery" / "part-00002.parquet").write_bytes((done / "gallery" / "part-00001.parquet").read_bytes())
+    with pytest.raises(DataError, match=r"part-00002.parquet: shard not in the sidecar's list of this table's 2"):
+        tables.read_embeddings(str(done / "gallery"))
+
+
 def test_a_replaced_shard_is_refused_naming_it(done, tmp_path):
     """Another checkpoint's shard of the same rows: same row count and (here) the same size."""
     path = done / "gallery" / "part-00001.parquet"

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.helpers import save_tiny_checkpoint
+
 from tpr_ray.data import load_manifest, manifest_info
 from tpr_ray.errors import ConfigError
 from tpr_ray.methods import get_method
@@ -20,7 +22,7 @@ def _fake_checkpoint(run_dir, name, *, data, data_version, model="tpr-tiny", pre
                      step=3, val_r1=10.0, method="baseline"):
     """A checkpoint folder as `_report` writes it (only the config matters to the driver)."""
     path = os.path.join(run_dir, name)
-    os.makedirs(path)
+    save_tiny_checkpoint(path)  # real weights: the driver validates the checkpoint it would resume
     from tpr_ray.training.driver import from_scratch_overrides
 
     effective, _ = from_scratch_overrides(pretrained, None, recipe or BASE_RECIPE)  # as the driver records it
@@ -28,6 +30,8 @@ def _fake_checkpoint(run_dir, name, *, data, data_version, model="tpr-tiny", pre
     config = {"method": method, "backbone": {"model": model, "pretrained": pretrained, "image_size": [384, 128]},
               "recipe": full_recipe, "data": data, "data_version": data_version, "global_step": step,
               "metrics": {"global_step": step, "val_R1": val_r1}}
+    with open(os.path.join(path, "config.json")) as f:
+        config = {**json.load(f), **config}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return path

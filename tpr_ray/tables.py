@@ -221,7 +221,9 @@ def check_shard_list(info: dict, table_uri: str, sizes: dict[str, int | None]) -
     listed = info.get("shards")
     if not isinstance(listed, list) or not info.get("complete", True):
         return
-    recorded = {entry.get("file"): entry for entry in listed if isinstance(entry, dict)}
+    # entries are {"file", "rows", "bytes", "footer", ...}; a bare name (another writer's table) is checked by name
+    recorded = {entry["file"] if isinstance(entry, dict) else entry: entry if isinstance(entry, dict) else {}
+                for entry in listed if isinstance(entry, (dict, str))}
     missing = sorted(set(recorded) - set(sizes))
     if missing:
         raise DataError(f"shard {missing[0]} is in the sidecar's list but not in the folder "

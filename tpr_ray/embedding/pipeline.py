@@ -45,6 +45,7 @@ from tpr_ray.errors import ConfigError, DataError
 from tpr_ray.embedding.inputs import check_listing, gallery_rows, is_listing, listing_batches, manifest_split, query_rows
 from tpr_ray.io.images import READ_ERROR_PATTERN, ImageReadError, decode_batch, decode_memory_bytes, fetch_batch
 from tpr_ray.io.lease import Lease
+from tpr_ray.embedding.resources import Ask, StallWatchdog, check_fit
 from tpr_ray.embedding.plan import Fingerprint, plan_shards, read_plan, remove_plan, write_plan
 from tpr_ray.tables import DATA_COLUMNS, plan_dir, rejects_dir
 
@@ -85,6 +86,8 @@ class EmbedConfig:
     # More places a manifest's or listing's images may be, besides the file's own folder
     # (see tpr_ray.data.uris); None: TPR_RAY_ALLOW_URI_PREFIX.
     allow_uri_prefixes: tuple[str, ...] | None = None
+    # No shard committed for this long: a warning says what Ray is waiting for (0: never).
+    stall_minutes: float = 10.0
 
 
 class Embedder:
@@ -167,8 +170,6 @@ def _run_table(kind: str, rows, cfg: EmbedConfig, checkpoint: str, identity: dic
         ds = ds.map_batches(read_plan, fn_kwargs={"plan_uri": plan_dir(out), "block_rows": cfg.block_rows},
                             batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus)
         gpus = cfg.gpus_per_actor
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         on_gpu = cfg.decode_on_gpu if cfg.decode_on_gpu is not None else gpus > 0
         if kind == "gallery":
             memory = cfg.decode_memory or decode_memory_bytes(cfg.batch_size, image_size)
@@ -179,10 +180,12 @@ def _run_table(kind: str, rows, cfg: EmbedConfig, checkpoint: str, identity: dic
                                                            None if gpus else _cpu_threads_per_actor(cfg.actors)),
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=gpus,
                             num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy")
+        watchdog = StallWatchdog(lambda: len(committer.committed), cfg.stall_minutes, f"embedding {kind} ({out})")
         try:
             # Arrow: the input columns pass to the shard files without a round trip through Python
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                committer.add(batch)
+            with watchdog:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    committer.add(batch)
         except BaseException as exc:
             committer.settle()  # the shards already handed to the writer are whole: let them land
             if not isinstance(exc, Exception):
@@ -296,9 +299,13 @@ def embed(cfg: EmbedConfig, address: str | None = None) -> dict:
     # matched on ImageReadError's message, so a bug in the code is not retried.
     context.retried_map_errors = [READ_ERROR_PATTERN]
     context.max_map_retries = cfg.read_retries
+    if cfg.gpus_per_actor is None:
+        cfg = dataclasses.replace(cfg, gpus_per_actor=1 if ray.cluster_resources().get("GPU", 0) > 0 else 0)
     if cfg.batch_size is None:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_actor != 0
-        cfg = dataclasses.replace(cfg, batch_size=256 if has_gpu else 64)
+        cfg = dataclasses.replace(cfg, batch_size=256 if cfg.gpus_per_actor else 64)
+    # the actors and a decode task beside them must fit, or the job would wait for ever
+    check_fit(Ask(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.decode_cpus,
+                  cfg.decode_memory or decode_memory_bytes(cfg.batch_size, image_size)))
     version = manifest_info(listings["gallery"]).get("version") if cfg.data is not None else None
     with Lease(cfg.out, ttl_s=cfg.lease_ttl_s) as lease:
         return {kind: _run_table(kind, listings.pop(kind), cfg, checkpoint, identity, image_size, version,

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from tpr_ray import tables
 from tpr_ray.io import storage
 from tpr_ray.errors import ConfigError, DataError
+from tpr_ray.index.folder import BUILDS_DIR, INDEX_FILE, INFO_FILE, near_queries, recall_at_k
 
 IVFDATA_FILE = "index.ivfdata"
 IDS_ARROW_FILE = "ids.arrow"
@@ -234,8 +235,6 @@ def train(params: IvfPqParams, dim: int, parts: list[dict], work: str, seed: int
     of this build wrote them, else trained on a sample the Ray tasks draw from their shards."""
     import ray
 
-    from tpr_ray.index.faiss_index import near_queries
-
     trained_uri, queries_uri = storage.join(work, TRAINED_FILE), storage.join(work, QUERIES_FILE)
     if storage.exists(trained_uri) and storage.exists(queries_uri):
         return storage.read_bytes(trained_uri), np.load(io.BytesIO(storage.read_bytes(queries_uri)))
@@ -353,7 +352,6 @@ def build_ivfpq(embeddings: str, out: str, info: dict, *, memory_budget: int, op
                 num_queries: int = 1000, seed: int = 0) -> tuple[str, dict]:
     """Build (or finish) the IVF-PQ index of the gallery table ``embeddings`` under ``out/builds/``;
     returns the build's name and its index.json. ``info`` is the table's checked sidecar."""
-    from tpr_ray.index.faiss_index import BUILDS_DIR, INDEX_FILE, INFO_FILE, recall_at_k
     from tpr_ray.io.cluster import init_ray, require_shared_storage
 
     if storage.is_remote(out):

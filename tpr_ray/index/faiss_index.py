@@ -34,12 +34,10 @@ import pyarrow.parquet as pq
 
 from tpr_ray.io import storage
 from tpr_ray.errors import ConfigError, DataError
+from tpr_ray.index.build import build_ivfpq, load_ivfpq, parse_size
+from tpr_ray.index.folder import BUILDS_DIR, IDS_FILE, INDEX_FILE, INFO_FILE, near_queries, recall_at_k
 from tpr_ray.tables import check_kind, embedding_matrix, read_embeddings
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
-INFO_FILE = "index.json"
-BUILDS_DIR = "builds"
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 
 
@@ -71,21 +69,6 @@ def fill_index(index: faiss.Index, vectors: np.ndarray, train_sample: int = 100_
         sample = vectors[rng.choice(len(vectors), size=min(train_sample, len(vectors)), replace=False)]
         index.train(sample)
     index.add(vectors)
-
-
-def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
-    """Mean share of the exact top-k found in the approximate top-k."""
-    k = exact_ids.shape[1]
-    hits = [len(set(e) & set(a)) for e, a in zip(exact_ids.tolist(), approx_ids.tolist())]
-    return float(np.sum(hits)) / (k * len(hits))
-
-
-def near_queries(vectors: np.ndarray, num_queries: int = 1000, noise: float = 0.05, seed: int = 0) -> np.ndarray:
-    """Some of ``vectors`` with a little Gaussian noise, re-normalised (see :func:`measure_recall`)."""
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(vectors), size=min(num_queries, len(vectors)), replace=False)
-    queries = vectors[picks] + noise * rng.standard_normal((len(picks), vectors.shape[1])).astype(np.float32)
-    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
 
 def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10, num_queries: int = 1000,
@@ -165,7 +148,6 @@ def _switch_to(out: str, build: str, previous: str | None, details: dict, tick: 
 
 
 def _build_ivfpq(embeddings: str, out: str, tick: float, *, allow_incomplete: bool, memory_budget, **options) -> dict:
-    from tpr_ray.index.build import build_ivfpq, parse_size
     from tpr_ray.tables import check_complete, read_sidecar
 
     info = {**read_sidecar(embeddings), "uri": embeddings}
@@ -210,7 +192,6 @@ def load_index(index_dir: str) -> tuple[faiss.Index, pa.Table, dict]:
     # Folders built before builds had folders of their own hold the files at the top.
     folder = storage.join(index_dir, BUILDS_DIR, info["build"]) if info.get("build") else index_dir
     if info.get("kind") == "ivfpq":
-        from tpr_ray.index.build import load_ivfpq
 
         return (*load_ivfpq(folder, info), info)
     index_uri, ids_uri = storage.join(folder, INDEX_FILE), storage.join(folder, IDS_FILE)
