@@ -114,8 +114,27 @@ def test_embed_job_survives_a_worker_node_killed_mid_job(cluster, tmp_path):
     if rows is not None:
         assert rows == list(range(len(images)))
     assert len(shard_files(f"{out}/gallery")) == shards
+    print("\n" + "\n".join(line for line in transcript.splitlines() if line.strip())[:3000])
     print(f"\nembed: {len(images)} rows in {shards} shards; {committed_at_kill} committed when w1 was killed; "
           f"{'re-run' if reran else 'same job'} finished; every row once")
+
+
+def test_actors_that_leave_no_room_are_refused_in_one_line(cluster, tmp_path):
+    """4 actors x 0.5 CPU hold the worker's 2 CPUs: a decode task could never run (issue 19 item 3)."""
+    from tpr_ray.data import synthesize
+
+    data = synthesize("cuhk", 4, 0, str(tmp_path / "data"))
+    checkpoint = save_tiny_checkpoint(str(tmp_path / "ckpt"))
+    out = str(tmp_path / "emb")
+    proc = submit(cluster, ["jobs.embed", "--checkpoint", checkpoint, "--data", data, "--out", out, "--actors", "4"],
+                  "embed-refused.log")
+    transcript = finish(proc, 180)
+    refusal = ("Error: the embedding job would wait for ever: it needs 4 model actors x 0.5 CPU and a decode task "
+               "of 0.5 CPU beside them at the same time, and the cluster has 2 CPUs on 2 nodes; pass --actors 3 or "
+               "--cpus-per-actor 0.37 or a bigger cluster")
+    assert proc.returncode != 0 and refusal in transcript, transcript[-4000:]
+    assert "Traceback" not in transcript and not os.path.exists(os.path.join(out, "gallery"))
+    print(f"\n{refusal}")
 
 
 def test_crosseval_matrix_survives_a_worker_node_killed_mid_matrix(cluster, tmp_path):
