@@ -123,7 +123,7 @@ def test_actors_that_leave_no_room_are_refused_in_one_line(cluster, tmp_path):
     """4 actors x 0.5 CPU hold the worker's 2 CPUs: a decode task could never run (issue 19 item 3)."""
     from tpr_ray.data import synthesize
 
-    data = synthesize("cuhk", 4, 0, str(tmp_path / "data"))
+    data = synthesize("cuhk", 6, 0, str(tmp_path / "data"))
     checkpoint = save_tiny_checkpoint(str(tmp_path / "ckpt"))
     out = str(tmp_path / "emb")
     proc = submit(cluster, ["jobs.embed", "--checkpoint", checkpoint, "--data", data, "--out", out, "--actors", "4"],

@@ -46,7 +46,7 @@ def test_actors_are_placed_per_node():
     assert shortfall(Ask(2, 1.0, 0, 0.5), nodes).endswith(
         "the cluster has 2 CPUs on 2 nodes; pass --actors 1 or --cpus-per-actor 0.5 or a bigger cluster")
     # no node holds 1.5 CPUs, though the cluster does
-    assert shortfall(Ask(1, 1.5, 0, 0.5), nodes).endswith("pass --cpus-per-actor 0.5 or a bigger cluster")
+    assert shortfall(Ask(1, 1.5, 0, 0.5), nodes).endswith("pass --cpus-per-actor 1 or a bigger cluster")
 
 
 def test_gpu_actors_need_a_gpu_each():
@@ -125,3 +125,22 @@ def test_a_stalled_job_prints_what_ray_is_waiting_for(cuhk_small, tmp_path):
     assert seen, "no watchdog line"
     assert "Ray: pending [1 {'CPU': 0.5}]; free: {'CPU': 0.0}" in seen[0], seen[0]
     print(f"\n{seen[0]}")
+
+
+def test_an_autoscaler_is_told_from_ray_starts_read_only_monitor(monkeypatch):
+    """The monitor's report as a plain `ray start` head publishes it (read-only node types) and
+    as the cluster launcher's autoscaler does (node types named after cluster.yaml's groups)."""
+    import json
+
+    import ray.experimental.internal_kv as kv
+
+    from tpr_ray.embedding import resources
+
+    def report(mapping):
+        return json.dumps({"autoscaler_report": {"node_type_mapping": mapping}}).encode()
+
+    node = "5dc9ccd148aff4772b42301e9c1a84fdebb953ee27e651618213e101"
+    for status, expected in [(report({node: f"node_{node}"}), False), (report({node: "head"}), True),
+                             (None, False), (b"not json", False)]:
+        monkeypatch.setattr(kv, "_internal_kv_get", lambda key, status=status: status)
+        assert resources.autoscaling() is expected, status

@@ -81,11 +81,10 @@ def shortfall(ask: Ask, nodes: list[dict[str, float]]) -> str | None:
     if most:
         options.append(f"--actors {most}")
     if not ask.actor_gpus:
-        # the CPUs per actor that leave a decode task room on the node with the most CPUs
-        biggest = max((n.get("CPU", 0) for n in nodes), default=0)
-        per_node = math.ceil(ask.actors / max(1, len(nodes)))
-        share = math.floor((biggest - ask.task_cpus) / per_node * 100) / 100 if per_node else 0
-        if 0 < share < ask.actor_cpus and fits(Ask(ask.actors, share, 0, ask.task_cpus, ask.task_memory), nodes):
+        # the most CPUs per actor (in hundredths) that leave a decode task room
+        share = next((cents / 100 for cents in range(math.ceil(ask.actor_cpus * 100) - 1, 0, -1)
+                      if fits(Ask(ask.actors, cents / 100, 0, ask.task_cpus, ask.task_memory), nodes)), None)
+        if share is not None:
             options.append(f"--cpus-per-actor {_fmt(share)}")
     if ask.task_cpus > 0.25 and fits(Ask(ask.actors, ask.actor_cpus, ask.actor_gpus, 0.25, ask.task_memory), nodes):
         options.append("--decode-cpus 0.25")
@@ -102,15 +101,20 @@ def alive_nodes() -> list[dict[str, float]]:
 
 
 def autoscaling() -> bool:
-    """Whether an autoscaler that may add nodes watches this cluster (it publishes its status;
-    a `ray start` cluster without one does not)."""
+    """Whether an autoscaler that may add nodes watches this cluster. Ray's monitor publishes
+    its report on every cluster; without an autoscaling config (a plain `ray start`) it runs a
+    read-only provider whose node types are named ``node_<node id>``, while a launcher or
+    KubeRay cluster names them after its node groups ("gpu_workers")."""
+    import json
+
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        status = _internal_kv_get("__autoscaling_status")
+        status = json.loads(_internal_kv_get("__autoscaling_status") or b"{}")
     except Exception:  # noqa: BLE001 - no answer: treat the cluster as fixed
         return False
-    return bool(status) and b'"autoscaler_report"' in status and b"node_types" in status
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
 
 
 def check_fit(ask: Ask) -> None:
