@@ -19,22 +19,19 @@ import time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from tpr_ray.io import storage  # noqa: E402
 from tpr_ray.model.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE  # noqa: E402
 from tpr_ray.data import synthesize  # noqa: E402
-from tpr_ray.embedding.pipeline import EmbedConfig, embed  # noqa: E402
 from tpr_ray.errors import ConfigError  # noqa: E402
 from tpr_ray.training.config import TrainConfig  # noqa: E402
 from tpr_ray.training.driver import train
-from tests.helpers import TINY, save_tiny_checkpoint  # noqa: E402
+from tests.helpers import TINY  # noqa: E402
 
 BUCKET = os.environ.get("TPR_TEST_BUCKET", "s3://tpr-test")
-RECIPE = {"batch_size": 8, "epochs": 5, "lr": 1e-3, "warmup_epochs": 0}
+RECIPE = {"batch_size": 8, "epochs": 3, "lr": 1e-3, "warmup_epochs": 0}
 
 
 def start_cluster(worker_nodes: int, cpus_per_node: int) -> tuple[Cluster, list]:
@@ -176,70 +173,6 @@ def train_node_failure(work: str) -> dict:
     return findings
 
 
-def _upload_gallery(prefix: str, n: int) -> list[str]:
-    import io
-
-    from PIL import Image
-
-    rng = np.random.default_rng(3)
-    names = [f"cam{i % 3}/{i:04d}.jpg" for i in range(n)]
-    files = {}
-    for name in names:
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (96, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
-        files[name] = buf.getvalue()
-    fs, bucket = storage.filesystem(BUCKET)
-    fs.pipe({f"{bucket}/{prefix}/{name}": data for name, data in files.items()})
-    return names
-
-
-def _tiny_checkpoint(work: str) -> str:
-    path = f"{BUCKET}/ft-ckpt"
-    local = save_tiny_checkpoint(os.path.join(work, "ckpt"))
-    fs, bucket = storage.filesystem(BUCKET)
-    fs.put(local, f"{bucket}/ft-ckpt", recursive=True)
-    return path
-
-
-def embed_node_failure(work: str) -> dict:
-    """Two embedding actors on two nodes; one node dies mid-run."""
-    cluster, nodes = start_cluster(worker_nodes=2, cpus_per_node=2)
-    names = _upload_gallery("ft-gallery", 240)
-    checkpoint = _tiny_checkpoint(work)
-    out = f"{BUCKET}/ft-emb"
-    cfg = EmbedConfig(checkpoint=checkpoint, images=f"{BUCKET}/ft-gallery/**/*.jpg", out=out, rows_per_shard=10,
-                      batch_size=5, actors=2)
-    thread, box = run_in_thread(embed, cfg)
-
-    def committed():  # the shard files are the record of what is committed while the job runs
-        fs, path = storage.filesystem(f"{out}/gallery")
-        try:
-            return len([p for p in fs.ls(path, detail=False, refresh=True)
-                        if p.rsplit("/", 1)[-1].startswith("part-")])
-        except FileNotFoundError:
-            return 0
-
-    def shards_done():
-        return committed() >= 2
-
-    wait_for(lambda: shards_done() or not thread.is_alive(), 300, "two committed shards")
-    before = committed()
-    killed = kill_node(cluster, nodes[1])
-    cluster.add_node(num_cpus=2)
-    thread.join(600)
-    findings = {"error": box.get("error"), "shards_before_failure": before, "inputs": len(names),
-                "processes_killed": killed}
-    if "result" in box:
-        info = box["result"]["gallery"]
-        fs, path = storage.filesystem(f"{out}/gallery")
-        ids = pq.read_table(path, filesystem=fs).column("image_id").to_pylist()
-        findings.update(complete=info["complete"], rows=len(ids), unique=len(set(ids)),
-                        lost=len(set(names) - set(ids)), duplicates=len(ids) - len(set(ids)))
-    ray.shutdown()
-    cluster.shutdown()
-    return findings
-
-
 def train_driver_killed(work: str) -> dict:
     """The driver of a training job is killed; re-running the command resumes the run."""
     cluster, _ = start_cluster(worker_nodes=2, cpus_per_node=1)
@@ -271,8 +204,7 @@ def train_driver_killed(work: str) -> dict:
     return findings
 
 
-SCENARIOS = {"train-node-failure": train_node_failure, "embed-node-failure": embed_node_failure,
-             "train-driver-killed": train_driver_killed}
+SCENARIOS = {"train-node-failure": train_node_failure, "train-driver-killed": train_driver_killed}
 
 if __name__ == "__main__":
     name, work = sys.argv[1], sys.argv[2]

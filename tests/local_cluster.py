@@ -24,8 +24,11 @@ PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_
 
 
 class LocalCluster:
-    def __init__(self, root: str):
+    def __init__(self, root: str, env: dict | None = None):
+        """``env``: variables every node and submitter has besides Ray's (e.g. the S3 endpoint
+        and credentials a node would get from its instance profile)."""
         self.root = root
+        self.extra_env = dict(env or {})
         self.temp_dir = os.path.join(root, "ray")
         self.token_file = os.path.join(root, "auth_token")
         os.makedirs(self.temp_dir, exist_ok=True)
@@ -41,6 +44,7 @@ class LocalCluster:
     def env(self, **extra) -> dict:
         """The environment of every process that belongs to this cluster (nodes, submitters)."""
         env = {k: v for k, v in os.environ.items() if k in PASSED_ON}
+        env.update(self.extra_env)
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_file, RAY_DEDUP_LOGS="0",
                    RAY_USAGE_STATS_ENABLED="0")
         # The venv's python and ray first, as on a node where it is activated (a job's
@@ -80,7 +84,10 @@ class LocalCluster:
                               capture_output=True, text=True, timeout=60)
         if proc.returncode:
             return set()
-        ports = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+        answer = [line for line in proc.stdout.splitlines() if line.startswith("[")]  # Ray may print too
+        if not answer:
+            return set()
+        ports = set(json.loads(answer[-1]))
         return {name for name, port in self.node_ports.items() if port in ports}
 
     def wait_for_nodes(self, names: set[str], timeout: float = 120) -> None:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.helpers import save_tiny_checkpoint
+from tests.helpers import S3_BUCKET, S3_ENV, save_tiny_checkpoint
 from tests.local_cluster import LocalCluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = LocalCluster(str(tmp_path_factory.mktemp("rc")))
+def cluster(s3_bucket, tmp_path_factory):
+    # the nodes reach moto's S3 server with its dummy credentials, as nodes with an instance profile would
+    cluster = LocalCluster(str(tmp_path_factory.mktemp("rc")), env=S3_ENV)
     try:
         cluster.start_head(cpus=0)  # drivers only, as in cluster.yaml: the work runs on worker nodes
         cluster.add_worker("w1", cpus=2)
@@ -79,19 +80,39 @@ def replace_worker(cluster: LocalCluster, dead: str, new: str) -> None:
 
 
 def shard_files(table: str) -> list[str]:
-    return glob.glob(os.path.join(table, "part-*.parquet"))
+    from tpr_ray.io import storage
+
+    fs, path = storage.filesystem(table)
+    try:
+        return [p for p in fs.ls(path, detail=False, refresh=True) if p.rsplit("/", 1)[-1].startswith("part-")]
+    except FileNotFoundError:
+        return []
+
+
+def upload(local_root: str, prefix: str) -> str:
+    """A local folder (a synthetic dataset) copied to s3://BUCKET/prefix/; its URI."""
+    from tpr_ray.io import storage
+
+    fs, bucket = storage.filesystem(f"s3://{S3_BUCKET}")
+    files = [f for f in glob.glob(os.path.join(local_root, "**", "*"), recursive=True) if os.path.isfile(f)]
+    fs.pipe({f"{bucket}/{prefix}/{os.path.relpath(f, local_root)}": open(f, "rb").read() for f in files})
+    return f"s3://{S3_BUCKET}/{prefix}"
 
 
 def test_embed_job_survives_a_worker_node_killed_mid_job(cluster, tmp_path):
-    from tpr_ray.data import synthesize
+    """A dataset and the output on S3; two model actors on the worker node, which is killed once
+    a shard is committed (this is also the project's node-failure test of embedding). Then the
+    table is evaluated by `jobs.evaluate`."""
+    from tpr_ray.data import load_manifest, synthesize
     from tpr_ray.tables import read_embeddings
 
-    data = synthesize("cuhk", 16, 0, str(tmp_path / "data"))
-    images = sorted(glob.glob(os.path.join(data, "imgs", "**", "*.jpg"), recursive=True))
+    data = upload(synthesize("cuhk", 16, 0, str(tmp_path / "CUHK-PEDES")), "cluster-data/CUHK-PEDES")
+    test = load_manifest(data).to_pandas()  # --split all: every image and caption
+    images = sorted(set(test["image_uri"]))
     checkpoint = save_tiny_checkpoint(str(tmp_path / "ckpt"))
-    out = str(tmp_path / "emb")
-    args = ["jobs.embed", "--checkpoint", checkpoint, "--images", os.path.join(data, "imgs", "**", "*.jpg"),
-            "--out", out, "--rows-per-shard", "4", "--batch-size", "4"]
+    out = f"s3://{S3_BUCKET}/cluster-emb"
+    args = ["jobs.embed", "--checkpoint", checkpoint, "--data", data, "--out", out, "--split", "all",
+            "--rows-per-shard", "4", "--batch-size", "4", "--actors", "2"]
     shards = -(-len(images) // 4)
 
     proc = submit(cluster, args, "embed-job.log")
@@ -108,15 +129,35 @@ def test_embed_job_survives_a_worker_node_killed_mid_job(cluster, tmp_path):
 
     table, info = read_embeddings(f"{out}/gallery")
     uris = table.column("image_uri").to_pylist()
-    rows = sorted(table.column("row").to_pylist()) if "row" in table.column_names else None
-    assert len(uris) == len(set(uris)) == len(images) and info["complete"]
-    assert {u.removeprefix("file://") for u in uris} == set(images)
-    if rows is not None:
-        assert rows == list(range(len(images)))
+    assert info["complete"] and info["rows"] == len(images) and info["rejected"] == 0
+    assert len(uris) == len(set(uris)) == len(images)  # none lost, none twice
+    assert set(uris) == set(images)
     assert len(shard_files(f"{out}/gallery")) == shards
-    print("\n" + "\n".join(line for line in transcript.splitlines() if line.strip())[:3000])
     print(f"\nembed: {len(images)} rows in {shards} shards; {committed_at_kill} committed when w1 was killed; "
           f"{'re-run' if reran else 'same job'} finished; every row once")
+
+    proc = submit(cluster, ["jobs.evaluate", "--embeddings", out, "--out", f"{out}/metrics.json"], "evaluate.log")
+    transcript = finish(proc, 180)
+    assert proc.returncode == 0, transcript[-4000:]
+    from tpr_ray.io import storage
+
+    metrics = storage.read_json(f"{out}/metrics.json")
+    assert metrics["num_gallery"] == len(images) and metrics["num_queries"] == sum(map(len, test["captions"]))
+
+
+def test_train_job_runs_as_documented(cluster, tmp_path):
+    from tpr_ray.data import synthesize
+    from tpr_ray.model.checkpoint import validate_checkpoint
+
+    data = synthesize("cuhk", 12, 0, str(tmp_path / "data"))
+    runs = str(tmp_path / "runs")
+    proc = submit(cluster, ["jobs.train", "--method", "baseline", "--data", data, "--out", runs, "--name", "b",
+                            "--model", "tpr-tiny", "--pretrained", "none", "--epochs", "1", "--max-steps", "1",
+                            "--batch-size", "8", "--loader-workers", "0"], "train.log")
+    transcript = finish(proc, 300)
+    assert proc.returncode == 0, transcript[-4000:]
+    _, config = validate_checkpoint(os.path.join(runs, "b"))
+    assert config["method"] == "baseline" and config["global_step"] == 1
 
 
 def test_actors_that_leave_no_room_are_refused_in_one_line(cluster, tmp_path):
@@ -171,3 +212,4 @@ def test_crosseval_matrix_survives_a_worker_node_killed_mid_matrix(cluster, tmp_
 
 def cluster_worker(cluster: LocalCluster) -> str:
     return next(name for name in cluster.nodes if name != "head")
+
