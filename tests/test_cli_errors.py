@@ -147,3 +147,56 @@ def test_train_init_and_search_with_a_broken_checkpoint(dataset, tmp_path):
                              str(tmp_path / "ckpt"), "--allow-other-checkpoint"],
                             ["model.pt: weight 'clip.text_projection'"])
     print(f"\nsearch: {err.strip()}")
+
+
+@pytest.fixture
+def empty_weights_cache(tmp_path, monkeypatch):
+    """No pretrained weights cached on this machine (the hub cache and open_clip's URL cache)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "hf-cache"
+
+
+def test_pretrained_tag_offline_and_not_cached(dataset, tmp_path, empty_weights_cache, monkeypatch):
+    from tpr_ray.methods import weights_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(weights_cache, "reachable", lambda *a, **k: pytest.fail("probed the network while offline"))
+    err = fails_in_one_line(train_args(dataset, tmp_path, "--model", "ViT-B-16", "--pretrained", "openai"),
+                            ["--pretrained openai", str(empty_weights_cache), "HF_HUB_OFFLINE=1",
+                             "--pretrained /path/to", "with network"])
+    assert err.splitlines()[0].startswith("Error: --pretrained openai")
+
+
+def test_pretrained_tag_without_network(dataset, tmp_path, empty_weights_cache, monkeypatch):
+    from tpr_ray.methods import weights_cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(weights_cache, "reachable", lambda url, *a, **k: probes.append(url) or False)
+    fails_in_one_line(train_args(dataset, tmp_path, "--model", "RN50", "--pretrained", "openai"),
+                      ["--pretrained openai", "RN50", "cannot be reached", str(empty_weights_cache)])
+    assert probes == ["https://huggingface.co/timm/resnet50_clip.openai"]
+
+
+def test_cached_pretrained_weights_need_no_network(empty_weights_cache, monkeypatch):
+    from tpr_ray.methods import weights_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = empty_weights_cache / "models--timm--resnet50_clip.openai" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    (empty_weights_cache / "models--timm--resnet50_clip.openai" / "refs").mkdir()
+    (empty_weights_cache / "models--timm--resnet50_clip.openai" / "refs" / "main").write_text("abc123")
+    weights_cache.check_weights_obtainable("RN50", "openai")  # no error, no probe
+
+
+def test_the_reachability_probe_gives_up_quickly():
+    import socket
+    import time
+
+    from tpr_ray.methods import weights_cache
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        start = time.monotonic()
+        assert not weights_cache.reachable(f"http://127.0.0.1:{silent.getsockname()[1]}/x", timeout=0.5)
+        assert time.monotonic() - start < 3
