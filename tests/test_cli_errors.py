@@ -200,3 +200,19 @@ def test_the_reachability_probe_gives_up_quickly():
         start = time.monotonic()
         assert not weights_cache.reachable(f"http://127.0.0.1:{silent.getsockname()[1]}/x", timeout=0.5)
         assert time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize("mistake", ["--decoded-stream", "a used run name"])
+def test_the_error_is_the_first_line(dataset, tmp_path, mistake):
+    """A random-init run prints a recipe note; a mistake found before work comes before it."""
+    extra = [mistake] if mistake.startswith("--") else []
+    if mistake == "a used run name":
+        checkpoint = tmp_path / "runs" / "baseline-CUHK-PEDES" / "checkpoint_000000"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text("{}")
+    args = train_args(dataset, tmp_path, "--model", "tpr-tiny", "--pretrained", "none", *extra)
+    result = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0].startswith("Error: "), result.stderr
+    assert "random-init backbone" not in result.stderr

@@ -136,14 +136,16 @@ def from_scratch_overrides(pretrained: str | None, init: str | None, overrides: 
     return {**added, **overrides}, added
 
 
-def with_recipe_rules(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the from-scratch settings when its backbone starts random, said out loud."""
+def with_recipe_rules(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with the from-scratch settings when its backbone starts random, and the note
+    that says so (shown once the checks have passed: an error, if any, comes first)."""
     overrides, added = from_scratch_overrides(cfg.pretrained, cfg.init, cfg.overrides)
+    note = None
     if added:
         settings = ", ".join(f"{k}={v}" for k, v in added.items())
-        log.warning(f"random-init backbone (--pretrained none): training with the from-scratch recipe {settings} "
-                    f"instead of the pretrained-CLIP one; pass --lr / --set KEY=VALUE to choose otherwise")
-    return dataclasses.replace(cfg, overrides=overrides)
+        note = (f"random-init backbone (--pretrained none): training with the from-scratch recipe {settings} "
+                f"instead of the pretrained-CLIP one; pass --lr / --set KEY=VALUE to choose otherwise")
+    return dataclasses.replace(cfg, overrides=overrides), note
 
 
 # --- the driver's steps before fit() ------------------------------------------------
@@ -266,7 +268,7 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
 
     from tpr_ray.io.cluster import init_ray, require_shared_storage
 
-    cfg = with_recipe_rules(cfg)
+    cfg, recipe_note = with_recipe_rules(cfg)
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
     if cfg.decoded_stream and not cfg.decoded_cache:
         raise ConfigError("--decoded-stream streams the decoded cache: give --decoded-cache too")
@@ -279,6 +281,8 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     check_run_folder(cfg, config, recipe, run_dir)
     config["exclude_images"] = skipped_images(cfg, config)
     config["mlflow"], config["mlflow_run_id"] = mlflow_run(cfg, config, recipe, run_dir)
+    if recipe_note:
+        log.warning(recipe_note)
     init_ray(address)
     require_shared_storage(out, "--out")
     datasets = None
