@@ -216,3 +216,42 @@ def test_the_error_is_the_first_line(dataset, tmp_path, mistake):
     assert result.returncode != 0
     assert result.stderr.splitlines()[0].startswith("Error: "), result.stderr
     assert "random-init backbone" not in result.stderr
+
+
+def interrupted(monkeypatch, module: str, function: str):
+    import importlib
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), function, ctrl_c)
+
+
+@pytest.mark.parametrize("command, module, function, hint", [
+    (["train", "--method", "baseline", "--model", "tpr-tiny", "--pretrained", "none"], "tpr_ray.training.driver",
+     "train", "interrupted; rerun the same command with --resume"),
+    (["embed", "--checkpoint", "{dataset}", "--data", "{dataset}"], "tpr_ray.embedding.pipeline", "embed",
+     "interrupted; rerun the same command to continue"),
+    (["index", "build", "--embeddings", "{dataset}"], "tpr_ray.index.faiss_index", "build_index",
+     "interrupted; rerun the same command to continue"),
+])
+def test_ctrl_c_is_one_line_and_exit_130(dataset, tmp_path, monkeypatch, command, module, function, hint):
+    interrupted(monkeypatch, module, function)
+    if command[0] == "train":
+        command = [*command, "--data", dataset]
+    args = [part.format(dataset=dataset) for part in command] + ["--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == hint, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_ctrl_c_in_a_ray_job_entry_point(dataset, tmp_path, monkeypatch, capsys):
+    from cli.main import embed
+    from cli.options import run_command
+    interrupted(monkeypatch, "tpr_ray.embedding.pipeline", "embed")
+    monkeypatch.setattr(sys, "argv", ["embed", "--checkpoint", dataset, "--data", dataset, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        run_command(embed, "python -m jobs.embed")
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to continue"
