@@ -161,8 +161,10 @@ def absolute_references(cfg: TrainConfig) -> dict:
     return config
 
 
-def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> None:
-    """A new run needs a free name; a resumed one must be the run its checkpoints belong to."""
+def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> str | None:
+    """A new run needs a free name; a resumed one must be the run its checkpoints belong to.
+    Returns a note when --resume finds nothing to resume: the run starts, and says so (a
+    re-submitted Ray job with --resume continues; its first submission starts the run)."""
     from tpr_ray.data import load_manifest, manifest_info
 
     # A folder without checkpoints (a first attempt that failed early) holds nothing to keep.
@@ -170,6 +172,8 @@ def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> No
     if checkpoints and not cfg.resume:
         raise ConfigError(f"run {run_dir} already has {len(checkpoints)} checkpoint(s): pass --resume to continue "
                           f"it, or choose another --name / --out")
+    if cfg.resume and not checkpoints:
+        return f"--resume: nothing to resume in {run_dir} (no checkpoint yet): starting the run"
     if checkpoints:
         latest = latest_checkpoint(checkpoints)
         version = manifest_info(load_manifest(config["data"])).get("version")
@@ -278,11 +282,12 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
         check_init(cfg.init, cfg.method)  # its files, before the data and Ray
     config = absolute_references(cfg)
     out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
-    check_run_folder(cfg, config, recipe, run_dir)
+    resume_note = check_run_folder(cfg, config, recipe, run_dir)
     config["exclude_images"] = skipped_images(cfg, config)
     config["mlflow"], config["mlflow_run_id"] = mlflow_run(cfg, config, recipe, run_dir)
-    if recipe_note:
-        log.warning(recipe_note)
+    for note in (resume_note, recipe_note):  # after the checks: an error, if any, is the first line
+        if note:
+            log.warning(note)
     init_ray(address)
     require_shared_storage(out, "--out")
     datasets = None
