@@ -115,3 +115,11 @@ def test_the_docs_ray_version_is_the_pinned_one():
             assert pinned in version, (name, version, pinned)
             found += 1
     assert found, "no doc names the Ray version any more: drop this test"
+
+
+def test_the_docs_say_how_to_view_a_runs_tensorboard_files():
+    from tpr_ray.training.tracking import TENSORBOARD_DIR
+
+    text = _doc("docs/tracking.md")
+    assert re.search(r"pip install tensorboard==\d+\.\d+\.\d+", text)
+    assert re.search(rf"tensorboard --logdir \S+/{TENSORBOARD_DIR}\b", text)
