@@ -123,3 +123,27 @@ def test_the_docs_say_how_to_view_a_runs_tensorboard_files():
     text = _doc("docs/tracking.md")
     assert re.search(r"pip install tensorboard==\d+\.\d+\.\d+", text)
     assert re.search(rf"tensorboard --logdir \S+/{TENSORBOARD_DIR}\b", text)
+
+
+def readme_query() -> str:
+    searches = [words for words in documented_commands() if words[0] == "search"]
+    return searches[0][-1]
+
+
+def test_the_readme_query_describes_a_person_of_the_demo_test_split():
+    from tpr_ray.data.synth import make_identities
+
+    query = readme_query().lower()
+    matches = [person for person in make_identities("cuhk", 200, 0)  # the demo's identities
+               if person.split == "test" and f"{person.upper_colour} {person.upper}" in query
+               and f"{person.lower_colour} {person.lower}" in query]
+    assert matches, f"nobody in the demo's test split looks like the README's query {query!r}"
+
+
+@pytest.mark.slow
+def test_the_readme_query_is_the_caption_the_demo_suggests(tmp_path):
+    """The demo's default data has an image with exactly this caption, so the top hits can match."""
+    from tpr_ray.data import synthesize
+    from tpr_ray.workflows.demo import _a_test_caption
+
+    assert readme_query() == _a_test_caption(synthesize("cuhk", 200, 0, str(tmp_path / "cuhk")))
