@@ -70,7 +70,12 @@ def model_and_weights(model: str, pretrained: str | None) -> None:
         must_exist(pretrained, "--pretrained")
         return
     tags = open_clip.list_pretrained_tags_by_model(model)
-    if pretrained in tags or storage.exists(pretrained):
+    if pretrained in tags:
+        from tpr_ray.methods.weights_cache import check_weights_obtainable
+
+        check_weights_obtainable(model, pretrained)  # offline and not cached: now, not in a worker
+        return
+    if storage.exists(pretrained):
         return
     if tags:
         raise ConfigError(f"open_clip has no {pretrained!r} weights for {model}; use one of {', '.join(tags)}, "

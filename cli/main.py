@@ -88,10 +88,10 @@ def train(method, data_uri, out, name, model, pretrained, image_size, epochs, ba
     from tpr_ray.training.config import TrainConfig
     from tpr_ray.training.driver import train as run_training
 
-    get_method(method)
+    overrides = collect_overrides(sets, epochs, batch_size, lr)
+    get_method(method).default_recipe.override(**overrides)  # a typo fails before weights are looked for
     pretrained = None if pretrained.lower() == "none" else pretrained
     model_and_weights(model, pretrained)
-    overrides = collect_overrides(sets, epochs, batch_size, lr)
     cfg = TrainConfig(method=method, data=data_uri, out=out, name=name, model=model,
                       pretrained=pretrained,
                       image_size=parse_size(image_size), overrides=overrides, num_workers=workers, use_gpu=gpu,

@@ -78,14 +78,36 @@ def describe(error: BaseException) -> str:
     return f"{type(innermost).__name__}: {one_line(innermost)[:300]} (run with -v for the traceback)"
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+RERUN_TO_CONTINUE = "rerun the same command to continue"
+# How each long command continues after Ctrl-C (by the function's name); others just stop.
+HOW_TO_CONTINUE = {"train": "rerun the same command with --resume", "embed": RERUN_TO_CONTINUE,
+                   "index_build": RERUN_TO_CONTINUE, "crosseval": RERUN_TO_CONTINUE,
+                   "reproduce": RERUN_TO_CONTINUE}
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line that says how to continue, exit code 130."""
+
+    exit_code = INTERRUPTED_EXIT_CODE
+
+    def __init__(self, how_to_continue: str | None = None):
+        super().__init__(f"interrupted; {how_to_continue}" if how_to_continue else "interrupted")
+
+
 def cli_errors(command):
     """The one decorator every command uses: its errors become one line (tracebacks with -v)."""
+    how_to_continue = HOW_TO_CONTINUE.get(command.__name__)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            if is_verbose():
+                raise
+            raise Interrupted(how_to_continue) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
             if is_verbose():
@@ -102,9 +124,12 @@ def run_one_line(main, *args, **kwargs):
         result = main(*args, standalone_mode=False, **kwargs)
     except click.exceptions.Exit as stop:
         sys.exit(stop.exit_code)
-    except click.Abort:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+    except click.Abort:  # Ctrl-C outside a command's own work (Click has printed a newline)
+        click.echo("interrupted", err=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except Interrupted as stop:
+        click.echo(stop.message, err=True)
+        sys.exit(stop.exit_code)
     except click.ClickException as error:
         message = one_line(error.format_message())
         ctx = getattr(error, "ctx", None)

@@ -147,3 +147,111 @@ def test_train_init_and_search_with_a_broken_checkpoint(dataset, tmp_path):
                              str(tmp_path / "ckpt"), "--allow-other-checkpoint"],
                             ["model.pt: weight 'clip.text_projection'"])
     print(f"\nsearch: {err.strip()}")
+
+
+@pytest.fixture
+def empty_weights_cache(tmp_path, monkeypatch):
+    """No pretrained weights cached on this machine (the hub cache and open_clip's URL cache)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "hf-cache"
+
+
+def test_pretrained_tag_offline_and_not_cached(dataset, tmp_path, empty_weights_cache, monkeypatch):
+    from tpr_ray.methods import weights_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(weights_cache, "reachable", lambda *a, **k: pytest.fail("probed the network while offline"))
+    err = fails_in_one_line(train_args(dataset, tmp_path, "--model", "ViT-B-16", "--pretrained", "openai"),
+                            ["--pretrained openai", str(empty_weights_cache), "HF_HUB_OFFLINE=1",
+                             "--pretrained /path/to", "with network"])
+    assert err.splitlines()[0].startswith("Error: --pretrained openai")
+
+
+def test_pretrained_tag_without_network(dataset, tmp_path, empty_weights_cache, monkeypatch):
+    from tpr_ray.methods import weights_cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(weights_cache, "reachable", lambda url, *a, **k: probes.append(url) or False)
+    fails_in_one_line(train_args(dataset, tmp_path, "--model", "RN50", "--pretrained", "openai"),
+                      ["--pretrained openai", "RN50", "cannot be reached", str(empty_weights_cache)])
+    assert probes == ["https://huggingface.co/timm/resnet50_clip.openai"]
+
+
+def test_cached_pretrained_weights_need_no_network(empty_weights_cache, monkeypatch):
+    from tpr_ray.methods import weights_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = empty_weights_cache / "models--timm--resnet50_clip.openai" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    (empty_weights_cache / "models--timm--resnet50_clip.openai" / "refs").mkdir()
+    (empty_weights_cache / "models--timm--resnet50_clip.openai" / "refs" / "main").write_text("abc123")
+    weights_cache.check_weights_obtainable("RN50", "openai")  # no error, no probe
+
+
+def test_the_reachability_probe_gives_up_quickly():
+    import socket
+    import time
+
+    from tpr_ray.methods import weights_cache
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        start = time.monotonic()
+        assert not weights_cache.reachable(f"http://127.0.0.1:{silent.getsockname()[1]}/x", timeout=0.5)
+        assert time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize("mistake", ["--decoded-stream", "a used run name"])
+def test_the_error_is_the_first_line(dataset, tmp_path, mistake):
+    """A random-init run prints a recipe note; a mistake found before work comes before it."""
+    extra = [mistake] if mistake.startswith("--") else []
+    if mistake == "a used run name":
+        checkpoint = tmp_path / "runs" / "baseline-CUHK-PEDES" / "checkpoint_000000"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text("{}")
+    args = train_args(dataset, tmp_path, "--model", "tpr-tiny", "--pretrained", "none", *extra)
+    result = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0].startswith("Error: "), result.stderr
+    assert "random-init backbone" not in result.stderr
+
+
+def interrupted(monkeypatch, module: str, function: str):
+    import importlib
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), function, ctrl_c)
+
+
+@pytest.mark.parametrize("command, module, function, hint", [
+    (["train", "--method", "baseline", "--model", "tpr-tiny", "--pretrained", "none"], "tpr_ray.training.driver",
+     "train", "interrupted; rerun the same command with --resume"),
+    (["embed", "--checkpoint", "{dataset}", "--data", "{dataset}"], "tpr_ray.embedding.pipeline", "embed",
+     "interrupted; rerun the same command to continue"),
+    (["index", "build", "--embeddings", "{dataset}"], "tpr_ray.index.faiss_index", "build_index",
+     "interrupted; rerun the same command to continue"),
+])
+def test_ctrl_c_is_one_line_and_exit_130(dataset, tmp_path, monkeypatch, command, module, function, hint):
+    interrupted(monkeypatch, module, function)
+    if command[0] == "train":
+        command = [*command, "--data", dataset]
+    args = [part.format(dataset=dataset) for part in command] + ["--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == hint, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_ctrl_c_in_a_ray_job_entry_point(dataset, tmp_path, monkeypatch, capsys):
+    from cli.main import embed
+    from cli.options import run_command
+    interrupted(monkeypatch, "tpr_ray.embedding.pipeline", "embed")
+    monkeypatch.setattr(sys, "argv", ["embed", "--checkpoint", dataset, "--data", dataset, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        run_command(embed, "python -m jobs.embed")
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to continue"

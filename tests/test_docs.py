@@ -85,3 +85,65 @@ def test_documented_commands_on_built_in_data_run(demo):
     for words in commands:
         result = CliRunner().invoke(cli, small(words, work))
         assert result.exit_code == 0, (words, result.output)
+
+
+def _doc(name: str) -> str:
+    return open(os.path.join(ROOT, name)).read()
+
+
+def test_the_docs_cfine_schedule_is_the_recipes():
+    from tpr_ray.methods.cfine import CFine
+
+    said = re.search(r"×0\.1 at epochs ([\d, and]+) \(", _doc("docs/training.md").replace("\n", " "))
+    assert said, "docs/training.md no longer states CFine's lr milestones"
+    assert tuple(int(n) for n in re.findall(r"\d+", said.group(1))) == tuple(CFine.default_recipe.step_milestones)
+
+
+def test_the_docs_pixel_limit_is_the_decoders():
+    from tpr_ray.io.images import MAX_PIXELS
+
+    said = re.search(r"over 2\^(\d+) = ([\d.]+) M pixels", _doc("docs/embedding.md").replace("\n", " "))
+    assert said, "docs/embedding.md no longer states the pixel limit"
+    assert 2 ** int(said.group(1)) == MAX_PIXELS and float(said.group(2)) == round(MAX_PIXELS / 1e6, 1)
+
+
+def test_the_docs_ray_version_is_the_pinned_one():
+    pinned = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', _doc("pyproject.toml")).group(1)
+    found = 0
+    for name in ["README.md", *(f"docs/{n}" for n in sorted(os.listdir(os.path.join(ROOT, "docs"))))]:
+        for version in re.findall(r'rayVersion: "([\d.]+)"|rayproject/ray:([\d.]+)|ray==([\d.]+)', _doc(name)):
+            assert pinned in version, (name, version, pinned)
+            found += 1
+    assert found, "no doc names the Ray version any more: drop this test"
+
+
+def test_the_docs_say_how_to_view_a_runs_tensorboard_files():
+    from tpr_ray.training.tracking import TENSORBOARD_DIR
+
+    text = _doc("docs/tracking.md")
+    assert re.search(r"pip install tensorboard==\d+\.\d+\.\d+", text)
+    assert re.search(rf"tensorboard --logdir \S+/{TENSORBOARD_DIR}\b", text)
+
+
+def readme_query() -> str:
+    searches = [words for words in documented_commands() if words[0] == "search"]
+    return searches[0][-1]
+
+
+def test_the_readme_query_describes_a_person_of_the_demo_test_split():
+    from tpr_ray.data.synth import make_identities
+
+    query = readme_query().lower()
+    matches = [person for person in make_identities("cuhk", 200, 0)  # the demo's identities
+               if person.split == "test" and f"{person.upper_colour} {person.upper}" in query
+               and f"{person.lower_colour} {person.lower}" in query]
+    assert matches, f"nobody in the demo's test split looks like the README's query {query!r}"
+
+
+@pytest.mark.slow
+def test_the_readme_query_is_the_caption_the_demo_suggests(tmp_path):
+    """The demo's default data has an image with exactly this caption, so the top hits can match."""
+    from tpr_ray.data import synthesize
+    from tpr_ray.workflows.demo import _a_test_caption
+
+    assert readme_query() == _a_test_caption(synthesize("cuhk", 200, 0, str(tmp_path / "cuhk")))

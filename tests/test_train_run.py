@@ -130,6 +130,23 @@ def test_a_failed_first_attempt_without_checkpoints_does_not_block_the_corrected
         train(_config(cuhk_small, tmp_path, resume=False))
 
 
+@pytest.mark.parametrize("folder", ["missing", "without a checkpoint"])
+def test_resume_with_nothing_to_resume_says_so_and_starts(cuhk_small, tmp_path, monkeypatch, caplog, folder):
+    import tpr_ray.io.cluster
+
+    run_dir = tmp_path / "run"
+    if folder == "without a checkpoint":
+        (run_dir / "checkpoint_2026-01-01_00-00-00.000001").mkdir(parents=True)  # an upload that never completed
+
+    def started(address=None):
+        raise _Started
+
+    monkeypatch.setattr(tpr_ray.io.cluster, "init_ray", started)
+    with caplog.at_level("WARNING", logger="tpr_ray"), pytest.raises(_Started):
+        train(_config(cuhk_small, tmp_path, resume=True, bad_images="off"))
+    assert f"--resume: nothing to resume in {run_dir} (no checkpoint yet): starting the run" in caplog.text
+
+
 def test_an_interrupted_run_still_names_its_best_checkpoint(cuhk_small, tmp_path, monkeypatch):
     import tpr_ray.io.cluster
     import tpr_ray.training.driver

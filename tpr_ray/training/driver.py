@@ -136,14 +136,16 @@ def from_scratch_overrides(pretrained: str | None, init: str | None, overrides: 
     return {**added, **overrides}, added
 
 
-def with_recipe_rules(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the from-scratch settings when its backbone starts random, said out loud."""
+def with_recipe_rules(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with the from-scratch settings when its backbone starts random, and the note
+    that says so (shown once the checks have passed: an error, if any, comes first)."""
     overrides, added = from_scratch_overrides(cfg.pretrained, cfg.init, cfg.overrides)
+    note = None
     if added:
         settings = ", ".join(f"{k}={v}" for k, v in added.items())
-        log.warning(f"random-init backbone (--pretrained none): training with the from-scratch recipe {settings} "
-                    f"instead of the pretrained-CLIP one; pass --lr / --set KEY=VALUE to choose otherwise")
-    return dataclasses.replace(cfg, overrides=overrides)
+        note = (f"random-init backbone (--pretrained none): training with the from-scratch recipe {settings} "
+                f"instead of the pretrained-CLIP one; pass --lr / --set KEY=VALUE to choose otherwise")
+    return dataclasses.replace(cfg, overrides=overrides), note
 
 
 # --- the driver's steps before fit() ------------------------------------------------
@@ -159,8 +161,10 @@ def absolute_references(cfg: TrainConfig) -> dict:
     return config
 
 
-def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> None:
-    """A new run needs a free name; a resumed one must be the run its checkpoints belong to."""
+def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> str | None:
+    """A new run needs a free name; a resumed one must be the run its checkpoints belong to.
+    Returns a note when --resume finds nothing to resume: the run starts, and says so (a
+    re-submitted Ray job with --resume continues; its first submission starts the run)."""
     from tpr_ray.data import load_manifest, manifest_info
 
     # A folder without checkpoints (a first attempt that failed early) holds nothing to keep.
@@ -168,6 +172,8 @@ def check_run_folder(cfg: TrainConfig, config: dict, recipe, run_dir: str) -> No
     if checkpoints and not cfg.resume:
         raise ConfigError(f"run {run_dir} already has {len(checkpoints)} checkpoint(s): pass --resume to continue "
                           f"it, or choose another --name / --out")
+    if cfg.resume and not checkpoints:
+        return f"--resume: nothing to resume in {run_dir} (no checkpoint yet): starting the run"
     if checkpoints:
         latest = latest_checkpoint(checkpoints)
         version = manifest_info(load_manifest(config["data"])).get("version")
@@ -266,7 +272,7 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
 
     from tpr_ray.io.cluster import init_ray, require_shared_storage
 
-    cfg = with_recipe_rules(cfg)
+    cfg, recipe_note = with_recipe_rules(cfg)
     recipe = get_method(cfg.method).default_recipe.override(**cfg.overrides)  # fail fast, before Ray starts
     if cfg.decoded_stream and not cfg.decoded_cache:
         raise ConfigError("--decoded-stream streams the decoded cache: give --decoded-cache too")
@@ -276,9 +282,12 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
         check_init(cfg.init, cfg.method)  # its files, before the data and Ray
     config = absolute_references(cfg)
     out, run_dir = config["out"], storage.join(config["out"], cfg.run_name())
-    check_run_folder(cfg, config, recipe, run_dir)
+    resume_note = check_run_folder(cfg, config, recipe, run_dir)
     config["exclude_images"] = skipped_images(cfg, config)
     config["mlflow"], config["mlflow_run_id"] = mlflow_run(cfg, config, recipe, run_dir)
+    for note in (resume_note, recipe_note):  # after the checks: an error, if any, is the first line
+        if note:
+            log.warning(note)
     init_ray(address)
     require_shared_storage(out, "--out")
     datasets = None
