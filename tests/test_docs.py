@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = ("PlacementGroupCleaner", "TrainingReport(", "Checkpoint successfully created",
-         "No pretrained weights loaded", "Started a local Ray instance", "Token authentication is enabled")
+         "No pretrained weights loaded", "Started a local Ray instance", "Token authentication is enabled",
+         "core_worker.cc", "constructor arguments in the object store")
 MAX_CONSOLE_LINES = 30
 SMALL = {"demo": ["--ids", "12", "--epochs", "1"], "data synth": ["--ids", "12"]}
 
@@ -72,6 +73,7 @@ def test_demo_console_is_quiet_and_the_noise_is_in_the_log_file(demo):
     assert "chance" in console and "tpr-ray search --index" in console  # ends with what to try next
     log = open(os.path.join(work, "demo_out", "tpr-ray-demo.log")).read()
     assert "Started a local Ray instance" in log  # what the console left out is kept
+    assert "constructor arguments in the object store" in log  # Ray's C++ lines too
 
 
 @pytest.mark.slow

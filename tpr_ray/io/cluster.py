@@ -135,6 +135,30 @@ def setup_quiet_worker() -> None:
     project.propagate = False
 
 
+def _native_stderr_to_log() -> None:
+    """Ray's C++ core worker in this process (and the processes it starts) write straight to
+    file descriptor 2, past every Python handler: e.g. core_worker.cc's warning that Ray Data's
+    actor pool has "constructor arguments in the object store". Point descriptor 2 at the log
+    file and keep Python's ``sys.stderr`` (the project's lines, errors, tracebacks) on the
+    console. Only when ``sys.stderr`` is the process's own (a test runner's capture is left alone)."""
+    if _console.get("native_fd") is not None or sys.stderr is not sys.__stderr__:
+        return
+    try:
+        fd = sys.__stderr__.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    path = _console["log_file"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sys.stderr.flush()
+    console = os.dup(fd)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, fd)
+    os.close(log)
+    _console["native_fd"] = console
+    sys.stderr = os.fdopen(console, "w", buffering=1, encoding=sys.__stderr__.encoding or "utf-8",
+                           errors="backslashreplace")
+
+
 @contextlib.contextmanager
 def _loopback_node():
     """Make Ray pick 127.0.0.1 as this node's address while a local cluster starts.
@@ -174,6 +198,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # An S3-compatible endpoint must reach workers on other nodes too. Credentials are
         # never passed this way: workers get them from their own AWS chain.
         kwargs["runtime_env"] = {"env_vars": {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}}
+    if _console["log_file"]:
+        _native_stderr_to_log()
     if address:
         ray.init(address=address, **kwargs)
     else:
