@@ -106,7 +106,7 @@ def test_embed_job_survives_a_worker_node_killed_mid_job(cluster, tmp_path):
     from tpr_ray.data import load_manifest, synthesize
     from tpr_ray.tables import read_embeddings
 
-    data = upload(synthesize("cuhk", 16, 0, str(tmp_path / "CUHK-PEDES")), "cluster-data/CUHK-PEDES")
+    data = upload(synthesize("cuhk", 10, 0, str(tmp_path / "CUHK-PEDES")), "cluster-data/CUHK-PEDES")
     test = load_manifest(data).to_pandas()  # --split all: every image and caption
     images = sorted(set(test["image_uri"]))
     checkpoint = save_tiny_checkpoint(str(tmp_path / "ckpt"))
