@@ -36,7 +36,9 @@ RECIPE = {"batch_size": 8, "epochs": 3, "lr": 1e-3, "warmup_epochs": 0}
 
 def start_cluster(worker_nodes: int, cpus_per_node: int) -> tuple[Cluster, list]:
     """A head with no CPUs (it only hosts the driver's bookkeeping) and CPU worker nodes."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # a killed node is found dead after 5 failed health checks 1 s apart (Ray's default: 3 s apart)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": {"health_check_period_ms": 1000, "health_check_timeout_ms": 5000}})
     nodes = [cluster.add_node(num_cpus=cpus_per_node) for _ in range(worker_nodes)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)

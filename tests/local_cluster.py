@@ -46,7 +46,10 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if k in PASSED_ON}
         env.update(self.extra_env)
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_file, RAY_DEDUP_LOGS="0",
-                   RAY_USAGE_STATS_ENABLED="0")
+                   RAY_USAGE_STATS_ENABLED="0",
+                   # A killed node is found dead after 5 failed checks 1 s apart (Ray's default: 3 s
+                   # apart). The timeout of each check stays long, so a busy live node is not declared dead.
+                   RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="5000")
         # The venv's python and ray first, as on a node where it is activated (a job's
         # `python -m ...` entrypoint is found on the head's PATH).
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
