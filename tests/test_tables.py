@@ -36,13 +36,16 @@ def write_table(directory, kind, pids, vectors, bounds, **sidecar):
     return str(directory)
 
 
+def unit_rows():
+    """8 seeded unit vectors of dimension 4, of persons 0-3 (twice each)."""
+    vectors = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), np.arange(8) % 4
+
+
 @pytest.fixture()
 def run(tmp_path):
     """An embedding run whose gallery job stopped after 2 of its 3 planned shards."""
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((8, 4)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    pids = np.arange(8) % 4
+    vectors, pids = unit_rows()
     write_table(tmp_path / "emb" / "gallery", "gallery", pids, vectors, [0, 4, 8], complete=False, num_shards=3,
                 source="/data/cuhk", split="test", settings={"rows_per_shard": 4})
     write_table(tmp_path / "emb" / "queries", "queries", pids[:4], vectors[:4], [0, 4])
@@ -135,10 +138,7 @@ def test_a_wrong_table_kind_is_one_error_type_everywhere(run, tmp_path):
 @pytest.fixture()
 def done(tmp_path):
     """A complete embedding run: gallery of 8 rows in 2 shards, 4 queries with captions."""
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((8, 4)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    pids = np.arange(8) % 4
+    vectors, pids = unit_rows()
     write_table(tmp_path / "emb" / "gallery", "gallery", pids, vectors, [0, 4, 8])
     queries = write_table(tmp_path / "emb" / "queries", "queries", pids[:4], vectors[:4], [0, 4])
     shard = f"{queries}/{tables.shard_name(0)}"
@@ -210,6 +210,16 @@ def test_a_shard_list_of_bare_names_is_checked_by_name(done, tmp_path):
     assert tables.read_embeddings(str(done / "gallery"))[0].num_rows == info["rows"]
     (done / "gallery" / "part-00002.parquet").write_bytes((done / "gallery" / "part-00001.parquet").read_bytes())
     with pytest.raises(DataError, match=r"part-00002.parquet: shard not in the sidecar's list of this table's 2"):
+        tables.read_embeddings(str(done / "gallery"))
+
+
+@pytest.mark.parametrize("entry", [{"rows": 4}, 7, None])
+def test_a_shard_list_entry_without_a_file_name_is_refused_naming_the_sidecar(done, entry):
+    sidecar = done / "gallery" / tables.SIDECAR
+    info = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**info, "shards": [info["shards"][0], entry]}))
+    with pytest.raises(DataError, match=r"_tpr_ray.json, field 'shards': entry 1 of the sidecar's shard list names "
+                                        r"no file"):
         tables.read_embeddings(str(done / "gallery"))
 
 

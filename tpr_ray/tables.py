@@ -222,8 +222,13 @@ def check_shard_list(info: dict, table_uri: str, sizes: dict[str, int | None]) -
     if not isinstance(listed, list) or not info.get("complete", True):
         return
     # entries are {"file", "rows", "bytes", "footer", ...}; a bare name (another writer's table) is checked by name
-    recorded = {entry["file"] if isinstance(entry, dict) else entry: entry if isinstance(entry, dict) else {}
-                for entry in listed if isinstance(entry, (dict, str))}
+    recorded = {}
+    for number, entry in enumerate(listed):
+        name = entry.get("file") if isinstance(entry, dict) else entry
+        if not isinstance(name, str):
+            raise DataError(f"entry {number} of the sidecar's shard list names no file ({entry!r:.80}); re-run the "
+                            "embedding job into a new --out", file=sidecar_uri(table_uri), field="shards")
+        recorded[name] = entry if isinstance(entry, dict) else {}
     missing = sorted(set(recorded) - set(sizes))
     if missing:
         raise DataError(f"shard {missing[0]} is in the sidecar's list but not in the folder "
